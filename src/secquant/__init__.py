@@ -1,0 +1,9 @@
+"""secquant: quantize PyTorch models securely and privately."""
+
+from ._version import __version__
+from .api import QuantizedModel, evaluate, load, quantize
+from .errors import SecquantError
+from .recipes import PRESETS, QuantArgs, Recipe
+
+__all__ = ["__version__", "quantize", "load", "evaluate", "QuantizedModel", "Recipe", "QuantArgs", "PRESETS",
+           "SecquantError"]

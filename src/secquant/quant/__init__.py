@@ -1,0 +1,1 @@
+"""Quantization core: primitives, observers, quantized modules, algorithms."""

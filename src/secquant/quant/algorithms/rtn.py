@@ -1,0 +1,90 @@
+"""Round-to-nearest quantization of a model by recipe, with static activation calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import CalibrationError, ModelError
+from ...recipes.schema import Recipe
+from ..modules import ActQuant, float_layer_type, quantize_module
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"tensor {name!r} contains NaN or Inf: fix or retrain the model before quantizing")
+
+
+def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
+    """name -> (source_type, weight args, activation args) for every module the recipe quantizes."""
+    out: dict[str, tuple[str, Any, Any]] = {}
+    for name, mod in model.named_modules():
+        t = float_layer_type(mod)
+        if t is None or t not in recipe.targets:
+            continue
+        resolved = recipe.resolve(name)
+        if resolved is None:
+            continue
+        w, a = resolved
+        if t == "Embedding":
+            a = None  # inputs are indices
+            if w is None:
+                continue
+        if w is None and a is None:
+            continue
+        out[name] = (t, w, a)
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe) -> dict[str, dict]:
+    """Replace each targeted layer by its quantized version (weights quantized now). In place."""
+    check_finite(model)
+    todo = plan(model, recipe)
+    if not todo:
+        kinds = ", ".join(recipe.targets)
+        raise ModelError(
+            f"the model has no quantizable layer ({kinds}) left after the recipe's ignore list; "
+            "check the model or the recipe's targets/ignore"
+        )
+    infos = {}
+    for name, (t, w, a) in todo.items():
+        q = quantize_module(model.get_submodule(name), t, w, a)
+        _set_submodule(model, name, q)
+        infos[name] = q.layer_info(t)
+    return infos
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, run_batch: Callable[[nn.Module, Any], Any],
+              progress: Callable[[int], None] | None = None) -> int:
+    """Run calibration batches through the model so static activation observers see real ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuant) and not m.args.dynamic]
+    if not quantizers:
+        return 0
+    for q in quantizers:
+        q.start_observing()
+    model.eval()
+    n = 0
+    for batch in batches:
+        run_batch(model, batch)
+        n += 1
+        if progress:
+            progress(1)
+    if n == 0:
+        raise CalibrationError("calibration data is empty: static activation quantization needs samples")
+    for q in quantizers:
+        if q.observer is not None and q.observer.count == 0:
+            raise CalibrationError("a static activation quantizer saw no calibration data "
+                                   "(the layer is not reached by the model's forward pass)")
+        q.freeze()
+    return n

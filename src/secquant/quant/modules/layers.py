@@ -1,0 +1,146 @@
+"""Quantized replacements for Linear, Conv1d/2d, Embedding (and Hugging Face Conv1D)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...recipes.schema import QuantArgs
+from .activation import ActQuant
+from .weight import QuantizedWeightMixin
+
+
+class _QuantLayer(QuantizedWeightMixin, nn.Module):
+    """Common init: quantized weight, optional float bias, optional input quantizer."""
+
+    layer_type = "base"
+
+    def __init__(self, weight_shape, has_bias: bool, wargs: QuantArgs | None,
+                 aargs: QuantArgs | None, bias_shape: int) -> None:
+        nn.Module.__init__(self)
+        self._init_weight(tuple(weight_shape), wargs)
+        self.bias = nn.Parameter(torch.zeros(bias_shape), requires_grad=False) if has_bias else None
+        self.input_quant = ActQuant(aargs) if aargs is not None else None
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quant(x) if self.input_quant is not None else x
+
+    def config(self) -> dict:
+        """Constructor arguments beyond the weight, recorded in the manifest to rebuild the layer."""
+        return {}
+
+    def layer_info(self, source_type: str) -> dict:
+        return {
+            "type": self.layer_type,
+            "source_type": source_type,
+            "weight": self.weight_info(),
+            "activation": None if self.input_quant is None else self.input_quant.args.model_dump(),
+            "bias": self.bias is not None,
+            "config": self.config(),
+        }
+
+
+class QuantLinear(_QuantLayer):
+    layer_type = "Linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 wargs: QuantArgs | None, aargs: QuantArgs | None) -> None:
+        super().__init__((out_features, in_features), bias, wargs, aargs, out_features)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, wargs, aargs) -> "QuantLinear":
+        if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2 style: weight is [in, out]
+            w = mod.weight.detach().t()
+        else:
+            w = mod.weight.detach()
+        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs)
+        q.set_weight(w)
+        if mod.bias is not None:
+            q.bias.data.copy_(mod.bias.detach().float())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._in(x), self.dequantized_weight(), self.bias)
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+
+class _QuantConvNd(_QuantLayer):
+    dims = 2
+
+    def __init__(self, weight_shape, bias: bool, wargs, aargs, stride, padding, dilation,
+                 groups: int, padding_mode: str = "zeros") -> None:
+        super().__init__(weight_shape, bias, wargs, aargs, weight_shape[0])
+        if padding_mode != "zeros":
+            raise ValueError("only padding_mode='zeros' convolutions are supported")
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        if not isinstance(self.padding, str):
+            self.padding = tuple(self.padding)
+        self.groups = groups
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, wargs, aargs):
+        q = cls(tuple(mod.weight.shape), mod.bias is not None, wargs, aargs, mod.stride, mod.padding,
+                mod.dilation, mod.groups, mod.padding_mode)
+        q.set_weight(mod.weight)
+        if mod.bias is not None:
+            q.bias.data.copy_(mod.bias.detach().float())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv2d if self.dims == 2 else F.conv1d
+        return conv(self._in(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
+                    self.dilation, self.groups)
+
+    def config(self) -> dict:
+        return {
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+        }
+
+
+class QuantConv2d(_QuantConvNd):
+    layer_type = "Conv2d"
+    dims = 2
+
+
+class QuantConv1d(_QuantConvNd):
+    layer_type = "Conv1d"
+    dims = 1
+
+
+class QuantEmbedding(QuantizedWeightMixin, nn.Module):
+    """Embedding table quantized per row (or per group along the embedding dimension)."""
+
+    layer_type = "Embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, wargs: QuantArgs, padding_idx=None) -> None:
+        nn.Module.__init__(self)
+        self._init_weight((num_embeddings, embedding_dim), wargs)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.input_quant = None
+
+    @classmethod
+    def from_float(cls, mod: nn.Embedding, wargs, aargs=None) -> "QuantEmbedding":
+        if mod.max_norm is not None or mod.sparse:
+            raise ValueError("embeddings with max_norm or sparse gradients are not supported")
+        q = cls(mod.num_embeddings, mod.embedding_dim, wargs, mod.padding_idx)
+        q.set_weight(mod.weight)
+        return q
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.dequantized_weight(), self.padding_idx)
+
+    def config(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx}
+
+    def layer_info(self, source_type: str) -> dict:
+        return {"type": self.layer_type, "source_type": source_type, "weight": self.weight_info(),
+                "activation": None, "bias": False, "config": self.config()}

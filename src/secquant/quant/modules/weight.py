@@ -1,0 +1,145 @@
+"""Quantized weight storage shared by all quantized layers.
+
+Weights are viewed as a 2-D matrix [rows, cols]: rows = output channels (embedding rows),
+cols = the reduction dimension (in_features, or in_channels * kernel for convolutions), so
+groups always run along the reduction dimension. Stored as plain tensors, safetensors-ready:
+
+- `qweight`:           uint8, b-bit unsigned codes packed little-endian (see primitives.packing)
+- `weight_scale`:      float32, compact qparam shape ([], [rows], [cols] or [rows, n_groups])
+- `weight_zero_point`: uint8, in the same unsigned code space as qweight
+
+dequantized = (code - zero_point) * scale. Signed schemes are stored shifted by -qmin, which
+is exact and lets 2..8-bit codes share one packer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...recipes.schema import QuantArgs
+from ..primitives import (
+    PerChannel, PerGroup, PerTensor, choose_qparams, dequantize, group_view, pack, packed_nbytes,
+    qrange, quantize, reduce_range, unpack,
+)
+
+
+def qparam_shape(args: QuantArgs, rows: int, cols: int) -> tuple[int, ...]:
+    g = args.granule()
+    if isinstance(g, PerTensor):
+        return ()
+    if isinstance(g, PerChannel):
+        if g.axis not in (0, 1, -1, -2):
+            raise ValueError("weight channel axis must be 0 (output) or 1 (input) of the 2-D view")
+        return (rows,) if g.axis in (0, -2) else (cols,)
+    if isinstance(g, PerGroup):
+        return (rows, math.ceil(cols / g.group_size))
+    raise ValueError(f"granularity {args.granularity!r} is not valid for weights")
+
+
+def _mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
+               grid: int = 40, min_ratio: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-granule range shrink that minimizes the weight's squared quantization error.
+
+    Data-free: reads only the weight. Every granule picks its own ratio in [min_ratio, 1].
+    """
+    gran = args.granule()
+    best_err = None
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+        s, z = choose_qparams(lo * r, hi * r, args.bits, args.is_signed, args.symmetric)
+        err = (dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran) - w) ** 2
+        if isinstance(gran, PerGroup):
+            err = group_view(err, gran.group_size, gran.axis).sum(-1)
+        elif isinstance(gran, PerChannel):
+            err = err.sum(dim=1 if gran.axis in (0, -2) else 0)
+        else:
+            err = err.sum()
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * r, best_lo)
+        best_hi = torch.where(better, hi * r, best_hi)
+    return best_lo, best_hi
+
+
+class QuantizedWeightMixin:
+    """Holds a packed quantized 2-D weight and dequantizes it (cached) for the float kernels."""
+
+    weight_args: QuantArgs | None
+    weight_shape: tuple[int, ...]
+
+    def _init_weight(self, weight_shape: tuple[int, ...], args: QuantArgs | None) -> None:
+        self.weight_args = args
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        rows = self.weight_shape[0]
+        cols = math.prod(self.weight_shape[1:])
+        self.rows, self.cols = rows, cols
+        self._w_cache: torch.Tensor | None = None
+        if args is None:
+            self.register_buffer("weight", torch.zeros(self.weight_shape))
+            return
+        self.register_buffer("qweight", torch.zeros(packed_nbytes(rows * cols, args.bits), dtype=torch.uint8))
+        shape = qparam_shape(args, rows, cols)
+        self.register_buffer("weight_scale", torch.ones(shape))
+        self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.uint8))
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantize a float weight (RTN) into the packed buffers."""
+        w = w.detach().float().reshape(self.weight_shape)
+        if not torch.isfinite(w).all():
+            raise ValueError("weight contains NaN or Inf")
+        self._w_cache = None
+        args = self.weight_args
+        if args is None:
+            self.weight.copy_(w)
+            return
+        w2 = w.reshape(self.rows, self.cols)
+        gran = args.granule()
+        lo, hi = reduce_range(w2, gran)
+        if args.observer == "mse":
+            lo, hi = _mse_range(w2, lo, hi, args)
+        scale, zp = choose_qparams(lo, hi, args.bits, args.is_signed, args.symmetric)
+        self.set_quantized(quantize(w2, scale, zp, args.bits, args.is_signed, gran), scale, zp)
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> None:
+        """Store signed/unsigned integers q (2-D) with their qparams, shifted to unsigned codes."""
+        args = self.weight_args
+        qmin, _ = qrange(args.bits, args.is_signed)
+        self.qweight.copy_(pack((q - qmin).to(torch.int64), args.bits))
+        self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+        self.weight_zero_point.copy_((zp.to(torch.int64) - qmin).reshape(self.weight_zero_point.shape))
+        self._w_cache = None
+
+    def weight_codes(self) -> torch.Tensor:
+        """Unpacked unsigned codes as a [rows, cols] uint8 tensor."""
+        return unpack(self.qweight, self.weight_args.bits, self.rows * self.cols).reshape(self.rows, self.cols)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the integer weight stands for, in the original shape (cached)."""
+        if self.weight_args is None:
+            return self.weight
+        if self._w_cache is None:
+            deq = dequantize(self.weight_codes(), self.weight_scale, self.weight_zero_point,
+                             self.weight_args.granule())
+            self._w_cache = deq.reshape(self.weight_shape)
+        return self._w_cache
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        self._w_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def weight_info(self) -> dict:
+        a = self.weight_args
+        return {
+            "shape": list(self.weight_shape),
+            "args": None if a is None else a.model_dump(exclude_defaults=False),
+        }
+
+
+def weight_nbytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())

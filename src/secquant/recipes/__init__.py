@@ -1,0 +1,8 @@
+"""Recipes (what to do) and presets (named recipes)."""
+
+from .io import load_recipe, recipe_from_dict
+from .presets import PRESETS, get_preset
+from .schema import ALL_LAYER_TYPES, Calibration, Override, QuantArgs, Recipe, name_matches
+
+__all__ = ["Recipe", "QuantArgs", "Override", "Calibration", "PRESETS", "get_preset",
+           "load_recipe", "recipe_from_dict", "name_matches", "ALL_LAYER_TYPES"]

@@ -1,0 +1,139 @@
+"""Recipes say *what* to quantize and how finely; algorithms say how. Pydantic, strict.
+
+QuantArgs -> Scheme (weights + activations) -> Recipe (scheme, targets, skips, overrides,
+calibration), in the spirit of compressed-tensors. Unknown fields are errors, so a typo in
+a recipe file is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..quant.primitives import Granularity, PerChannel, PerGroup, PerTensor, PerToken
+
+LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantArgs(Strict):
+    """How one tensor kind (weights or activations) is quantized."""
+
+    bits: int = Field(8, ge=2, le=8, description="integer width, 2..8")
+    symmetric: bool = True
+    signed: bool | None = Field(None, description="default: signed when symmetric")
+    granularity: Literal["tensor", "channel", "group", "token"] = "tensor"
+    axis: int = Field(0, description="channel axis for granularity=channel")
+    group_size: int | None = Field(None, ge=1)
+    dynamic: bool = Field(False, description="activations: ranges computed at run time")
+    observer: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    percentile: float = Field(99.99, gt=50.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantArgs":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs group_size")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError("group_size is only valid with granularity 'group'")
+        if self.granularity == "token" and not self.dynamic:
+            raise ValueError("granularity 'token' needs dynamic: true (per-token ranges exist only at run time)")
+        return self
+
+    @property
+    def is_signed(self) -> bool:
+        return self.symmetric if self.signed is None else self.signed
+
+    def granule(self, weight_kind: str = "linear") -> Granularity:
+        """The primitive granularity object. Groups run along the reduction dimension."""
+        if self.granularity == "tensor":
+            return PerTensor()
+        if self.granularity == "channel":
+            return PerChannel(self.axis)
+        if self.granularity == "token":
+            return PerToken()
+        return PerGroup(int(self.group_size), -1)
+
+
+class Override(Strict):
+    """Different settings (or a skip) for modules whose name matches `pattern`.
+
+    Patterns are shell-style (`encoder.layer.*.attention.*`); prefix with `re:` for a regex.
+    Fields left out keep the recipe's value; `activations: null` turns activation
+    quantization off for the matched modules.
+    """
+
+    pattern: str
+    weights: QuantArgs | None = None
+    activations: QuantArgs | None = None
+    skip: bool = False
+
+
+class Calibration(Strict):
+    num_samples: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+class Recipe(Strict):
+    """A complete quantization recipe."""
+
+    name: str = "custom"
+    description: str = ""
+    algorithm: Literal["rtn"] = "rtn"
+    weights: QuantArgs | None = None
+    activations: QuantArgs | None = None
+    targets: list[LayerType] = Field(default_factory=lambda: list(ALL_LAYER_TYPES))
+    ignore: list[str] = Field(default_factory=list, description="module name patterns left in float")
+    overrides: list[Override] = Field(default_factory=list)
+    calibration: Calibration = Field(default_factory=Calibration)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.weights is None and self.activations is None:
+            raise ValueError("a recipe must quantize weights, activations or both")
+        for where, args in [("weights", self.weights)] + [
+            (f"overrides[{i}].weights", o.weights) for i, o in enumerate(self.overrides)
+        ]:
+            if args is not None and args.dynamic:
+                raise ValueError(f"{where}: dynamic applies to activations only")
+        for pat in self.ignore + [o.pattern for o in self.overrides]:
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {pat!r}: {e}") from None
+        return self
+
+    def resolve(self, name: str) -> tuple[QuantArgs | None, QuantArgs | None] | None:
+        """(weights, activations) for a module name, or None when it stays in float."""
+        if any(name_matches(p, name) for p in self.ignore):
+            return None
+        w, a = self.weights, self.activations
+        for o in self.overrides:
+            if name_matches(o.pattern, name):
+                if o.skip:
+                    return None
+                if "weights" in o.model_fields_set:
+                    w = o.weights
+                if "activations" in o.model_fields_set:
+                    a = o.activations
+        return w, a
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some activation range must be observed on data (static quantization)."""
+        acts = [self.activations] + [o.activations for o in self.overrides]
+        return any(a is not None and not a.dynamic for a in acts)
