@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,11 @@ from torch import nn
 from .artifact import (
     CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, load_artifact, save_artifact, state_dict_sha256,
 )
-from .artifact.store import describe
+from .artifact.store import build_manifest, describe
 from .errors import CalibrationError, ModelError, SecquantError
 from .evaluate import compare, float_size_bytes
 from .models import ModelHandle, TensorClassifierAdapter, load_model
-from .quant.algorithms import apply_recipe, calibrate
+from .quant.algorithms import quantize_model
 from .recipes import Recipe, get_preset, load_recipe
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -100,30 +101,23 @@ def quantize(
         num_parameters=sum(p.numel() for p in float_module.parameters()),
         float_size_bytes=float_size_bytes(float_module),
     )
-    import copy
     qmodule = copy.deepcopy(float_module).eval()
+    cal = recipe.calibration
+    has_data = calib is not None or not (isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None)
+    batches = (lambda: handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size)) if has_data else None
     try:
-        layers = apply_recipe(qmodule, recipe)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
+        layers, n_samples = quantize_model(qmodule, recipe, batches, handle.run, progress)
+    except SecquantError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise CalibrationError(f"quantization failed: the calibration data does not fit the model "
+                               f"({str(e).splitlines()[0]})") from None
     calibration = CalibrationEntry(data="none")
-    if recipe.needs_calibration:
-        cal = recipe.calibration
-        if calib is None and isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None:
-            raise CalibrationError(f"recipe {recipe.name!r} quantizes activations statically: pass calibration data "
-                                   "with --calib FILE (.safetensors/.npy tensors, or text for encoders)")
-        batches = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size)
-        tick = progress("calibrating", -(-cal.num_samples // cal.batch_size))
-        try:
-            n_batches = calibrate(qmodule, batches, handle.run, tick)
-        except (RuntimeError, ValueError) as e:
-            if isinstance(e, SecquantError):
-                raise
-            raise CalibrationError(f"calibration failed: the data does not fit the model ({str(e).splitlines()[0]})") from None
+    if n_samples:
         calibration = CalibrationEntry(data="raw", source=str(calib) if calib else f"{handle.spec} (built-in)",
-                                       num_samples=min(cal.num_samples, n_batches * cal.batch_size))
+                                       num_samples=n_samples)
     if out is None:
-        manifest = Manifest.model_construct(recipe=recipe, layers=layers, source=source, calibration=calibration)
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={})
         return QuantizedModel(qmodule, manifest, handle)
     manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite)
     return QuantizedModel(qmodule, manifest, handle, Path(out))

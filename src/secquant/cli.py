@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,7 +30,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SecquantError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -117,7 +118,8 @@ def inspect(
                                      "source": m.source.model_dump(), "calibration": m.calibration.model_dump()}) + "\n")
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
-    for c in ["layer", "type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]:
+    t.add_column("layer", overflow="fold", min_width=12)
+    for c in ["type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]:
         t.add_column(c)
     for r in rows:
         t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in

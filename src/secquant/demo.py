@@ -16,6 +16,7 @@ from ._version import __version__
 from .api import Progress, _no_progress, evaluate, load, quantize
 from .artifact import atomic_dir
 from .models import load_model
+from .recipes import get_preset
 from .report import render_html
 
 DEMO_MODELS = ["builtin:digits", "builtin:minilm"]
@@ -26,6 +27,8 @@ def run_demo(out: Path, overwrite: bool = False, models: list[str] | None = None
              progress: Progress = _no_progress, log: Callable[[str], None] = print) -> dict[str, Any]:
     models = models or DEMO_MODELS
     presets = presets or DEMO_PRESETS
+    for p in presets:
+        get_preset(p)  # fail on a typo before any work
     results = []
     with atomic_dir(Path(out), overwrite) as tmp:
         for spec in models:

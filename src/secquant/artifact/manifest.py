@@ -91,8 +91,6 @@ class Manifest(Strict):
             safe_relpath(name)
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"file {name!r}: sha256 must be 64 lowercase hex digits")
-        if WEIGHTS_NAME not in v:
-            raise ValueError(f"files must list {WEIGHTS_NAME}")
         return v
 
     def to_json(self) -> str:

@@ -43,6 +43,16 @@ def _tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source: SourceEntry,
+                   calibration: CalibrationEntry, files: dict[str, str]) -> Manifest:
+    return Manifest(
+        secquant_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
+        recipe=recipe, layers=layers, source=source, calibration=calibration, files=files,
+    )
+
+
 def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, layers: dict[str, dict],
                   source: SourceEntry, calibration: CalibrationEntry, overwrite: bool = False,
                   extra_files: dict[str, bytes] | None = None) -> Manifest:
@@ -57,12 +67,7 @@ def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, lay
         for rel, data in (extra_files or {}).items():
             (tmp / rel).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = Manifest(
-            secquant_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
-            recipe=recipe, layers=layers, source=source, calibration=calibration, files=files,
-        )
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
 
@@ -76,6 +81,8 @@ class LoadedArtifact:
 
 
 def _check_files(d: Path, manifest: Manifest) -> None:
+    if WEIGHTS_NAME not in manifest.files:
+        raise ArtifactError(f"{d}: the manifest does not list {WEIGHTS_NAME}")
     present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     listed = set(manifest.files)
     if missing := sorted(listed - present):

@@ -8,6 +8,7 @@ object that is not a tensor or plain container; anything that needs more is refu
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -31,9 +32,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0]
             raise UnsafeInputError(
                 f"{p} needs more than tensors to unpickle, so it was refused (nothing in it was run): "
-                f"{str(e).splitlines()[0]}. Convert it to safetensors in a trusted environment."
+                f"{first}. Convert it to safetensors in a trusted environment."
             ) from None
         except Exception as e:
             raise ModelError(f"{p} could not be read as a weights-only checkpoint: {e}") from None

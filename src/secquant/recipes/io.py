@@ -36,6 +36,11 @@ def load_recipe(path: str | Path) -> Recipe:
     text = p.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise RecipeError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{p}: not valid YAML{where}: {problem}") from None
     return recipe_from_dict(data, str(p))

@@ -75,6 +75,21 @@ class Override(Strict):
     skip: bool = False
 
 
+class Smoothing(Strict):
+    """Activation-aware scale migration (AWQ / SmoothQuant style) for Linear layers.
+
+    Each input channel j is scaled by s_j = mean|x_j|^alpha (normalized): x/s feeds the layer
+    and W*s is quantized, which is exact in float and moves quantization error away from the
+    channels that carry large activations. With `alpha: null` alpha is searched per layer on
+    calibration samples (alpha = 0 is plain round-to-nearest, so the search never picks worse
+    than RTN on those samples). Needs calibration data.
+    """
+
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+    grid: int = Field(11, ge=2, le=101)
+    max_rows: int = Field(2048, ge=16, description="calibration rows kept per layer for the search")
+
+
 class Calibration(Strict):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -98,6 +113,7 @@ class Recipe(Strict):
     targets: list[LayerType] = Field(default_factory=lambda: list(ALL_LAYER_TYPES))
     ignore: list[str] = Field(default_factory=list, description="module name patterns left in float")
     overrides: list[Override] = Field(default_factory=list)
+    smoothing: Smoothing | None = None
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")
@@ -109,6 +125,12 @@ class Recipe(Strict):
         ]:
             if args is not None and args.dynamic:
                 raise ValueError(f"{where}: dynamic applies to activations only")
+        for where, args in [("activations", self.activations)] + [
+            (f"overrides[{i}].activations", o.activations) for i, o in enumerate(self.overrides)
+        ]:
+            if args is not None and args.granularity not in ("tensor", "token"):
+                raise ValueError(f"{where}: granularity must be 'tensor' (static or dynamic) or 'token' (dynamic); "
+                                 f"{args.granularity!r} is for weights")
         for pat in self.ignore + [o.pattern for o in self.overrides]:
             if pat.startswith("re:"):
                 try:
@@ -136,4 +158,4 @@ class Recipe(Strict):
     def needs_calibration(self) -> bool:
         """True when some activation range must be observed on data (static quantization)."""
         acts = [self.activations] + [o.activations for o in self.overrides]
-        return any(a is not None and not a.dynamic for a in acts)
+        return self.smoothing is not None or any(a is not None and not a.dynamic for a in acts)

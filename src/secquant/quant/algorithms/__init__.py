@@ -1,5 +1,7 @@
 """Algorithms that transform a model using primitives, observers and quantized modules."""
 
+from .pipeline import quantize_model
 from .rtn import apply_recipe, calibrate, check_finite, plan
+from .smooth import collect_input_stats, search_scale
 
-__all__ = ["apply_recipe", "calibrate", "check_finite", "plan"]
+__all__ = ["apply_recipe", "calibrate", "check_finite", "plan", "collect_input_stats", "search_scale", "quantize_model"]

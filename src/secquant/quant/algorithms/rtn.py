@@ -22,6 +22,9 @@ def check_finite(model: nn.Module) -> None:
 def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
     """name -> (source_type, weight args, activation args) for every module the recipe quantizes."""
     out: dict[str, tuple[str, Any, Any]] = {}
+    if float_layer_type(model) is not None:
+        raise ModelError(f"the model is a bare {type(model).__name__} layer, which cannot be replaced in place: "
+                         "wrap it in a container (e.g. nn.Sequential(layer)) before quantizing")
     for name, mod in model.named_modules():
         t = float_layer_type(mod)
         if t is None or t not in recipe.targets:
@@ -46,8 +49,12 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> dict[str, dict]:
-    """Replace each targeted layer by its quantized version (weights quantized now). In place."""
+def apply_recipe(model: nn.Module, recipe: Recipe,
+                 smooth: dict[str, tuple[torch.Tensor, float]] | None = None) -> dict[str, dict]:
+    """Replace each targeted layer by its quantized version (weights quantized now). In place.
+
+    `smooth` maps Linear layer names to (scale, alpha) from the scale-migration search.
+    """
     check_finite(model)
     todo = plan(model, recipe)
     if not todo:
@@ -58,7 +65,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> dict[str, dict]:
         )
     infos = {}
     for name, (t, w, a) in todo.items():
-        q = quantize_module(model.get_submodule(name), t, w, a)
+        scale, alpha = (smooth or {}).get(name, (None, None))
+        q = quantize_module(model.get_submodule(name), t, w, a, scale, alpha)
         _set_submodule(model, name, q)
         infos[name] = q.layer_info(t)
     return infos

@@ -28,10 +28,13 @@ def float_layer_type(mod: nn.Module) -> str | None:
     return None
 
 
-def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, aargs: QuantArgs | None) -> nn.Module:
+def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, aargs: QuantArgs | None,
+                    smooth_scale=None, smooth_alpha: float | None = None) -> nn.Module:
     cls = QuantLinear if source_type == "Conv1D" else QUANT_CLASSES[source_type]
     if cls is QuantEmbedding:
         return cls.from_float(mod, wargs)
+    if cls is QuantLinear:
+        return cls.from_float(mod, wargs, aargs, smooth_scale, smooth_alpha)
     return cls.from_float(mod, wargs, aargs)
 
 
@@ -44,7 +47,9 @@ def build_empty(info: dict) -> nn.Module:
     shape = tuple(w["shape"])
     cfg = info["config"]
     if t == "Linear":
-        return QuantLinear(cfg["in_features"], cfg["out_features"], info["bias"], wargs, aargs)
+        q = QuantLinear(cfg["in_features"], cfg["out_features"], info["bias"], wargs, aargs, bool(cfg.get("smooth")))
+        q.smooth_alpha = cfg.get("smooth_alpha")
+        return q
     if t in ("Conv1d", "Conv2d"):
         cls = QuantConv2d if t == "Conv2d" else QuantConv1d
         pad = cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"])

@@ -42,30 +42,47 @@ class _QuantLayer(QuantizedWeightMixin, nn.Module):
 
 
 class QuantLinear(_QuantLayer):
+    """y = Q_a(x / s) @ Q_w(W * s)^T + b, with s the optional per-input-channel smoothing scale."""
+
     layer_type = "Linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 wargs: QuantArgs | None, aargs: QuantArgs | None) -> None:
+                 wargs: QuantArgs | None, aargs: QuantArgs | None, smooth: bool = False) -> None:
         super().__init__((out_features, in_features), bias, wargs, aargs, out_features)
         self.in_features, self.out_features = in_features, out_features
+        self.smooth_alpha: float | None = None
+        if smooth:
+            self.register_buffer("smooth_scale", torch.ones(in_features))
+        else:
+            self.smooth_scale = None
 
     @classmethod
-    def from_float(cls, mod: nn.Module, wargs, aargs) -> "QuantLinear":
+    def from_float(cls, mod: nn.Module, wargs, aargs, smooth_scale: torch.Tensor | None = None,
+                   smooth_alpha: float | None = None) -> "QuantLinear":
         if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2 style: weight is [in, out]
             w = mod.weight.detach().t()
         else:
             w = mod.weight.detach()
-        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs)
+        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs, smooth=smooth_scale is not None)
+        if smooth_scale is not None:
+            q.smooth_scale.copy_(smooth_scale)
+            q.smooth_alpha = smooth_alpha
+            w = w * smooth_scale
         q.set_weight(w)
         if mod.bias is not None:
             q.bias.data.copy_(mod.bias.detach().float())
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale
         return F.linear(self._in(x), self.dequantized_weight(), self.bias)
 
     def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features}
+        cfg = {"in_features": self.in_features, "out_features": self.out_features}
+        if self.smooth_scale is not None:
+            cfg.update(smooth=True, smooth_alpha=self.smooth_alpha)
+        return cfg
 
 
 class _QuantConvNd(_QuantLayer):

@@ -39,7 +39,7 @@ def qparam_shape(args: QuantArgs, rows: int, cols: int) -> tuple[int, ...]:
     raise ValueError(f"granularity {args.granularity!r} is not valid for weights")
 
 
-def _mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
+def mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
                grid: int = 40, min_ratio: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granule range shrink that minimizes the weight's squared quantization error.
 
@@ -102,7 +102,7 @@ class QuantizedWeightMixin:
         gran = args.granule()
         lo, hi = reduce_range(w2, gran)
         if args.observer == "mse":
-            lo, hi = _mse_range(w2, lo, hi, args)
+            lo, hi = mse_range(w2, lo, hi, args)
         scale, zp = choose_qparams(lo, hi, args.bits, args.is_signed, args.symmetric)
         self.set_quantized(quantize(w2, scale, zp, args.bits, args.is_signed, gran), scale, zp)
 

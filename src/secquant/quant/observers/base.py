@@ -66,7 +66,12 @@ class Reservoir:
         t = torch.arange(self.seen, self.seen + flat.numel(), dtype=torch.float64)
         j = (torch.rand(flat.numel(), generator=self.gen, dtype=torch.float64) * (t + 1)).long()
         keep = j < self.capacity
-        self.buf[j[keep]] = flat[keep]
+        # Several items may pick the same slot in one batch: sequential Algorithm R keeps the
+        # last one, so resolve collisions explicitly (a plain indexed write has no defined winner).
+        item = torch.arange(flat.numel())[keep]
+        winner = torch.full((self.capacity,), -1, dtype=torch.int64).scatter_reduce(0, j[keep], item, "amax")
+        slots = (winner >= 0).nonzero().squeeze(1)
+        self.buf[slots] = flat[winner[slots]]
         self.seen += flat.numel()
 
     def values(self) -> torch.Tensor:

@@ -38,6 +38,7 @@ def modular_decode(q: torch.Tensor, C: float, d: float, p: int, centered: bool =
 
     Exact to within 1/(2C) when C*x + d lies in the lift's window ([0, p) or the centered one).
     """
+    _check_p(p)
     lifted = centered_lift(q, p) if centered else torch.remainder(q.to(torch.int64), p)
     return (lifted.double() - d + 0.5) / C
 
