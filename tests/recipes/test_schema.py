@@ -64,8 +64,17 @@ def test_preset_settings(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
-def test_only_static_activation_presets_need_calibration(name):
-    assert get_preset(name).needs_calibration == (name == "w8a8")
+def test_presets_that_read_data_say_so(name):
+    """Static activation ranges and the activation-aware scale search read calibration data."""
+    r = get_preset(name)
+    reads = (r.activations is not None and not r.activations.dynamic) or r.smoothing is not None
+    assert r.needs_calibration == reads
+    assert r.needs_calibration == (name in {"w8a8", "w4a16", "w4a8-dynamic"})
+
+
+def test_data_free_presets():
+    for name in ["w8a16", "w8a8-dynamic", "w4a16-rtn"]:
+        assert not get_preset(name).needs_calibration
 
 
 def test_presets_are_immutable():

@@ -88,6 +88,7 @@ class Smoothing(Strict):
     alpha: float | None = Field(None, ge=0.0, le=1.0)
     grid: int = Field(11, ge=2, le=101)
     max_rows: int = Field(2048, ge=16, description="calibration rows kept per layer for the search")
+    clip: bool = Field(True, description="also choose each weight group's range by output error (AWQ's clip search)")
 
 
 class Calibration(Strict):

@@ -11,7 +11,7 @@ from torch import nn
 from ...errors import CalibrationError
 from ...recipes.schema import Recipe
 from .rtn import apply_recipe, calibrate, plan
-from .smooth import collect_input_stats, search_scale
+from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 Tick = Callable[[int], None]
 
@@ -57,7 +57,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
             w = model.get_submodule(name).weight.detach().float()
             if t == "Conv1D":
                 w = w.t()
-            smooth[name] = search_scale(w, absmean, rows, wargs, aargs, recipe.smoothing)
+            scale, alpha = search_scale(w, absmean, rows, wargs, aargs, recipe.smoothing)
+            w_range = search_clip(w * scale, rows / scale, wargs) if recipe.smoothing.clip and wargs else None
+            smooth[name] = LayerPrep(scale, alpha, w_range)
             tick(1)
         used = seen.samples
     layers = apply_recipe(model, recipe, smooth)

@@ -50,10 +50,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe,
-                 smooth: dict[str, tuple[torch.Tensor, float]] | None = None) -> dict[str, dict]:
+                 prep: dict[str, Any] | None = None) -> dict[str, dict]:
     """Replace each targeted layer by its quantized version (weights quantized now). In place.
 
-    `smooth` maps Linear layer names to (scale, alpha) from the scale-migration search.
+    `prep` maps Linear layer names to the data-driven search's LayerPrep (input scale, weight ranges).
     """
     check_finite(model)
     todo = plan(model, recipe)
@@ -65,8 +65,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
         )
     infos = {}
     for name, (t, w, a) in todo.items():
-        scale, alpha = (smooth or {}).get(name, (None, None))
-        q = quantize_module(model.get_submodule(name), t, w, a, scale, alpha)
+        q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name))
         _set_submodule(model, name, q)
         infos[name] = q.layer_info(t)
     return infos

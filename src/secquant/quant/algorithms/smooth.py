@@ -10,6 +10,7 @@ the fully quantized layer; alpha = 0 (s = 1) is plain round-to-nearest and is a 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,10 @@ from torch import nn
 
 from ...recipes.schema import QuantArgs, Smoothing
 from ..modules.weight import mse_range
-from ..primitives import PerTensor, PerToken, choose_qparams, dequantize, fake_quantize, quantize, reduce_range
+from ..primitives import (
+    PerChannel, PerGroup, PerTensor, PerToken, choose_qparams, dequantize, fake_quantize, group_view, quantize,
+    reduce_range,
+)
 
 
 MSE_SEARCH_GRID = 10  # coarser than the final weight range search, to keep the alpha search fast
@@ -84,6 +88,48 @@ def _act(x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
     lo, hi = reduce_range(x, gran)
     s, z = choose_qparams(lo, hi, args.bits, args.is_signed, args.symmetric)
     return fake_quantize(x, s, z, args.bits, args.is_signed, gran)
+
+
+@dataclass
+class LayerPrep:
+    """What the data-driven search decided for one Linear: input scale and weight ranges."""
+
+    scale: torch.Tensor
+    alpha: float
+    w_range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, max_rows: int = 256,
+                ratios: int = 11, min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-granule weight range minimizing the layer's output error on sampled inputs.
+
+    Weight-MSE clipping treats every input channel alike; here a group's error is measured as
+    mean_n (x_n,group . (w - q(w))_group)^2, so columns that meet large activations count more.
+    """
+    gran = args.granule()
+    if not isinstance(gran, (PerGroup, PerChannel)) or (isinstance(gran, PerChannel) and gran.axis not in (0, -2)):
+        return None
+    x = x[:max_rows]
+    lo, hi = reduce_range(w, gran)
+    best_err, best_lo, best_hi = None, lo.clone(), hi.clone()
+    for r in torch.linspace(1.0, min_ratio, ratios).tolist():
+        s, z = choose_qparams(lo * r, hi * r, args.bits, args.is_signed, args.symmetric)
+        diff = w - dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran)
+        if isinstance(gran, PerGroup):
+            xg = group_view(x, gran.group_size, -1)
+            dg = group_view(diff, gran.group_size, -1)
+            err = torch.einsum("ngk,ogk->nog", xg, dg).pow(2).mean(0)  # [out, groups]
+        else:
+            err = (x @ diff.t()).pow(2).mean(0)  # [out]
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * r, best_lo)
+        best_hi = torch.where(better, hi * r, best_hi)
+    return best_lo, best_hi
 
 
 @torch.no_grad()

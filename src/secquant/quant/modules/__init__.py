@@ -29,12 +29,13 @@ def float_layer_type(mod: nn.Module) -> str | None:
 
 
 def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, aargs: QuantArgs | None,
-                    smooth_scale=None, smooth_alpha: float | None = None) -> nn.Module:
+                    prep=None) -> nn.Module:
+    """Quantized replacement of a float layer; `prep` (Linear only) carries searched scales and ranges."""
     cls = QuantLinear if source_type == "Conv1D" else QUANT_CLASSES[source_type]
     if cls is QuantEmbedding:
         return cls.from_float(mod, wargs)
     if cls is QuantLinear:
-        return cls.from_float(mod, wargs, aargs, smooth_scale, smooth_alpha)
+        return cls.from_float(mod, wargs, aargs, prep)
     return cls.from_float(mod, wargs, aargs)
 
 

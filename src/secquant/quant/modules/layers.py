@@ -57,18 +57,18 @@ class QuantLinear(_QuantLayer):
             self.smooth_scale = None
 
     @classmethod
-    def from_float(cls, mod: nn.Module, wargs, aargs, smooth_scale: torch.Tensor | None = None,
-                   smooth_alpha: float | None = None) -> "QuantLinear":
+    def from_float(cls, mod: nn.Module, wargs, aargs, prep=None) -> "QuantLinear":
+        """`prep` (from the scale search) has .scale, .alpha and optional .w_range = (lo, hi) per granule."""
         if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2 style: weight is [in, out]
             w = mod.weight.detach().t()
         else:
             w = mod.weight.detach()
-        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs, smooth=smooth_scale is not None)
-        if smooth_scale is not None:
-            q.smooth_scale.copy_(smooth_scale)
-            q.smooth_alpha = smooth_alpha
-            w = w * smooth_scale
-        q.set_weight(w)
+        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs, smooth=prep is not None)
+        if prep is not None:
+            q.smooth_scale.copy_(prep.scale)
+            q.smooth_alpha = prep.alpha
+            w = w * prep.scale
+        q.set_weight(w, None if prep is None else prep.w_range)
         if mod.bias is not None:
             q.bias.data.copy_(mod.bias.detach().float())
         return q

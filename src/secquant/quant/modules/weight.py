@@ -88,8 +88,8 @@ class QuantizedWeightMixin:
         self.register_buffer("weight_scale", torch.ones(shape))
         self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.uint8))
 
-    def set_weight(self, w: torch.Tensor) -> None:
-        """Quantize a float weight (RTN) into the packed buffers."""
+    def set_weight(self, w: torch.Tensor, w_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Quantize a float weight (RTN) into the packed buffers; `w_range` overrides the range choice."""
         w = w.detach().float().reshape(self.weight_shape)
         if not torch.isfinite(w).all():
             raise ValueError("weight contains NaN or Inf")
@@ -100,8 +100,8 @@ class QuantizedWeightMixin:
             return
         w2 = w.reshape(self.rows, self.cols)
         gran = args.granule()
-        lo, hi = reduce_range(w2, gran)
-        if args.observer == "mse":
+        lo, hi = reduce_range(w2, gran) if w_range is None else w_range
+        if args.observer == "mse" and w_range is None:
             lo, hi = mse_range(w2, lo, hi, args)
         scale, zp = choose_qparams(lo, hi, args.bits, args.is_signed, args.symmetric)
         self.set_quantized(quantize(w2, scale, zp, args.bits, args.is_signed, gran), scale, zp)
