@@ -62,14 +62,16 @@ class Reservoir:
             self.seen += min(room, n)
         if flat.numel() == 0:
             return
-        # Algorithm R, vectorised: item t (0-based, global) replaces slot j ~ U[0, t] if j < capacity.
-        t = torch.arange(self.seen, self.seen + flat.numel(), dtype=torch.float64)
-        j = (torch.rand(flat.numel(), generator=self.gen, dtype=torch.float64) * (t + 1)).long()
-        keep = j < self.capacity
+        # Algorithm R, vectorised: item t (0-based, global) replaces slot j = floor(u * (t + 1)) if j < capacity.
+        # Computed in place: only the few accepted items get an integer slot.
+        m = flat.numel()
+        prod = torch.rand(m, generator=self.gen, dtype=torch.float64)
+        prod.mul_(torch.arange(self.seen + 1, self.seen + 1 + m, dtype=torch.float64))
+        item = (prod < self.capacity).nonzero().squeeze(1)
+        j = prod[item].long()
         # Several items may pick the same slot in one batch: sequential Algorithm R keeps the
         # last one, so resolve collisions explicitly (a plain indexed write has no defined winner).
-        item = torch.arange(flat.numel())[keep]
-        winner = torch.full((self.capacity,), -1, dtype=torch.int64).scatter_reduce(0, j[keep], item, "amax")
+        winner = torch.full((self.capacity,), -1, dtype=torch.int64).scatter_reduce(0, j, item, "amax")
         slots = (winner >= 0).nonzero().squeeze(1)
         self.buf[slots] = flat[winner[slots]]
         self.seen += flat.numel()
