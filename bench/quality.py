@@ -52,8 +52,22 @@ from secquant.evaluate import float_size_bytes  # noqa: E402
 from secquant.models import load_model  # noqa: E402
 from secquant.models.encoder import builtin_sentences  # noqa: E402
 
+def _cpu_counters() -> tuple[float, float]:
+    """(busy CPU-seconds of the whole machine, CPU-seconds of this process incl. reaped children) so far."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        busy = sum(f[:8]) - f[3] - f[4]  # all minus idle and iowait
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        own = sum(int(x) for x in mine[11:15])  # utime stime cutime cstime
+        hz = os.sysconf("SC_CLK_TCK")
+        return busy / hz, own / hz
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+
+
 T_START = time.perf_counter()
 LOAD_START = os.getloadavg()
+CPU_START = _cpu_counters()
 BATCH = 32
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -154,9 +168,10 @@ def bench_minilm(tmp: Path) -> None:
             emb, ms = run_encoder(handle, lq.module, batches)
             size = (out / "model.safetensors").stat().st_size
             cal = qm.manifest.calibration
-            note = f"quantized layers: {layers} (incl. embedding tables); artifact reloaded with secquant.load"
-            if preset == "w8a8":
-                note += f"; static activations calibrated on {cal.num_samples} built-in calibration sentences"
+            note = (f"recipe: {qm.manifest.recipe.description}; quantized layers: {layers} (incl. embedding "
+                    f"tables); artifact reloaded with secquant.load")
+            if cal.data != "none":
+                note += f"; calibrated on {cal.num_samples} built-in calibration sentences"
             emit(model="builtin:minilm", variant=preset, tool="secquant", bits=PRESET_BITS[preset],
                  metric="mean_cosine_to_fp32", value=mean_cos(emb, ref), float_value=1.0, size_bytes=size,
                  size_ratio=size / f_size_st, latency_ms=statistics.median(ms), float_latency_ms=f_lat,
@@ -329,8 +344,8 @@ def bench_digits(tmp: Path) -> None:
             acc, n, lat, nb = run_digits(handle, lq.module)
             size = (out / "model.safetensors").stat().st_size
             note = f"quantized layers: {quantized_layer_summary(qm)}"
-            if preset == "w8a8":
-                note += f"; static, calibrated on {qm.manifest.calibration.num_samples} training-split samples"
+            if qm.manifest.calibration.data != "none":
+                note += f"; calibrated on {qm.manifest.calibration.num_samples} training-split samples"
             emit(model="builtin:digits", variant=preset, tool="secquant", bits=PRESET_BITS[preset], metric="accuracy",
                  value=acc, float_value=f_acc, size_bytes=size, size_ratio=size / f_size_st, latency_ms=lat,
                  float_latency_ms=f_lat, n_samples=n, n_latency_batches=nb, quant_time_s=qt, scope="all Conv2d + Linear",
@@ -433,8 +448,26 @@ def print_summary(total_s: float) -> None:
     print()
     for name, thr, meas, ok in bars():
         print(f"BAR {'PASS' if ok else ('FAIL' if ok is False else 'ERROR')}: {name} {thr}: measured {meas}")
-    print(f"total runtime: {total_s:.0f} s; 1-min load average start/end: "
+    print(f"source: {SOURCE_AT_START}")
+    print(f"total runtime: {total_s:.0f} s; {other_load(total_s)}; 1-min load average start/end: "
           f"{LOAD_START[0]:.2f} / {os.getloadavg()[0]:.2f}")
+
+
+def source_fingerprint() -> str:
+    """sha256 over secquant's .py sources (path + content), to tie the numbers to one source state."""
+    import hashlib
+    root = Path(secquant.__file__).resolve().parent
+    h = hashlib.sha256()
+    files = sorted(root.rglob("*.py"))
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    newest = max(files, key=lambda f: f.stat().st_mtime)
+    return (f"secquant {getattr(secquant, '__version__', '?')} from {root}; sha256 of its {len(files)} .py files "
+            f"{h.hexdigest()[:16]}; newest {newest.relative_to(root)} modified "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(newest.stat().st_mtime))}")
+
+
+SOURCE_AT_START = source_fingerprint()
 
 
 def machine() -> str:
@@ -448,6 +481,14 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def other_load(total_s: float) -> str:
+    busy, own = _cpu_counters()
+    other = (busy - CPU_START[0]) - (own - CPU_START[1])
+    return (f"other processes used {max(other, 0.0):.0f} CPU-seconds during the {total_s:.0f} s run "
+            f"(~{max(other, 0.0) / total_s:.2f} of the 2 cores on average; this run itself used "
+            f"{own - CPU_START[1]:.0f} CPU-seconds)")
+
+
 def markdown(total_s: float) -> str:
     try:
         date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
@@ -458,10 +499,12 @@ def markdown(total_s: float) -> str:
          f"- Command: `{COMMAND}` (from the repository root)",
          f"- Date: {date}",
          f"- Machine: {machine()}",
+         f"- Source: {SOURCE_AT_START}"
+         + ("" if source_fingerprint() == SOURCE_AT_START else " -- WARNING: the sources changed during the run"),
          f"- Total runtime of the run that produced these numbers: {total_s:.0f} s",
-         f"- 1-minute load average at start / end of the run: {LOAD_START[0]:.2f} / {os.getloadavg()[0]:.2f} "
-         "(this benchmark itself keeps ~2 threads busy; a clearly higher value means other processes shared the "
-         "2 cores and latency / quantize-time numbers are inflated)",
+         f"- Contention: {other_load(total_s)}; 1-minute load average at start / end "
+         f"{LOAD_START[0]:.2f} / {os.getloadavg()[0]:.2f}. Anything other than ~0 other-process CPU means "
+         "latency and quantize-time numbers are inflated by sharing the 2 cores; cosine/accuracy/size are unaffected.",
          "", "### Bars", "", "| bar | threshold | measured | result |", "|---|---|---|---|"]
     for name, thr, meas, ok in bars():
         L.append(f"| {esc(name)} | {esc(thr)} | {esc(meas)} | {'PASS' if ok else ('FAIL' if ok is False else 'ERROR')} |")
@@ -481,8 +524,9 @@ def markdown(total_s: float) -> str:
           "nn.Linear layers only (as those tools do), so the 30522x384 word-embedding table (~47 MB of ~91 MB fp32) "
           "stays fp32 and their size ratio cannot go much below ~0.65. secquant presets also quantize the "
           "embedding tables (Embedding rows in the notes below), which is where most of their size reduction comes from.",
-          "- secquant executes integer math simulated in float in eager PyTorch (no int kernels), so its latency is "
-          "above fp32; peers with real int kernels (torch.ao dynamic, torchao int4 CPU) can be faster.",
+          "- secquant runs eager PyTorch with the integer math simulated in float (no int kernels; see the runtime "
+          "string of secquant.evaluate), so its latency stays near or above fp32; peers with real int kernels "
+          "(torch.ao dynamic, torchao int8-dynamic, torchao int4 CPU) can be faster.",
           "- Latencies come from a single pass; on a 2-core VM expect roughly +-10% run-to-run noise.",
           "", "Per-row notes and failures:", ""]
     for r in ROWS:

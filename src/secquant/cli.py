@@ -18,8 +18,9 @@ from .errors import SecquantError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize PyTorch models securely and privately.")
-err = Console(stderr=True)
-out = Console()
+# Tables stay legible when piped (rich assumes 80 columns off a terminal).
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def user_errors(fn):

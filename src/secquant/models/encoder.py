@@ -143,8 +143,12 @@ class EncoderAdapter(Adapter):
             yield self.encode(texts[i:i + batch_size])
 
     def calibration_batches(self, source, num_samples: int, batch_size: int):
-        texts = read_texts(source) if source is not None else builtin_sentences()[1]
-        return self._batches(texts[:num_samples], batch_size)
+        texts = (read_texts(source) if source is not None else builtin_sentences()[1])[:num_samples]
+        # Batch sentences of similar length together: far less padding to run through the model
+        # (and padding positions are not real activations to calibrate on).
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        texts = [t for _, t in sorted(zip(lengths, texts), key=lambda p: p[0])]
+        return self._batches(texts, batch_size)
 
     def eval_batches(self, source, batch_size: int):
         texts = read_texts(source) if source is not None else builtin_sentences()[0]

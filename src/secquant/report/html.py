@@ -20,14 +20,16 @@ def _fidelity_plot(results: list[dict[str, Any]]) -> str:
         rows = [r for r in results if r["model"] == model]
         metric = rows[0]["metric"]
         ax.axhline(rows[0]["float_value"], color="grey", ls="--", lw=1, label="fp32")
-        for r in rows:
+        for i, r in enumerate(sorted(rows, key=lambda r: (r["size_ratio"], r["value"]))):
             ax.scatter(r["size_ratio"], r["value"], s=40)
-            ax.annotate(r["recipe"], (r["size_ratio"], r["value"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            # alternate label sides so presets of equal size stay readable
+            ax.annotate(r["recipe"], (r["size_ratio"], r["value"]), textcoords="offset points",
+                        xytext=(6, 6 if i % 2 == 0 else -12), fontsize=8)
         ax.set_xlabel("size / fp32 size")
         ax.set_ylabel(metric + (" (mean cosine to fp32)" if metric == "cosine" else " (held-out)"))
         ax.set_title(model)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
