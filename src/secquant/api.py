@@ -87,6 +87,7 @@ def quantize(
     weights: str | None = None,
     overwrite: bool = False,
     progress: Progress = _no_progress,
+    tuning: dict | None = None,
 ) -> QuantizedModel:
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given."""
     recipe = resolve_recipe(recipe)
@@ -117,9 +118,10 @@ def quantize(
         calibration = CalibrationEntry(data="raw", source=str(calib) if calib else f"{handle.spec} (built-in)",
                                        num_samples=n_samples)
     if out is None:
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files={})
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, tuning=tuning)
         return QuantizedModel(qmodule, manifest, handle)
-    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite)
+    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
+                             tuning=tuning)
     return QuantizedModel(qmodule, manifest, handle, Path(out))
 
 

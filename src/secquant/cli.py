@@ -120,11 +120,11 @@ def inspect(
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
     t.add_column("layer", overflow="fold", min_width=12)
-    for c in ["type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]:
+    for c in ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "a_bits", "a_mode"]:
         t.add_column(c)
     for r in rows:
         t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
-                    ["layer", "type", "shape", "w_bits", "w_granularity", "w_range", "a_bits", "a_mode"]))
+                    ["layer", "type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "a_bits", "a_mode"]))
     out.print(t)
 
 

@@ -143,7 +143,7 @@ def test_recipe_must_quantize_something():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("algorithm", "gptq"),
+    ("algorithm", "awq-v9"),
     ("targets", ["Linear", "LSTM"]),
 ])
 def test_literal_fields_rejected(field, value):

@@ -82,6 +82,7 @@ class Manifest(Strict):
     source: SourceEntry
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)
+    tuning: dict[str, Any] | None = Field(None, description="what an accuracy-driven search decided and measured")
     files: dict[str, str] = Field(description="artifact file name -> sha256 of its bytes")
 
     @field_validator("files")

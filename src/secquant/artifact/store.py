@@ -44,18 +44,18 @@ def _tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source: SourceEntry,
-                   calibration: CalibrationEntry, files: dict[str, str]) -> Manifest:
+                   calibration: CalibrationEntry, files: dict[str, str], tuning: dict | None = None) -> Manifest:
     return Manifest(
         secquant_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
-        recipe=recipe, layers=layers, source=source, calibration=calibration, files=files,
+        recipe=recipe, layers=layers, source=source, calibration=calibration, files=files, tuning=tuning,
     )
 
 
 def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, layers: dict[str, dict],
                   source: SourceEntry, calibration: CalibrationEntry, overwrite: bool = False,
-                  extra_files: dict[str, bytes] | None = None) -> Manifest:
+                  extra_files: dict[str, bytes] | None = None, tuning: dict | None = None) -> Manifest:
     """Write the artifact directory atomically and return its manifest."""
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(_tensors_for_save(module), str(tmp / WEIGHTS_NAME),
@@ -67,7 +67,7 @@ def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, lay
         for rel, data in (extra_files or {}).items():
             (tmp / rel).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files)
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files, tuning)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
 
@@ -179,6 +179,7 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
         rows.append({
             "layer": name, "type": e.source_type, "shape": e.weight.shape,
             "w_bits": w.bits if w else None,
+            "w_format": w.format if w else "float",
             "w_granularity": (f"group{w.group_size}" if w and w.granularity == "group" else (w.granularity if w else "float")),
             "w_symmetric": w.symmetric if w else None,
             "w_range": w.observer if w else None,

@@ -15,6 +15,10 @@ def _w4_group(group_size: int = 128) -> QuantArgs:
     return QuantArgs(bits=4, symmetric=False, granularity="group", group_size=group_size, observer="mse")
 
 
+def _wgroup(bits: int, group_size: int, observer: str = "minmax") -> QuantArgs:
+    return QuantArgs(bits=bits, symmetric=False, granularity="group", group_size=group_size, observer=observer)
+
+
 PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe(
         name="w8a8",
@@ -46,6 +50,40 @@ PRESETS: dict[str, Recipe] = {
         name="w4a8-dynamic",
         description="4-bit weights in groups of 128 (activation-aware scales), int8 per-token dynamic activations",
         weights=_w4_group(128), activations=A8_DYNAMIC_TOKEN, smoothing=Smoothing(),
+    ),
+    # Precise low-bit presets: Hessian-based GPTQ (calibrated), data-free range search, non-uniform codes.
+    "w4a16-gptq": Recipe(
+        name="w4a16-gptq", description="4-bit weights, groups of 128, GPTQ (act-order, static groups; calibrated)",
+        weights=_wgroup(4, 128), algorithm="gptq",
+    ),
+    "w3a16": Recipe(
+        name="w3a16", description="3-bit weights, groups of 128, round-to-nearest min-max: reads no data",
+        weights=_wgroup(3, 128),
+    ),
+    "w3a16-gptq": Recipe(
+        name="w3a16-gptq", description="3-bit weights, groups of 128, GPTQ (calibrated)",
+        weights=_wgroup(3, 128), algorithm="gptq",
+    ),
+    "w3a16-hqq": Recipe(
+        name="w3a16-hqq", description="3-bit weights, groups of 128, data-free MSE-optimal range search (HQQ-style "
+                                      "calibration-free clipping): reads no data",
+        weights=_wgroup(3, 128, "mse"),
+    ),
+    "w2a16-gptq": Recipe(
+        name="w2a16-gptq", description="2-bit weights, groups of 64, GPTQ (calibrated)",
+        weights=_wgroup(2, 64), algorithm="gptq",
+    ),
+    "nf4": Recipe(
+        name="nf4", description="NormalFloat-4 codebook, absmax per group of 64 (MSE-shrunk): reads no data",
+        weights=QuantArgs(bits=4, format="nf4", granularity="group", group_size=64, observer="mse"),
+    ),
+    "kmeans4": Recipe(
+        name="kmeans4", description="4-bit k-means codebook per output channel (16-entry lookup tables): reads no data",
+        weights=QuantArgs(bits=4, format="kmeans", granularity="channel"),
+    ),
+    "pow2-4": Recipe(
+        name="pow2-4", description="4-bit power-of-two (logarithmic) codes, absmax per channel: reads no data",
+        weights=QuantArgs(bits=4, format="pow2", granularity="channel", observer="mse"),
     ),
 }
 

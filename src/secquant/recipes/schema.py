@@ -27,6 +27,10 @@ class QuantArgs(Strict):
     """How one tensor kind (weights or activations) is quantized."""
 
     bits: int = Field(8, ge=2, le=8, description="integer width, 2..8")
+    format: Literal["int", "nf4", "kmeans", "pow2"] = Field(
+        "int", description="int: uniform affine grid; nf4 / pow2: fixed non-uniform tables scaled by absmax; "
+                           "kmeans: tables fitted to the weights (weights only)")
+    codebook_size: int | None = Field(None, ge=2, description="kmeans: number of centroids (default 2**bits)")
     symmetric: bool = True
     signed: bool | None = Field(None, description="default: signed when symmetric")
     granularity: Literal["tensor", "channel", "group", "token"] = "tensor"
@@ -44,7 +48,30 @@ class QuantArgs(Strict):
             raise ValueError("group_size is only valid with granularity 'group'")
         if self.granularity == "token" and not self.dynamic:
             raise ValueError("granularity 'token' needs dynamic: true (per-token ranges exist only at run time)")
+        if self.format == "nf4" and self.bits != 4:
+            raise ValueError("format 'nf4' is a 4-bit code: set bits: 4")
+        if self.format == "kmeans" and self.granularity not in ("tensor", "channel"):
+            raise ValueError("format 'kmeans' fits one table per tensor or per channel: use granularity tensor or channel")
+        if self.format == "kmeans" and self.granularity == "channel" and self.axis not in (0, -2):
+            raise ValueError("format 'kmeans' per-channel tables run along the output channel: axis 0")
+        if self.codebook_size is not None:
+            if self.format != "kmeans":
+                raise ValueError("codebook_size applies to format 'kmeans' only")
+            if self.codebook_size > 2 ** self.bits:
+                raise ValueError(f"codebook_size {self.codebook_size} needs more than {self.bits} bits to index "
+                                 f"(at most {2 ** self.bits} entries); raise bits or shrink the codebook")
+        if self.format != "int" and (self.dynamic or self.granularity == "token"):
+            raise ValueError(f"format {self.format!r} is for weights; activations use format 'int'")
         return self
+
+    @property
+    def codebook_entries(self) -> int:
+        """Number of table entries for codebook formats."""
+        if self.format == "kmeans":
+            return self.codebook_size or 2 ** self.bits
+        if self.format == "nf4":
+            return 16
+        return 2 ** self.bits - 1  # pow2
 
     @property
     def is_signed(self) -> bool:
@@ -91,6 +118,15 @@ class Smoothing(Strict):
     clip: bool = Field(True, description="also choose each weight group's range by output error (AWQ's clip search)")
 
 
+class GPTQ(Strict):
+    """Hessian-based error compensation (Frantar et al.): each column's rounding error is pushed
+    onto the columns not yet quantized, weighted by the inverse of H = 2 X^T X / n."""
+
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean(diag H) added to the diagonal")
+    act_order: bool = Field(True, description="quantize columns in order of decreasing diag(H)")
+    block_size: int = Field(128, ge=1, description="columns per lazy-update block")
+
+
 class Calibration(Strict):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -108,7 +144,8 @@ class Recipe(Strict):
 
     name: str = "custom"
     description: str = ""
-    algorithm: Literal["rtn"] = "rtn"
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    gptq: GPTQ = Field(default_factory=GPTQ)
     weights: QuantArgs | None = None
     activations: QuantArgs | None = None
     targets: list[LayerType] = Field(default_factory=lambda: list(ALL_LAYER_TYPES))
@@ -121,6 +158,10 @@ class Recipe(Strict):
     def _check(self) -> "Recipe":
         if self.weights is None and self.activations is None:
             raise ValueError("a recipe must quantize weights, activations or both")
+        if self.algorithm == "gptq" and (self.weights is None or self.weights.format != "int"):
+            raise ValueError("algorithm 'gptq' needs uniform integer weights (weights.format: int)")
+        if self.algorithm == "gptq" and self.smoothing is not None:
+            raise ValueError("smoothing and algorithm 'gptq' cannot be combined: choose one")
         for where, args in [("weights", self.weights)] + [
             (f"overrides[{i}].weights", o.weights) for i, o in enumerate(self.overrides)
         ]:
@@ -132,6 +173,8 @@ class Recipe(Strict):
             if args is not None and args.granularity not in ("tensor", "token"):
                 raise ValueError(f"{where}: granularity must be 'tensor' (static or dynamic) or 'token' (dynamic); "
                                  f"{args.granularity!r} is for weights")
+            if args is not None and args.format != "int":
+                raise ValueError(f"{where}: format {args.format!r} is for weights; activations use format 'int'")
         for pat in self.ignore + [o.pattern for o in self.overrides]:
             if pat.startswith("re:"):
                 try:
@@ -159,4 +202,5 @@ class Recipe(Strict):
     def needs_calibration(self) -> bool:
         """True when some activation range must be observed on data (static quantization)."""
         acts = [self.activations] + [o.activations for o in self.overrides]
-        return self.smoothing is not None or any(a is not None and not a.dynamic for a in acts)
+        return (self.smoothing is not None or self.algorithm == "gptq"
+                or any(a is not None and not a.dynamic for a in acts))

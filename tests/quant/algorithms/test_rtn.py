@@ -351,7 +351,7 @@ def test_quantized_model_round_trips_through_safetensors(recipe, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from secquant.quant.algorithms.rtn import _set_submodule
+    from secquant.quant.algorithms.rtn import set_submodule
     from secquant.quant.modules import build_empty
 
     m = net()
@@ -364,7 +364,7 @@ def test_quantized_model_round_trips_through_safetensors(recipe, tmp_path):
 
     fresh = net(seed=123)  # different float weights: everything must come from the file
     for name, info in infos.items():
-        _set_submodule(fresh, name, build_empty(info))
+        set_submodule(fresh, name, build_empty(info))
     fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=True)
     fresh.eval()
     with torch.no_grad():

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...errors import CalibrationError
 from ...recipes.schema import Recipe
-from .rtn import apply_recipe, calibrate, plan
+from ..modules import quantize_module
+from .rtn import apply_recipe, calibrate, plan, set_submodule
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 Tick = Callable[[int], None]
@@ -62,9 +64,87 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
             smooth[name] = LayerPrep(scale, alpha, w_range)
             tick(1)
         used = seen.samples
-    layers = apply_recipe(model, recipe, smooth)
+    if recipe.algorithm == "gptq":
+        layers, n = _gptq(model, recipe, batches, run_batch, progress, n_total)
+        used = max(used, n)
+    else:
+        layers = apply_recipe(model, recipe, smooth)
     if any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values()):
         seen = _Counted(batches())
         calibrate(model, seen, run_batch, progress("calibrating", n_total))
         used = max(used, seen.samples)
     return layers, used
+
+
+class _StageDone(Exception):
+    """Raised from a hook once every layer of the current stage has seen the batch."""
+
+
+def gptq_stages(names: list[str]) -> list[list[str]]:
+    """Group layer names into blocks: up to the first numeric path part (`encoder.layer.3`), in order."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = next((".".join(parts[: i + 1]) for i, p in enumerate(parts[:-1]) if p.isdigit()), n)
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_total: int) -> tuple[dict[str, dict], int]:
+    """Block-by-block GPTQ: each block's Hessians come from inputs that already went through the
+    quantized blocks before it; memory is one H per layer of the block (no stored activations)."""
+    from .gptq import HessianAccumulator, gptq_quantize
+
+    todo = plan(model, recipe)
+    gptq_names = [n for n, (t, w, _) in todo.items() if t in ("Linear", "Conv1D") and w is not None]
+    others = set(todo) - set(gptq_names)
+    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
+    cfg = recipe.gptq
+    stages = gptq_stages(gptq_names)
+    samples = 0
+    tick = progress("GPTQ blocks", len(stages))
+    for stage in stages:
+        acc = {n: HessianAccumulator() for n in stage}
+        seen: set[str] = set()
+
+        def hook(mod, inp, name):
+            acc[name].add(inp[0].detach())
+            seen.add(name)
+            if len(seen) == len(stage):
+                raise _StageDone
+
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in stage]
+        n_seen = 0
+        try:
+            with torch.no_grad():
+                counted = _Counted(batches())
+                for b in counted:
+                    seen.clear()
+                    try:
+                        run_batch(model, b)
+                    except _StageDone:
+                        pass
+                    n_seen += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        samples = max(samples, counted.samples)
+        if n_seen == 0:
+            raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
+        for name in stage:
+            t, wargs, aargs = todo[name]
+            mod = model.get_submodule(name)
+            if acc[name].n == 0:
+                raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
+            w = mod.weight.detach().float()
+            w = w.t() if t == "Conv1D" else w
+            q, scale, zp, info = gptq_quantize(w, acc[name].H, wargs, damp=cfg.damp, act_order=cfg.act_order,
+                                               block_size=cfg.block_size)
+            qmod = quantize_module(mod, t, wargs, aargs)
+            qmod.set_quantized(q, scale, zp)
+            set_submodule(model, name, qmod)
+            entry = qmod.layer_info(t)
+            entry["config"]["gptq"] = dict(info)
+            layers[name] = entry
+        tick(1)
+    return {n: layers[n] for n in todo}, samples

@@ -43,21 +43,23 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe,
-                 prep: dict[str, Any] | None = None) -> dict[str, dict]:
+                 prep: dict[str, Any] | None = None, only: set[str] | None = None) -> dict[str, dict]:
     """Replace each targeted layer by its quantized version (weights quantized now). In place.
 
     `prep` maps Linear layer names to the data-driven search's LayerPrep (input scale, weight ranges).
     """
     check_finite(model)
     todo = plan(model, recipe)
-    if not todo:
+    if only is not None:
+        todo = {n: v for n, v in todo.items() if n in only}
+    if not todo and only is None:
         kinds = ", ".join(recipe.targets)
         raise ModelError(
             f"the model has no quantizable layer ({kinds}) left after the recipe's ignore list; "
@@ -66,7 +68,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
     infos = {}
     for name, (t, w, a) in todo.items():
         q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name))
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         infos[name] = q.layer_info(t)
     return infos
 

@@ -10,6 +10,10 @@ groups always run along the reduction dimension. Stored as plain tensors, safete
 
 dequantized = (code - zero_point) * scale. Signed schemes are stored shifted by -qmin, which
 is exact and lets 2..8-bit codes share one packer.
+
+Codebook formats (nf4, pow2, kmeans) store indices in `qweight` and the table in `codebook`:
+nf4 / pow2 tables are scaled by `weight_scale` (absmax per granule); kmeans tables ([1, K]
+per tensor or [rows, K] per channel) hold the values themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from ...recipes.schema import QuantArgs
+from ..nonuniform import kmeans_codebook, nearest_index, nf4_codebook, pow2_codebook
 from ..primitives import (
     PerChannel, PerGroup, PerTensor, choose_qparams, dequantize, group_view, pack, packed_nbytes,
     qrange, quantize, reduce_range, unpack,
@@ -67,6 +72,34 @@ def mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantAr
     return best_lo, best_hi
 
 
+def fixed_codebook(args: QuantArgs) -> torch.Tensor:
+    return nf4_codebook() if args.format == "nf4" else pow2_codebook(args.bits)
+
+
+def _codebook_mse_absmax(w: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, gran,
+                         grid: int = 20, min_ratio: float = 0.6) -> torch.Tensor:
+    """Per-granule absmax shrink minimizing the squared error of a scaled fixed codebook (data-free)."""
+    best_err, best = None, absmax.clone()
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+        a = absmax * r
+        zeros = torch.zeros_like(a)
+        vals = cb[nearest_index(dequantize(w, 1.0 / a, zeros, gran), cb)]
+        err = (dequantize(vals, a, zeros, gran) - w) ** 2
+        if isinstance(gran, PerGroup):
+            err = group_view(err, gran.group_size, gran.axis).sum(-1)
+        elif isinstance(gran, PerChannel):
+            err = err.sum(dim=1 if gran.axis in (0, -2) else 0)
+        else:
+            err = err.sum()
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, a, best)
+    return best
+
+
 class QuantizedWeightMixin:
     """Holds a packed quantized 2-D weight and dequantizes it (cached) for the float kernels."""
 
@@ -84,9 +117,16 @@ class QuantizedWeightMixin:
             self.register_buffer("weight", torch.zeros(self.weight_shape))
             return
         self.register_buffer("qweight", torch.zeros(packed_nbytes(rows * cols, args.bits), dtype=torch.uint8))
+        if args.format == "kmeans":
+            tables = rows if args.granularity == "channel" else 1
+            self.register_buffer("codebook", torch.zeros(tables, args.codebook_entries))
+            return
         shape = qparam_shape(args, rows, cols)
         self.register_buffer("weight_scale", torch.ones(shape))
-        self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.uint8))
+        if args.format == "int":
+            self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.uint8))
+        else:
+            self.register_buffer("codebook", fixed_codebook(args))
 
     def set_weight(self, w: torch.Tensor, w_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Quantize a float weight (RTN) into the packed buffers; `w_range` overrides the range choice."""
@@ -99,12 +139,36 @@ class QuantizedWeightMixin:
             self.weight.copy_(w)
             return
         w2 = w.reshape(self.rows, self.cols)
+        if args.format != "int":
+            self._set_codebook_weight(w2, w_range)
+            return
         gran = args.granule()
         lo, hi = reduce_range(w2, gran) if w_range is None else w_range
         if args.observer == "mse" and w_range is None:
             lo, hi = mse_range(w2, lo, hi, args)
         scale, zp = choose_qparams(lo, hi, args.bits, args.is_signed, args.symmetric)
         self.set_quantized(quantize(w2, scale, zp, args.bits, args.is_signed, gran), scale, zp)
+
+    def _set_codebook_weight(self, w2: torch.Tensor, w_range=None) -> None:
+        """Indices into a fixed table scaled by absmax (nf4, pow2) or into fitted k-means tables."""
+        args = self.weight_args
+        if args.format == "kmeans":
+            per_channel = args.granularity == "channel"
+            cb = kmeans_codebook(w2, args.codebook_entries, per_channel)
+            idx = nearest_index(w2 if per_channel else w2.reshape(1, -1), cb)
+            self.codebook.copy_(cb)
+        else:
+            gran = args.granule()
+            lo, hi = reduce_range(w2, gran) if w_range is None else w_range
+            absmax = torch.maximum(-lo, hi).clamp(min=1e-12)
+            cb = self.codebook
+            zeros = torch.zeros_like(absmax)
+            if args.observer == "mse" and w_range is None:
+                absmax = _codebook_mse_absmax(w2, absmax, cb, gran)
+            idx = nearest_index(dequantize(w2, 1.0 / absmax, zeros, gran), cb)
+            self.weight_scale.copy_(absmax.reshape(self.weight_scale.shape))
+        self.qweight.copy_(pack(idx.reshape(-1).to(torch.int64), args.bits))
+        self._w_cache = None
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> None:
         """Store signed/unsigned integers q (2-D) with their qparams, shifted to unsigned codes."""
@@ -124,8 +188,16 @@ class QuantizedWeightMixin:
         if self.weight_args is None:
             return self.weight
         if self._w_cache is None:
-            deq = dequantize(self.weight_codes(), self.weight_scale, self.weight_zero_point,
-                             self.weight_args.granule())
+            a = self.weight_args
+            codes = self.weight_codes()
+            if a.format == "int":
+                deq = dequantize(codes, self.weight_scale, self.weight_zero_point, a.granule())
+            elif a.format == "kmeans":
+                idx = codes.long()
+                deq = torch.gather(self.codebook.expand(self.rows, -1), 1, idx)
+            else:
+                vals = self.codebook[codes.long()]
+                deq = dequantize(vals, self.weight_scale, torch.zeros_like(self.weight_scale), a.granule())
             self._w_cache = deq.reshape(self.weight_shape)
         return self._w_cache
 
