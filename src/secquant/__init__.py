@@ -4,6 +4,7 @@ from ._version import __version__
 from .api import QuantizedModel, evaluate, load, quantize
 from .errors import SecquantError
 from .recipes import PRESETS, QuantArgs, Recipe
+from .tuning import TuneResult, tune
 
 __all__ = ["__version__", "quantize", "load", "evaluate", "QuantizedModel", "Recipe", "QuantArgs", "PRESETS",
-           "SecquantError"]
+           "SecquantError", "tune", "TuneResult"]

@@ -116,7 +116,8 @@ def inspect(
     rows = describe(m)
     if as_json:
         sys.stdout.write(json.dumps({"model": m.model.spec, "recipe": m.recipe.name, "layers": rows,
-                                     "source": m.source.model_dump(), "calibration": m.calibration.model_dump()}) + "\n")
+                                     "source": m.source.model_dump(), "calibration": m.calibration.model_dump(),
+                                     "tuning": m.tuning}) + "\n")
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
     t.add_column("layer", overflow="fold", min_width=12)
@@ -126,6 +127,51 @@ def inspect(
         t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
                     ["layer", "type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "a_bits", "a_mode"]))
     out.print(t)
+    if m.tuning:
+        out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)
+
+
+def parse_size(text: str) -> int:
+    """'5MB', '800kB', '123456' -> bytes (decimal units)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise SecquantError(f"--size-budget {text!r}: give bytes, e.g. 5MB, 800kB or 123456") from None
+    if unit not in units or value <= 0:
+        raise SecquantError(f"--size-budget {text!r}: give bytes, e.g. 5MB, 800kB or 123456")
+    return int(value * units[unit])
+
+
+@app.command()
+@user_errors
+def tune(
+    model: str = typer.Argument(..., help="builtin:digits, builtin:minilm, a Hugging Face model dir, ..."),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory for the best model found"),
+    max_drop: float = typer.Option(..., "--max-drop", help="tolerated metric drop: accuracy points, or mean cosine"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="accuracy (classifiers) or cosine (encoders)"),
+    size_budget: Optional[str] = typer.Option(None, "--size-budget", help="largest model.safetensors, e.g. 5MB"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="seconds for the search"),
+    data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: built-in held-out data)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Search bits per layer for the smallest model within --max-drop; always saves the best found.
+
+    Exit code 0 when the goal was met, 3 when it was not (the best model is saved anyway).
+    """
+    from .tuning import tune as _tune
+
+    budget = parse_size(size_budget) if size_budget else None
+    with RichProgress() as prog:
+        res = _tune(model, max_drop=max_drop, metric=metric, size_budget=budget, time_budget=time_budget,
+                    data=data, out=out, overwrite=overwrite, progress=prog,
+                    log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    sys.stdout.write(json.dumps(res.summary) + "\n")
+    if not res.goal_met:
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -29,7 +29,7 @@ from .manifest import (
 )
 
 
-def _tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
+def tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous copies; tensors that share storage are cloned (safetensors refuses aliasing)."""
     out, seen = {}, set()
     for k, v in module.state_dict().items():
@@ -58,7 +58,7 @@ def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, lay
                   extra_files: dict[str, bytes] | None = None, tuning: dict | None = None) -> Manifest:
     """Write the artifact directory atomically and return its manifest."""
     with atomic_dir(Path(out), overwrite) as tmp:
-        save_file(_tensors_for_save(module), str(tmp / WEIGHTS_NAME),
+        save_file(tensors_for_save(module), str(tmp / WEIGHTS_NAME),
                   metadata={"format": "secquant.artifact", "format_version": "1"})
         for rel, src in handle.arch_files.items():
             dst = tmp / rel
