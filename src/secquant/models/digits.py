@@ -124,6 +124,21 @@ class TensorClassifierAdapter(Adapter):
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size]
 
+    def train_set(self, source) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) to train on: the built-in member split, or a file with 'inputs' and 'labels'."""
+        from ..errors import CalibrationError
+        if source is not None:
+            x, y = self._file_inputs(source)
+            if y is None:
+                raise CalibrationError(f"{source}: training needs a 'labels' tensor next to 'inputs'")
+            if len(y) != len(x):
+                raise CalibrationError(f"{source}: {len(x)} inputs but {len(y)} labels")
+            return x, y.long()
+        if self.builtin is not None:
+            return self.builtin["train_x"], self.builtin["train_y"]
+        raise CalibrationError("this model has no built-in training set: pass --train FILE.safetensors "
+                               "with 'inputs' and 'labels'")
+
     def eval_batches(self, source, batch_size: int):
         if source is not None:
             x, y = self._file_inputs(source)

@@ -80,14 +80,37 @@ class _StageDone(Exception):
     """Raised from a hook once every layer of the current stage has seen the batch."""
 
 
-def gptq_stages(names: list[str]) -> list[list[str]]:
-    """Group layer names into blocks: up to the first numeric path part (`encoder.layer.3`), in order."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        parts = n.split(".")
-        key = next((".".join(parts[: i + 1]) for i, p in enumerate(parts[:-1]) if p.isdigit()), n)
-        groups.setdefault(key, []).append(n)
-    return list(groups.values())
+@torch.no_grad()
+def gptq_stages(model: nn.Module, names: list[str], batch, run_batch) -> list[list[str]]:
+    """Layers in forward order, grouped when they read the very same input tensor (q, k, v).
+
+    Each stage is quantized before the next one's Hessians are collected, so every layer sees
+    inputs that already went through all quantized layers before it (sequential GPTQ).
+    """
+    order: list[tuple[str, int]] = []
+
+    def hook(mod, inp, name):
+        if all(n != name for n, _ in order):
+            order.append((name, id(inp[0])))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
+    try:
+        run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for name, inp in order:
+        if stages and inp == last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = inp
+    missing = [n for n in names if all(n != o for o, _ in order)]
+    if missing:
+        raise CalibrationError(f"GPTQ: layers not reached by the model's forward pass: {', '.join(missing[:5])}")
+    return stages
 
 
 def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_total: int) -> tuple[dict[str, dict], int]:
@@ -100,7 +123,10 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
     others = set(todo) - set(gptq_names)
     layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
     cfg = recipe.gptq
-    stages = gptq_stages(gptq_names)
+    first = next(iter(batches()), None)
+    if first is None:
+        raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
+    stages = gptq_stages(model, gptq_names, first, run_batch)
     samples = 0
     tick = progress("GPTQ blocks", len(stages))
     for stage in stages:
