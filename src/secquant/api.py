@@ -166,3 +166,85 @@ def evaluate(qm: QuantizedModel, against: str | nn.Module | None = None, data: s
     return out
 
 
+
+
+def qat(
+    model: str | nn.Module | ModelHandle,
+    recipe: str | Path | Recipe,
+    *,
+    epochs: int,
+    out: str | Path | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    train: str | Path | None = None,
+    calib: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+) -> QuantizedModel:
+    """Quantization-aware retraining (LSQ) of a classifier on its training set; saves like quantize()."""
+    from .quant.algorithms import convert_qat, init_activation_ranges, prepare_qat, train_qat
+
+    if epochs < 1:
+        raise SecquantError("--epochs must be at least 1")
+    recipe = resolve_recipe(recipe)
+    handle = _handle(model, weights)
+    if out is not None and Path(out).exists() and not overwrite:
+        from .errors import OutputExistsError
+        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    if handle.kind != "classifier" or not hasattr(handle.adapter, "train_set"):
+        raise ModelError(f"QAT needs a labelled training set and a classification loss; {handle.spec} is an "
+                         f"{handle.kind}: use `secquant quantize` (PTQ) for it")
+    x, y = handle.adapter.train_set(train)
+    float_module = handle.module
+    source = SourceEntry(weights_sha256=state_dict_sha256(float_module.state_dict()),
+                         num_parameters=sum(p.numel() for p in float_module.parameters()),
+                         float_size_bytes=float_size_bytes(float_module))
+    torch.manual_seed(seed)
+    qmodule = copy.deepcopy(float_module)
+    for p in qmodule.parameters():
+        p.requires_grad_(True)
+    prepare_qat(qmodule, recipe)
+    cal = recipe.calibration
+    calib_batches = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else \
+        (x[i:i + cal.batch_size] for i in range(0, min(len(x), cal.num_samples), cal.batch_size))
+    init_activation_ranges(qmodule, calib_batches, handle.run)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(perm), batch_size):
+            b = perm[i:i + batch_size]
+            yield x[b], y[b]
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        from safetensors.torch import save_file
+
+        cdir = Path(checkpoint_dir)
+        cdir.mkdir(parents=True, exist_ok=True)
+
+        def ckpt(epoch: int, m: nn.Module) -> None:
+            tmp = cdir / f".epoch-{epoch}.tmp"
+            save_file({k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}, str(tmp))
+            tmp.replace(cdir / f"epoch-{epoch}.safetensors")
+
+    losses = train_qat(qmodule, batches, torch.nn.functional.cross_entropy, epochs, lr, checkpoint_fn=ckpt,
+                       progress=progress("training", epochs))
+    layers = convert_qat(qmodule)
+    qmodule.eval()
+    for p in qmodule.parameters():
+        p.requires_grad_(False)
+    calibration = CalibrationEntry(data="raw", source=str(train) if train else f"{handle.spec} training split (built-in)",
+                                   num_samples=int(len(y)))
+    training = {"method": "LSQ (learned step size) quantization-aware retraining, straight-through estimator",
+                "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "train_samples": int(len(y)),
+                "losses": [round(v, 6) for v in losses]}
+    if out is None:
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, training=training)
+        return QuantizedModel(qmodule, manifest, handle)
+    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
+                             training=training)
+    return QuantizedModel(qmodule, manifest, handle, Path(out))

@@ -131,6 +131,38 @@ def inspect(
         out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def qat(
+    model: str = typer.Argument(..., help="a classifier: builtin:digits or package.module:factory (+ --weights)"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
+    epochs: int = typer.Option(..., "--epochs", min=1, help="passes over the training set"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a named recipe, e.g. w4a4 or w2a8"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (weights and step sizes)"),
+    train: Optional[Path] = typer.Option(None, "--train", help="training data: .safetensors with 'inputs' and 'labels'"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="data to initialize activation ranges (default: training set)"),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="write a safetensors checkpoint per epoch here"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Quantization-aware retraining (learned step sizes) of a classifier; writes an artifact."""
+    from .api import evaluate
+    from .api import qat as _qat
+
+    if (preset is None) == (recipe is None):
+        raise SecquantError("give exactly one of --preset P or --recipe FILE")
+    with RichProgress() as prog:
+        qm = _qat(model, recipe if recipe is not None else preset, epochs=epochs, out=out, lr=lr, train=train,
+                  calib=calib, checkpoint_dir=checkpoints, weights=str(weights) if weights else None,
+                  overwrite=overwrite, progress=prog)
+        res = evaluate(qm, progress=prog) if model.startswith("builtin:") else None
+    summary = {"artifact": str(out), "recipe": qm.manifest.recipe.name, "training": qm.manifest.training}
+    if res:
+        summary.update({k: res[k] for k in ("metric", "value", "float_value", "size_bytes", "size_ratio")})
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def parse_size(text: str) -> int:
     """'5MB', '800kB', '123456' -> bytes (decimal units)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -83,6 +83,7 @@ class Manifest(Strict):
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)
     tuning: dict[str, Any] | None = Field(None, description="what an accuracy-driven search decided and measured")
+    training: dict[str, Any] | None = Field(None, description="quantization-aware retraining: epochs, losses, data")
     files: dict[str, str] = Field(description="artifact file name -> sha256 of its bytes")
 
     @field_validator("files")

@@ -51,6 +51,17 @@ PRESETS: dict[str, Recipe] = {
         description="4-bit weights in groups of 128 (activation-aware scales), int8 per-token dynamic activations",
         weights=_w4_group(128), activations=A8_DYNAMIC_TOKEN, smoothing=Smoothing(),
     ),
+    # Low-bit static presets, the starting points of quantization-aware retraining (secquant qat).
+    "w4a4": Recipe(
+        name="w4a4", description="4-bit symmetric per-channel weights, 4-bit static per-tensor activations (min-max)",
+        weights=QuantArgs(bits=4, granularity="channel"),
+        activations=QuantArgs(bits=4, symmetric=False, observer="minmax"),
+    ),
+    "w2a8": Recipe(
+        name="w2a8", description="2-bit symmetric per-channel weights, int8 static per-tensor activations (min-max)",
+        weights=QuantArgs(bits=2, granularity="channel"),
+        activations=QuantArgs(bits=8, symmetric=False, observer="minmax"),
+    ),
     # Precise low-bit presets: Hessian-based GPTQ (calibrated), data-free range search, non-uniform codes.
     "w4a16-gptq": Recipe(
         name="w4a16-gptq", description="4-bit weights, groups of 128, GPTQ (act-order, static groups; calibrated)",
