@@ -74,6 +74,20 @@ def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelH
     return load_model(str(model), weights)
 
 
+def _check_out(out: str | Path | None, overwrite: bool) -> None:
+    """Fail before any work when the output exists (the write itself is atomic anyway)."""
+    if out is not None and Path(out).exists() and not overwrite:
+        from .errors import OutputExistsError
+        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+
+
+def source_entry(float_module: nn.Module) -> SourceEntry:
+    """What the manifest records about the float source: weights hash, parameter count, fp32 size."""
+    return SourceEntry(weights_sha256=state_dict_sha256(float_module.state_dict()),
+                       num_parameters=sum(p.numel() for p in float_module.parameters()),
+                       float_size_bytes=float_size_bytes(float_module))
+
+
 def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
     return lambda n: None
 
@@ -92,16 +106,9 @@ def quantize(
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given."""
     recipe = resolve_recipe(recipe)
     handle = _handle(model, weights)
-    if out is not None and Path(out).exists() and not overwrite:
-        from .errors import OutputExistsError
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    _check_out(out, overwrite)
     float_module = handle.module
-    sd = float_module.state_dict()
-    source = SourceEntry(
-        weights_sha256=state_dict_sha256(sd),
-        num_parameters=sum(p.numel() for p in float_module.parameters()),
-        float_size_bytes=float_size_bytes(float_module),
-    )
+    source = source_entry(float_module)
     qmodule = copy.deepcopy(float_module).eval()
     cal = recipe.calibration
     has_data = calib is not None or not (isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None)
@@ -191,17 +198,13 @@ def qat(
         raise SecquantError("--epochs must be at least 1")
     recipe = resolve_recipe(recipe)
     handle = _handle(model, weights)
-    if out is not None and Path(out).exists() and not overwrite:
-        from .errors import OutputExistsError
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    _check_out(out, overwrite)
     if handle.kind != "classifier" or not hasattr(handle.adapter, "train_set"):
         raise ModelError(f"QAT needs a labelled training set and a classification loss; {handle.spec} is an "
                          f"{handle.kind}: use `secquant quantize` (PTQ) for it")
     x, y = handle.adapter.train_set(train)
     float_module = handle.module
-    source = SourceEntry(weights_sha256=state_dict_sha256(float_module.state_dict()),
-                         num_parameters=sum(p.numel() for p in float_module.parameters()),
-                         float_size_bytes=float_size_bytes(float_module))
+    source = source_entry(float_module)
     torch.manual_seed(seed)
     qmodule = copy.deepcopy(float_module)
     for p in qmodule.parameters():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...recipes.schema import QuantArgs, Smoothing
-from ..modules.weight import mse_range
+from ..modules.weight import best_ratio, mse_range
 from ..primitives import (
     PerChannel, PerGroup, PerTensor, PerToken, choose_qparams, dequantize, fake_quantize, group_view, quantize,
     reduce_range,
@@ -112,24 +112,18 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, max_rows: int
         return None
     x = x[:max_rows]
     lo, hi = reduce_range(w, gran)
-    best_err, best_lo, best_hi = None, lo.clone(), hi.clone()
-    for r in torch.linspace(1.0, min_ratio, ratios).tolist():
+
+    def error_at(r: float) -> torch.Tensor:
         s, z = choose_qparams(lo * r, hi * r, args.bits, args.is_signed, args.symmetric)
         diff = w - dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran)
         if isinstance(gran, PerGroup):
             xg = group_view(x, gran.group_size, -1)
             dg = group_view(diff, gran.group_size, -1)
-            err = torch.einsum("ngk,ogk->nog", xg, dg).pow(2).mean(0)  # [out, groups]
-        else:
-            err = (x @ diff.t()).pow(2).mean(0)  # [out]
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo * r, best_lo)
-        best_hi = torch.where(better, hi * r, best_hi)
-    return best_lo, best_hi
+            return torch.einsum("ngk,ogk->nog", xg, dg).pow(2).mean(0)  # [out, groups]
+        return (x @ diff.t()).pow(2).mean(0)  # [out]
+
+    r = best_ratio(torch.linspace(1.0, min_ratio, ratios).tolist(), error_at)
+    return lo * r, hi * r
 
 
 @torch.no_grad()

@@ -44,32 +44,43 @@ def qparam_shape(args: QuantArgs, rows: int, cols: int) -> tuple[int, ...]:
     raise ValueError(f"granularity {args.granularity!r} is not valid for weights")
 
 
+def granule_sum(err: torch.Tensor, gran) -> torch.Tensor:
+    """Sum an elementwise error over each granule of a 2-D weight (the compact qparam shape)."""
+    if isinstance(gran, PerGroup):
+        return group_view(err, gran.group_size, gran.axis).sum(-1)
+    if isinstance(gran, PerChannel):
+        return err.sum(dim=1 if gran.axis in (0, -2) else 0)
+    return err.sum()
+
+
+def best_ratio(ratios: list[float], error_at) -> torch.Tensor:
+    """Per granule, the shrink ratio with the smallest error_at(ratio) (the first one wins ties)."""
+    best_err = best_r = None
+    for r in ratios:
+        err = error_at(r)
+        if best_err is None:
+            best_err, best_r = err, torch.full_like(err, r)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(err, r), best_r)
+    return best_r
+
+
 def mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
-               grid: int = 40, min_ratio: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+              grid: int = 40, min_ratio: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granule range shrink that minimizes the weight's squared quantization error.
 
     Data-free: reads only the weight. Every granule picks its own ratio in [min_ratio, 1].
     """
     gran = args.granule()
-    best_err = None
-    best_lo, best_hi = lo.clone(), hi.clone()
-    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+
+    def error_at(r: float) -> torch.Tensor:
         s, z = choose_qparams(lo * r, hi * r, args.bits, args.is_signed, args.symmetric)
-        err = (dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran) - w) ** 2
-        if isinstance(gran, PerGroup):
-            err = group_view(err, gran.group_size, gran.axis).sum(-1)
-        elif isinstance(gran, PerChannel):
-            err = err.sum(dim=1 if gran.axis in (0, -2) else 0)
-        else:
-            err = err.sum()
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo * r, best_lo)
-        best_hi = torch.where(better, hi * r, best_hi)
-    return best_lo, best_hi
+        return granule_sum((dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran) - w) ** 2, gran)
+
+    r = best_ratio(torch.linspace(1.0, min_ratio, grid).tolist(), error_at)
+    return lo * r, hi * r
 
 
 def fixed_codebook(args: QuantArgs) -> torch.Tensor:
@@ -79,25 +90,14 @@ def fixed_codebook(args: QuantArgs) -> torch.Tensor:
 def _codebook_mse_absmax(w: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, gran,
                          grid: int = 20, min_ratio: float = 0.6) -> torch.Tensor:
     """Per-granule absmax shrink minimizing the squared error of a scaled fixed codebook (data-free)."""
-    best_err, best = None, absmax.clone()
-    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+
+    def error_at(r: float) -> torch.Tensor:
         a = absmax * r
         zeros = torch.zeros_like(a)
         vals = cb[nearest_index(dequantize(w, 1.0 / a, zeros, gran), cb)]
-        err = (dequantize(vals, a, zeros, gran) - w) ** 2
-        if isinstance(gran, PerGroup):
-            err = group_view(err, gran.group_size, gran.axis).sum(-1)
-        elif isinstance(gran, PerChannel):
-            err = err.sum(dim=1 if gran.axis in (0, -2) else 0)
-        else:
-            err = err.sum()
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, a, best)
-    return best
+        return granule_sum((dequantize(vals, a, zeros, gran) - w) ** 2, gran)
+
+    return absmax * best_ratio(torch.linspace(1.0, min_ratio, grid).tolist(), error_at)
 
 
 class QuantizedWeightMixin:
