@@ -160,8 +160,6 @@ class Recipe(Strict):
             raise ValueError("a recipe must quantize weights, activations or both")
         if self.algorithm == "gptq" and (self.weights is None or self.weights.format != "int"):
             raise ValueError("algorithm 'gptq' needs uniform integer weights (weights.format: int)")
-        if self.algorithm == "gptq" and self.smoothing is not None:
-            raise ValueError("smoothing and algorithm 'gptq' cannot be combined: choose one")
         for where, args in [("weights", self.weights)] + [
             (f"overrides[{i}].weights", o.weights) for i, o in enumerate(self.overrides)
         ]:

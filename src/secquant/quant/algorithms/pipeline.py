@@ -60,12 +60,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
             if t == "Conv1D":
                 w = w.t()
             scale, alpha = search_scale(w, absmean, rows, wargs, aargs, recipe.smoothing)
-            w_range = search_clip(w * scale, rows / scale, wargs) if recipe.smoothing.clip and wargs else None
+            clip = recipe.smoothing.clip and wargs is not None and recipe.algorithm != "gptq"  # GPTQ sets its own
+            w_range = search_clip(w * scale, rows / scale, wargs) if clip else None
             smooth[name] = LayerPrep(scale, alpha, w_range)
             tick(1)
         used = seen.samples
     if recipe.algorithm == "gptq":
-        layers, n = _gptq(model, recipe, batches, run_batch, progress, n_total)
+        layers, n = _gptq(model, recipe, batches, run_batch, progress, n_total, smooth or {})
         used = max(used, n)
     else:
         layers = apply_recipe(model, recipe, smooth)
@@ -113,9 +114,13 @@ def gptq_stages(model: nn.Module, names: list[str], batch, run_batch) -> list[li
     return stages
 
 
-def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_total: int) -> tuple[dict[str, dict], int]:
-    """Block-by-block GPTQ: each block's Hessians come from inputs that already went through the
-    quantized blocks before it; memory is one H per layer of the block (no stored activations)."""
+def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_total: int,
+          smooth: dict[str, LayerPrep]) -> tuple[dict[str, dict], int]:
+    """Sequential GPTQ: each stage's Hessians come from inputs that already went through the
+    quantized stages before it; memory is one H per layer of the stage (no stored activations).
+
+    With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s.
+    """
     from .gptq import HessianAccumulator, gptq_quantize
 
     todo = plan(model, recipe)
@@ -164,9 +169,15 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
                 raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
             w = mod.weight.detach().float()
             w = w.t() if t == "Conv1D" else w
-            q, scale, zp, info = gptq_quantize(w, acc[name].H, wargs, damp=cfg.damp, act_order=cfg.act_order,
+            H = acc[name].H
+            prep = smooth.get(name)
+            if prep is not None:
+                s = prep.scale.double()
+                w = w * prep.scale
+                H = H / (s[:, None] * s[None, :])
+            q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
                                                block_size=cfg.block_size)
-            qmod = quantize_module(mod, t, wargs, aargs)
+            qmod = quantize_module(mod, t, wargs, aargs, prep)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)
