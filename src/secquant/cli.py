@@ -46,15 +46,20 @@ class RichProgress:
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=err, transient=True)
+        self.started = False
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.started:  # started lazily: an early error prints no empty progress line
+            self.progress.stop()
+        return False
 
     def __call__(self, label: str, total: int | None):
+        if not self.started:
+            self.progress.start()
+            self.started = True
         task = self.progress.add_task(label, total=total)
         return lambda n: self.progress.advance(task, n)
 
