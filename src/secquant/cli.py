@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -166,6 +167,66 @@ def qat(
     if res:
         summary.update({k: res[k] for k in ("metric", "value", "float_value", "size_bytes", "size_ratio")})
     sys.stdout.write(json.dumps(summary) + "\n")
+
+
+def _passphrase(ask: bool, confirm: bool = False) -> str | None:
+    """From $SECQUANT_PASSPHRASE, or prompted (hidden) when asked for."""
+    env = os.environ.get("SECQUANT_PASSPHRASE")
+    if env:
+        return env
+    if ask:
+        return typer.prompt("passphrase", hide_input=True, confirmation_prompt=confirm)
+    return None
+
+
+@app.command()
+@user_errors
+def keygen(
+    out: Path = typer.Option(..., "--out", "-o", help="key name prefix: writes NAME.key, NAME.pub, NAME.sign.key, NAME.sign.pub"),
+    passphrase: bool = typer.Option(False, "--passphrase", help="protect the private keys with a passphrase (prompted, or $SECQUANT_PASSPHRASE)"),
+) -> None:
+    """Create an age X25519 identity (decryption) and a P-256 signing key pair (model-signing)."""
+    from .security import keygen as _keygen
+
+    files = _keygen(out, _passphrase(passphrase, confirm=True))
+    recipient = files.recipient.read_text().strip()
+    err.print(f"wrote {files.identity} and {files.sign_key} (mode 0600), {files.recipient}, {files.verify_key}",
+              highlight=False, soft_wrap=True)
+    sys.stdout.write(recipient + "\n")
+
+
+@app.command()
+@user_errors
+def seal(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    to: list[str] = typer.Option(..., "--to", help="age recipient (age1...) or a .pub file; repeat for several"),
+    sign_key: Path = typer.Option(..., "--sign-key", help="P-256 PEM private key (NAME.sign.key)"),
+    out: Path = typer.Option(..., "--out", "-o", help="sealed file to write"),
+    passphrase: bool = typer.Option(False, "--passphrase", help="the signing key is passphrase-protected"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Sign the artifact (OpenSSF model-signing) and encrypt it to the recipients (age)."""
+    from .security import seal as _seal
+
+    _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite)
+    err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
+
+
+@app.command("open")
+@user_errors
+def open_(
+    sealed: Path = typer.Argument(..., help="sealed file"),
+    identity: Path = typer.Option(..., "--identity", help="age identity file (NAME.key)"),
+    verify_key: Path = typer.Option(..., "--verify-key", help="signer's public key (NAME.sign.pub)"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
+    passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Decrypt a sealed model, verify its signature and hashes, and write the artifact directory."""
+    from .security import open_sealed
+
+    open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite)
+    err.print(f"opened and verified {sealed} -> {out}", highlight=False, soft_wrap=True)
 
 
 def parse_size(text: str) -> int:

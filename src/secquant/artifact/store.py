@@ -97,6 +97,15 @@ def _check_files(d: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{d / name}: content does not match the manifest's sha256 (modified or corrupted)")
 
 
+def verify_artifact_dir(d: Path) -> Manifest:
+    """Manifest and file checks of an artifact directory, without building the model."""
+    if not Path(d).is_dir():
+        raise ArtifactError(f"{d} is not an artifact directory")
+    manifest = read_manifest(Path(d))
+    _check_files(Path(d), manifest)
+    return manifest
+
+
 def _float_arch(d: Path, manifest: Manifest, model: nn.Module | None, factory: str | None) -> ModelHandle:
     from ..models.digits import SAMPLE_SHAPE, DigitsCNN, TensorClassifierAdapter, splits
     from ..models.encoder import EncoderAdapter, arch_files_of, build_encoder_arch

@@ -1,0 +1,154 @@
+"""Sealing: sign the artifact directory (OpenSSF model-signing, key method), then encrypt a tar
+stream of it to named age recipients. Opening decrypts, and verifies the signature and the
+artifact's own hashes before anything leaves a private temporary directory.
+
+Standard formats only: the sealed file decrypts with the `age` tool, the signature
+(`model.sig` inside, a Sigstore bundle) verifies with `model_signing verify key`. Both
+directions stream through a pipe, so memory does not grow with the model size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from pathlib import Path, PurePosixPath
+
+import pyrage
+
+from ..artifact.fsutil import atomic_dir
+from ..artifact.store import verify_artifact_dir
+from ..errors import ArtifactError, OutputExistsError, SecquantError
+from .keys import load_identities, load_recipients
+
+SIG_NAME = "model.sig"
+ART_DIR = "artifact"
+
+
+class SealError(SecquantError):
+    """A sealed file cannot be opened: wrong identity, modified bytes, bad or missing signature."""
+
+
+def _sign(artifact: Path, sign_key: Path, sig_path: Path, passphrase: str | None) -> None:
+    from model_signing import signing
+
+    try:
+        signing.Config().use_elliptic_key_signer(
+            private_key=sign_key, password=passphrase.encode() if passphrase else None).sign(artifact, sig_path)
+    except Exception as e:
+        raise SecquantError(f"signing with {sign_key} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            " (is it a P-256 PEM private key, and is the passphrase right?)") from None
+
+
+def _verify(artifact: Path, sig_path: Path, verify_key: Path) -> None:
+    from model_signing import verifying
+
+    if not Path(verify_key).is_file():
+        raise SealError(f"verify key {verify_key} does not exist")
+    try:
+        verifying.Config().use_elliptic_key_verifier(public_key=verify_key).verify(artifact, sig_path)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SealError(f"signature verification failed ({msg}): the model was not signed by the holder of "
+                        f"{verify_key}, or it was changed after signing") from None
+
+
+def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
+         sign_key_passphrase: str | None = None, overwrite: bool = False) -> Path:
+    """Sign and encrypt an artifact directory into one age file readable by `recipients` only."""
+    d, out = Path(artifact_dir), Path(out)
+    verify_artifact_dir(d)  # never seal a broken or tampered artifact
+    recips = load_recipients(list(recipients))
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+    with tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
+        sig = Path(td) / SIG_NAME
+        _sign(d, Path(sign_key), sig, sign_key_passphrase)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        r_fd, w_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with os.fdopen(w_fd, "wb") as w, tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    tar.add(sig, arcname=SIG_NAME)
+                    for f in files:
+                        tar.add(d / f, arcname=f"{ART_DIR}/{f}")
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            with os.fdopen(r_fd, "rb") as r, open(tmp, "wb") as dst:
+                pyrage.encrypt_io(r, dst, recips)
+            thread.join()
+            if failure:
+                raise SecquantError(f"sealing failed while reading the artifact: {failure[0]}")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return out
+
+
+def _safe_member(m: tarfile.TarInfo) -> bool:
+    p = PurePosixPath(m.name)
+    if not m.isfile() or p.is_absolute() or ".." in p.parts:
+        return False
+    return m.name == SIG_NAME or (len(p.parts) >= 2 and p.parts[0] == ART_DIR)
+
+
+def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path, out: str | Path,
+                identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
+    """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`."""
+    src = Path(sealed)
+    if not src.is_file():
+        raise SealError(f"sealed file {src} does not exist")
+    ids = load_identities(identity, identity_passphrase)
+    with atomic_dir(Path(out), overwrite) as final, tempfile.TemporaryDirectory(prefix="secquant-open-") as td:
+        work = Path(td)
+        r_fd, w_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
+                    pyrage.decrypt_io(f, w, ids)
+            except BaseException as e:  # noqa: BLE001
+                failure.append(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        bad: list[str] = []
+        try:
+            with os.fdopen(r_fd, "rb") as r, tarfile.open(fileobj=r, mode="r|") as tar:
+                for m in tar:
+                    if not _safe_member(m):
+                        bad.append(m.name)
+                        continue
+                    tar.extract(m, work, filter="data")
+        except (tarfile.TarError, OSError, EOFError):
+            pass  # the decryptor's error (below) says why
+        thread.join()
+        if failure:
+            raise SealError(f"{src} cannot be decrypted with {identity}: it is not sealed to this identity, "
+                            "or its bytes were modified") from None
+        if bad:
+            raise SealError(f"{src} holds unexpected entries ({', '.join(bad[:3])}): refusing it")
+        if not (work / SIG_NAME).is_file():
+            raise SealError(f"{src} carries no signature ({SIG_NAME}): refusing an unsigned model")
+        art = work / ART_DIR
+        if not art.is_dir():
+            raise SealError(f"{src} holds no artifact")
+        _verify(art, work / SIG_NAME, Path(verify_key))
+        try:
+            verify_artifact_dir(art)
+        except ArtifactError as e:
+            raise SealError(f"the signed artifact is inconsistent: {e}") from None
+        for p in art.iterdir():
+            shutil.move(str(p), final / p.name)
+    return Path(out)
