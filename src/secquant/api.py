@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,41 @@ def quantize(
     return QuantizedModel(qmodule, manifest, handle, Path(out))
 
 
-def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None) -> QuantizedModel:
-    """Rebuild a quantized model from an artifact directory (no pickle; everything verified first)."""
-    la: LoadedArtifact = load_artifact(path, model=model, factory=factory)
+def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
+         identity: str | Path | None = None, verify_key: str | Path | None = None,
+         passphrase: str | None = None) -> QuantizedModel:
+    """Rebuild a quantized model from an artifact directory or a sealed file (no pickle; verified first).
+
+    A sealed file needs `identity` (age key) and `verify_key` (signer's public key); it is
+    decrypted and verified in a private directory on a memory-backed file system (/dev/shm),
+    loaded, and the plaintext removed: it never reaches a disk.
+    """
+    p = Path(path)
+    if p.is_file():
+        return _load_sealed(p, identity, verify_key, passphrase, model, factory)
+    la: LoadedArtifact = load_artifact(p, model=model, factory=factory)
     return QuantizedModel(la.module, la.manifest, la.handle, la.path)
+
+
+def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> QuantizedModel:
+    import shutil
+    import tempfile
+
+    from .security import open_sealed
+
+    if identity is None or verify_key is None:
+        raise SecquantError(f"{p} is a sealed file: pass identity=<age key file> and verify_key=<signer's public key>")
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        raise SecquantError("no memory-backed /dev/shm to open the sealed model in: use `secquant open` to "
+                            "write a verified artifact directory, then load that")
+    work = Path(tempfile.mkdtemp(prefix="secquant-", dir=shm))  # mode 0700
+    try:
+        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase)
+        la = load_artifact(art, model=model, factory=factory)
+        return QuantizedModel(la.module, la.manifest, la.handle, None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, weights: str | None = None) -> nn.Module:

@@ -179,3 +179,19 @@ def test_cli_errors_exit_2(keys, tmp_path):
                                  "--verify-key", str(alice.verify_key), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "does not exist" in r.output
     assert os.listdir(tmp_path) == []
+
+
+def test_load_sealed_in_memory(art, keys, tmp_path):
+    alice, bob = keys
+    sealed = seal(art, [_rec(alice)], alice.sign_key, tmp_path / "m.age")
+    before = set(os.listdir("/dev/shm"))
+    qm = secquant.load(sealed, identity=alice.identity, verify_key=alice.verify_key)
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(qm(x), secquant.load(art)(x))
+    assert set(os.listdir("/dev/shm")) == before  # plaintext removed
+    assert os.listdir(tmp_path) == ["m.age"]  # nothing written next to the sealed file
+    with pytest.raises(SecquantError, match="identity"):
+        secquant.load(sealed)
+    with pytest.raises(SealError):
+        secquant.load(sealed, identity=bob.identity, verify_key=alice.verify_key)
+    assert set(os.listdir("/dev/shm")) == before
