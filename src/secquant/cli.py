@@ -229,6 +229,23 @@ def open_(
     err.print(f"opened and verified {sealed} -> {out}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def reseal(
+    sealed: Path = typer.Argument(..., help="sealed file"),
+    identity: Path = typer.Option(..., "--identity", help="an age identity the file is sealed to"),
+    to: list[str] = typer.Option(..., "--to", help="the NEW complete recipient list (age1... or .pub files)"),
+    out: Path = typer.Option(..., "--out", "-o", help="resealed file to write"),
+    passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Change who can open a sealed model (add, remove, rotate) without writing the plaintext."""
+    from .security import reseal as _reseal
+
+    _reseal(sealed, identity, to, out, _passphrase(passphrase), overwrite)
+    err.print(f"resealed {sealed} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
+
+
 def parse_size(text: str) -> int:
     """'5MB', '800kB', '123456' -> bytes (decimal units)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -195,3 +195,22 @@ def test_load_sealed_in_memory(art, keys, tmp_path):
     with pytest.raises(SealError):
         secquant.load(sealed, identity=bob.identity, verify_key=alice.verify_key)
     assert set(os.listdir("/dev/shm")) == before
+
+
+def test_reseal_changes_the_recipient_list(art, keys, tmp_path):
+    alice, bob = keys
+    carol = keygen(tmp_path / "carol")
+    sealed = seal(art, [_rec(alice), _rec(bob)], alice.sign_key, tmp_path / "ab.age")
+    # remove bob, add carol; alice re-encrypts without the plaintext touching disk
+    new = __import__("secquant.security", fromlist=["reseal"]).reseal(
+        sealed, alice.identity, [_rec(alice), _rec(carol)], tmp_path / "ac.age")
+    open_sealed(new, carol.identity, alice.verify_key, tmp_path / "o-carol")  # signature carried over
+    with pytest.raises(SealError):
+        open_sealed(new, bob.identity, alice.verify_key, tmp_path / "o-bob")
+    with pytest.raises(SealError):
+        __import__("secquant.security", fromlist=["reseal"]).reseal(
+            new, bob.identity, [_rec(bob)], tmp_path / "b.age")
+    assert not (tmp_path / "b.age").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ab.age", "ac.age", "carol.key",
+                                                                         "carol.pub", "carol.sign.key",
+                                                                         "carol.sign.pub"]

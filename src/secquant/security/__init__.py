@@ -1,6 +1,6 @@
 """Model protection: keys, sealing (OpenSSF model-signing + age encryption), opening."""
 
 from .keys import KeyFiles, keygen, load_identities, load_recipients
-from .seal import open_sealed, seal
+from .seal import open_sealed, reseal, seal
 
-__all__ = ["KeyFiles", "keygen", "load_identities", "load_recipients", "seal", "open_sealed"]
+__all__ = ["KeyFiles", "keygen", "load_identities", "load_recipients", "seal", "open_sealed", "reseal"]

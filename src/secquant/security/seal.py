@@ -152,3 +152,45 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
         for p in art.iterdir():
             shutil.move(str(p), final / p.name)
     return Path(out)
+
+
+def reseal(sealed: str | Path, identity: str | Path, recipients: list[str], out: str | Path,
+           identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
+    """Re-encrypt a sealed file to a new recipient list (add, remove, rotate keys).
+
+    The decrypted stream is piped straight into the encryptor: the plaintext never touches
+    disk, and the signed bundle inside is carried over byte for byte (its signature still
+    verifies against the original signer).
+    """
+    src, out = Path(sealed), Path(out)
+    if not src.is_file():
+        raise SealError(f"sealed file {src} does not exist")
+    ids = load_identities(identity, identity_passphrase)
+    recips = load_recipients(list(recipients))
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    r_fd, w_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
+                pyrage.decrypt_io(f, w, ids)
+        except BaseException as e:  # noqa: BLE001
+            failure.append(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        with os.fdopen(r_fd, "rb") as r, open(tmp, "wb") as dst:
+            pyrage.encrypt_io(r, dst, recips)
+        thread.join()
+        if failure:
+            raise SealError(f"{src} cannot be decrypted with {identity}: it is not sealed to this identity, "
+                            "or its bytes were modified")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
