@@ -214,3 +214,27 @@ def test_reseal_changes_the_recipient_list(art, keys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ab.age", "ac.age", "carol.key",
                                                                          "carol.pub", "carol.sign.key",
                                                                          "carol.sign.pub"]
+
+
+def test_sealed_file_opens_with_the_reference_age_tool(art, keys, tmp_path):
+    """Interoperability: Debian's `age` decrypts what secquant seals (.ci/run installs it)."""
+    import shutil
+
+    if shutil.which("age") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the reference `age` tool must be installed in CI (.ci/run installs Debian's age)")
+        pytest.skip("the reference `age` tool is not installed here (apt-get install age)")
+    alice, _ = keys
+    sealed = seal(art, [_rec(alice)], alice.sign_key, tmp_path / "m.age")
+    r = subprocess.run(["age", "--decrypt", "-i", str(alice.identity), "-o", str(tmp_path / "m.tar"), str(sealed)],
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "m.tar") as tar:
+        names = set(tar.getnames())
+    assert "model.sig" in names and "artifact/model.safetensors" in names and "artifact/secquant.json" in names
+    # and secquant opens what the reference tool encrypts (to our recipient)
+    r = subprocess.run(["age", "--encrypt", "-r", _rec(alice), "-o", str(tmp_path / "again.age"),
+                        str(tmp_path / "m.tar")], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    out = open_sealed(tmp_path / "again.age", alice.identity, alice.verify_key, tmp_path / "o")
+    assert (out / "model.safetensors").is_file()
