@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/quality.py
+	$(PY) bench/precision.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis
