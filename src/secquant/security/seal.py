@@ -95,6 +95,42 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
     return out
 
 
+class _Decrypting:
+    """A background thread that decrypts `src` into a pipe; read the plaintext from `.reader`.
+
+    Streaming keeps memory flat whatever the model size; `finish()` re-raises (as SealError)
+    any decryption failure: wrong identity, or modified bytes (age authenticates every chunk).
+    """
+
+    def __init__(self, src: Path, ids, identity) -> None:
+        self.src, self.identity = src, identity
+        r_fd, w_fd = os.pipe()
+        self.reader = os.fdopen(r_fd, "rb")
+        self.failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
+                    pyrage.decrypt_io(f, w, ids)
+            except BaseException as e:  # noqa: BLE001 - reported by finish()
+                self.failure.append(e)
+
+        self.thread = threading.Thread(target=produce, daemon=True)
+        self.thread.start()
+
+    def finish(self) -> None:
+        try:  # drain what the consumer did not read (tar padding), so the writer never hits a closed pipe
+            while self.reader.read(1 << 16):
+                pass
+        except (OSError, ValueError):
+            pass
+        self.reader.close()
+        self.thread.join()
+        if self.failure:
+            raise SealError(f"{self.src} cannot be decrypted with {self.identity}: it is not sealed to this "
+                            "identity, or its bytes were modified")
+
+
 def _safe_member(m: tarfile.TarInfo) -> bool:
     p = PurePosixPath(m.name)
     if not m.isfile() or p.is_absolute() or ".." in p.parts:
@@ -111,32 +147,18 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
     ids = load_identities(identity, identity_passphrase)
     with atomic_dir(Path(out), overwrite) as final, tempfile.TemporaryDirectory(prefix="secquant-open-") as td:
         work = Path(td)
-        r_fd, w_fd = os.pipe()
-        failure: list[BaseException] = []
-
-        def produce() -> None:
-            try:
-                with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
-                    pyrage.decrypt_io(f, w, ids)
-            except BaseException as e:  # noqa: BLE001
-                failure.append(e)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+        dec = _Decrypting(src, ids, identity)
         bad: list[str] = []
         try:
-            with os.fdopen(r_fd, "rb") as r, tarfile.open(fileobj=r, mode="r|") as tar:
+            with tarfile.open(fileobj=dec.reader, mode="r|") as tar:
                 for m in tar:
                     if not _safe_member(m):
                         bad.append(m.name)
                         continue
                     tar.extract(m, work, filter="data")
         except (tarfile.TarError, OSError, EOFError):
-            pass  # the decryptor's error (below) says why
-        thread.join()
-        if failure:
-            raise SealError(f"{src} cannot be decrypted with {identity}: it is not sealed to this identity, "
-                            "or its bytes were modified") from None
+            pass  # the decryptor's error (finish) says why
+        dec.finish()
         if bad:
             raise SealError(f"{src} holds unexpected entries ({', '.join(bad[:3])}): refusing it")
         if not (work / SIG_NAME).is_file():
@@ -170,27 +192,15 @@ def reseal(sealed: str | Path, identity: str | Path, recipients: list[str], out:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    r_fd, w_fd = os.pipe()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
-                pyrage.decrypt_io(f, w, ids)
-        except BaseException as e:  # noqa: BLE001
-            failure.append(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    dec = _Decrypting(src, ids, identity)
     try:
-        with os.fdopen(r_fd, "rb") as r, open(tmp, "wb") as dst:
-            pyrage.encrypt_io(r, dst, recips)
-        thread.join()
-        if failure:
-            raise SealError(f"{src} cannot be decrypted with {identity}: it is not sealed to this identity, "
-                            "or its bytes were modified")
+        with open(tmp, "wb") as dst:
+            pyrage.encrypt_io(dec.reader, dst, recips)
+        dec.finish()
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        dec.reader.close()
     return out
