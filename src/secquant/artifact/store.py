@@ -7,7 +7,6 @@ and every tensor's name and shape before the weights are used.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
-from ..errors import ArtifactError, ModelError
+from ..errors import ArtifactError
 from ..models.base import ModelHandle
 from ..quant.modules import build_empty
 from .fsutil import atomic_dir
@@ -199,7 +198,3 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
             "a_mode": ("dynamic/" + a.granularity if a.dynamic else f"static/{a.observer}") if a else "float",
         })
     return rows
-
-
-def manifest_json(path: Path) -> dict:
-    return json.loads((Path(path) / MANIFEST_NAME).read_text())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ...recipes.schema import QuantArgs
 from ..nonuniform import kmeans_codebook, nearest_index, nf4_codebook, pow2_codebook
@@ -211,7 +210,3 @@ class QuantizedWeightMixin:
             "shape": list(self.weight_shape),
             "args": None if a is None else a.model_dump(exclude_defaults=False),
         }
-
-
-def weight_nbytes(module: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers())
