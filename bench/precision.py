@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 import secquant
-from secquant.evaluate import compare
 from secquant.models import load_model
 from secquant.models.encoder import builtin_sentences
 from secquant.recipes import Calibration, QuantArgs, Recipe, get_preset
