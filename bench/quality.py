@@ -164,7 +164,7 @@ def bench_minilm(tmp: Path) -> None:
             qm = secquant.quantize(handle, preset, out=out)
             qt = time.perf_counter() - t0
             layers = quantized_layer_summary(qm)
-            lq = secquant.load(out)
+            lq = secquant.load(out, allow_unsealed=True)
             emb, ms = run_encoder(handle, lq.module, batches)
             size = (out / "model.safetensors").stat().st_size
             cal = qm.manifest.calibration
@@ -340,7 +340,7 @@ def bench_digits(tmp: Path) -> None:
             t0 = time.perf_counter()
             qm = secquant.quantize(handle, preset, out=out)
             qt = time.perf_counter() - t0
-            lq = secquant.load(out)
+            lq = secquant.load(out, allow_unsealed=True)
             acc, n, lat, nb = run_digits(handle, lq.module)
             size = (out / "model.safetensors").stat().st_size
             note = f"quantized layers: {quantized_layer_summary(qm)}"

@@ -55,7 +55,7 @@ def test_quantize_does_not_touch_the_float_model(digits):
 
 
 def test_evaluate_saved_artifact(digits_artifact):
-    qm = secquant.load(digits_artifact("w8a16"))
+    qm = secquant.load(digits_artifact("w8a16"), allow_unsealed=True)
     res = secquant.evaluate(qm)
     for key in ["size_bytes", "float_size_bytes", "size_ratio", "metric", "value", "float_value", "latency_ms"]:
         assert key in res, key
@@ -66,8 +66,14 @@ def test_evaluate_saved_artifact(digits_artifact):
     assert res["latency_ms"] > 0
 
 
+def test_plain_directory_loads_only_with_explicit_opt_in(digits_artifact):
+    with pytest.raises(secquant.SecquantError, match="allow_unsealed=True"):
+        secquant.load(digits_artifact("w8a16"))
+    assert secquant.load(digits_artifact("w8a16"), allow_unsealed=True).manifest.recipe.name == "w8a16"
+
+
 def test_evaluate_against_explicit_module(digits_artifact, digits):
-    qm = secquant.load(digits_artifact("w8a16"))
+    qm = secquant.load(digits_artifact("w8a16"), allow_unsealed=True)
     res = secquant.evaluate(qm, against=digits.module)
     assert res["float_value"] >= 0.95
 

@@ -35,7 +35,7 @@ def test_quantize_with_preset(cli, tmp_path, digits):
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "secquant.json"]
     assert str(out) in r.stderr and "w4a16" in r.stderr
-    qm = secquant.load(out)
+    qm = secquant.load(out, allow_unsealed=True)
     assert qm.manifest.recipe.name == "w4a16"
     x = digits.adapter.builtin["test_x"][:32]
     assert torch.equal(qm(x), secquant.quantize(digits, "w4a16")(x))
@@ -74,7 +74,7 @@ def test_overwrite_replaces_existing_output(cli, tmp_path):
     r = cli("quantize", "builtin:digits", "--preset", "w8a16", "--out", out, "--overwrite")
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "secquant.json"]
-    secquant.load(out)
+    secquant.load(out, allow_unsealed=True)
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
@@ -179,7 +179,7 @@ def test_demo_digits(cli, tmp_path):
         for k in EVAL_KEYS:
             assert x[k] is not None, k
         assert (out / x["artifact"] / "secquant.json").is_file()
-        secquant.load(out / x["artifact"])
+        secquant.load(out / x["artifact"], allow_unsealed=True)
     html = (out / "report.html").read_text()
     assert "<svg" in html and "</svg>" in html and "<table>" in html
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]

@@ -53,7 +53,7 @@ def test_digits_meets_goal_and_is_smaller_than_w8a8(tuned, tmp_path):
     assert res.summary["metric"] == "accuracy" and res.summary["max_drop"] == 1.0
     assert res.summary["drop"] <= 1.0
     # Independently: reload the artifact and evaluate on the held-out split.
-    ev = secquant.evaluate(secquant.load(out))
+    ev = secquant.evaluate(secquant.load(out, allow_unsealed=True))
     assert ev["n_samples"] == res.summary["eval_samples"] == 899
     drop_points = 100.0 * (ev["float_value"] - ev["value"])
     assert drop_points <= 1.0 + 1e-9, drop_points
@@ -88,7 +88,7 @@ def test_manifest_records_bits_per_layer(tuned):
             args = m["layers"][name]["weight"]["args"]
             assert args["bits"] == bits
             assert args == candidate_args(bits).model_dump(mode="json")
-    rows = {r["layer"]: r for r in secquant.load(out).layers()}
+    rows = {r["layer"]: r for r in secquant.load(out, allow_unsealed=True).layers()}
     assert {n: r["w_bits"] for n, r in rows.items()} == {n: b for n, b in t["bits_per_layer"].items() if b != "float"}
     # One override per layer, exact names, in the recorded recipe.
     pats = [o["pattern"] for o in m["recipe"]["overrides"]]
@@ -123,7 +123,7 @@ def test_tiny_size_budget_is_not_met_but_saved(handle, tmp_path):
     assert (out / "model.safetensors").stat().st_size > 1000
     # the drop itself is within tolerance: only the size is missed; the artifact loads and runs
     assert res.summary["drop"] <= 1.0
-    assert secquant.evaluate(secquant.load(out))["n_samples"] == 899
+    assert secquant.evaluate(secquant.load(out, allow_unsealed=True))["n_samples"] == 899
 
 
 def test_impossible_tolerance_keeps_best_model(handle, tmp_path):
@@ -141,7 +141,7 @@ def test_impossible_tolerance_keeps_best_model(handle, tmp_path):
         assert (name in m["layers"]) == (b == 2)
     skips = {o["pattern"] for o in m["recipe"]["overrides"] if o["skip"]}
     assert skips == {n for n, b in bits.items() if b == "float"}
-    secquant.load(out)
+    secquant.load(out, allow_unsealed=True)
 
 
 def test_unmet_tolerance_reports_the_drop(handle):

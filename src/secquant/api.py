@@ -2,7 +2,7 @@
 
     import secquant
     qm = secquant.quantize("builtin:digits", "w8a8", out="digits-w8a8")
-    qm = secquant.load("digits-w8a8")
+    qm = secquant.load("digits-w8a8", allow_unsealed=True)  # a plain directory: an explicit choice
     print(secquant.evaluate(qm))
 """
 
@@ -135,16 +135,22 @@ def quantize(
 
 def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
          identity: str | Path | None = None, verify_key: str | Path | None = None,
-         passphrase: str | None = None) -> QuantizedModel:
-    """Rebuild a quantized model from an artifact directory or a sealed file (no pickle; verified first).
+         passphrase: str | None = None, allow_unsealed: bool = False) -> QuantizedModel:
+    """Rebuild a quantized model from a sealed file or, with `allow_unsealed=True`, a plain
+    artifact directory (no pickle; hashes verified first).
 
     A sealed file needs `identity` (age key) and `verify_key` (signer's public key); it is
     decrypted and verified in a private directory on a memory-backed file system (/dev/shm),
-    loaded, and the plaintext removed: it never reaches a disk.
+    loaded, and the plaintext removed: it never reaches a disk. A plain directory carries no
+    signature, so loading one is an explicit choice of the caller.
     """
     p = Path(path)
     if p.is_file():
         return _load_sealed(p, identity, verify_key, passphrase, model, factory)
+    if not allow_unsealed:
+        raise SecquantError(f"{p} is a plain, unsealed artifact directory (no signature to verify): pass "
+                            "allow_unsealed=True to load it anyway, or seal it (`secquant seal`) and load the "
+                            "sealed file with identity= and verify_key=")
     la: LoadedArtifact = load_artifact(p, model=model, factory=factory)
     return QuantizedModel(la.module, la.manifest, la.handle, la.path)
 

@@ -59,7 +59,7 @@ def _rewrite_weights(d: Path, edit) -> None:
 
 def _load_error(d: Path) -> str:
     with pytest.raises(ArtifactError) as ei:
-        secquant.load(d)
+        secquant.load(d, allow_unsealed=True)
     assert isinstance(ei.value, SecquantError)
     msg = str(ei.value)
     assert msg and "\n" not in msg, msg
@@ -104,7 +104,7 @@ def test_manifest_content(digits_artifact, digits, preset):
 
 
 def test_describe_rows(digits_artifact):
-    qm = secquant.load(digits_artifact("w4a8-dynamic"))
+    qm = secquant.load(digits_artifact("w4a8-dynamic"), allow_unsealed=True)
     rows = {r["layer"]: r for r in qm.layers()}
     assert set(rows) == set(DIGITS_LAYERS)
     assert rows["classifier.1"]["w_bits"] == 4 and rows["classifier.1"]["w_granularity"] == "group128"

@@ -24,7 +24,7 @@ def test_digits_round_trip_identical_outputs(digits, tmp_path, preset):
     qm = secquant.quantize(digits, preset, out=out)
     assert qm.path == out
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "secquant.json"]
-    loaded = secquant.load(out)
+    loaded = secquant.load(out, allow_unsealed=True)
     x = digits.adapter.builtin["test_x"][:128]
     y_mem, y_disk = qm(x), loaded(x)
     assert torch.equal(y_mem, y_disk)
@@ -40,7 +40,7 @@ def test_digits_round_trip_identical_outputs(digits, tmp_path, preset):
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a16"])
 def test_round_trip_state_dict_identical(digits_artifact, digits, preset):
-    qm_disk = secquant.load(digits_artifact(preset))
+    qm_disk = secquant.load(digits_artifact(preset), allow_unsealed=True)
     qm_mem = secquant.quantize(digits, preset)
     a, b = qm_mem.module.state_dict(), qm_disk.module.state_dict()
     assert a.keys() == b.keys()
@@ -50,7 +50,7 @@ def test_round_trip_state_dict_identical(digits_artifact, digits, preset):
 
 def test_artifact_sizes_shrink_with_bits(digits_artifact):
     size = {p: (digits_artifact(p) / "model.safetensors").stat().st_size for p in ["w8a16", "w4a16"]}
-    float_size = secquant.load(digits_artifact("w8a16")).manifest.source.float_size_bytes
+    float_size = secquant.load(digits_artifact("w8a16"), allow_unsealed=True).manifest.source.float_size_bytes
     assert size["w4a16"] < size["w8a16"] < float_size
     assert size["w8a16"] < 0.4 * float_size
 
@@ -100,7 +100,7 @@ def test_load_needs_no_pickle(digits_artifact, digits, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
     monkeypatch.setattr(torch, "load", refuse)
-    qm = secquant.load(digits_artifact("w8a8"))
+    qm = secquant.load(digits_artifact("w8a8"), allow_unsealed=True)
     x = digits.adapter.builtin["test_x"][:16]
     assert qm(x).shape == (16, 10)
 
@@ -124,7 +124,7 @@ def test_minilm_artifact_has_arch_files_and_matches(minilm_artifact, sentences_f
 
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pickle used")))
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch.load used")))
-    loaded = secquant.load(out)
+    loaded = secquant.load(out, allow_unsealed=True)
     texts = sentences_file.read_text().splitlines()[:8]
     e_mem, e_disk = qm_mem.encode(texts), loaded.encode(texts)
     assert e_disk.shape == (8, 384)
@@ -142,7 +142,7 @@ def test_save_refuses_existing_dir_and_overwrite_replaces(digits, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
     secquant.quantize(digits, "w8a16", out=out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "secquant.json"]
-    secquant.load(out)
+    secquant.load(out, allow_unsealed=True)
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
 
@@ -167,8 +167,8 @@ def test_load_of_module_artifact_needs_the_module(tmp_path):
     out = tmp_path / "m"
     qm = secquant.quantize(m, "w8a16", out=out)
     with pytest.raises(ArtifactError, match="model="):
-        secquant.load(out)
-    loaded = secquant.load(out, model=tiny())
+        secquant.load(out, allow_unsealed=True)
+    loaded = secquant.load(out, model=tiny(), allow_unsealed=True)
     x = torch.randn(5, 6)
     assert torch.equal(loaded(x), qm(x))
 
@@ -177,4 +177,4 @@ def test_copied_artifact_loads(digits_artifact, tmp_path, digits):
     dst = tmp_path / "copy"
     shutil.copytree(digits_artifact("w4a8-dynamic"), dst)
     x = digits.adapter.builtin["test_x"][:8]
-    assert torch.equal(secquant.load(dst)(x), secquant.load(digits_artifact("w4a8-dynamic"))(x))
+    assert torch.equal(secquant.load(dst, allow_unsealed=True)(x), secquant.load(digits_artifact("w4a8-dynamic"), allow_unsealed=True)(x))

@@ -142,8 +142,8 @@ def test_factory_with_safetensors_weights(tmp_path):
     assert qm.manifest.source.weights_sha256 == state_dict_sha256(sd)
     # loading runs the named factory only when the caller confirms it
     with pytest.raises(ArtifactError, match="tiny_factory:tiny"):
-        secquant.load(out)
-    loaded = secquant.load(out, factory="tiny_factory:tiny")
+        secquant.load(out, allow_unsealed=True)
+    loaded = secquant.load(out, factory="tiny_factory:tiny", allow_unsealed=True)
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
     assert torch.equal(loaded(x), qm(x))
     # the given weights were used (not the factory's random init)

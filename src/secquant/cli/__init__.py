@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import SecquantError
+from ..errors import SecquantError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize PyTorch models securely and privately.")
@@ -77,7 +77,7 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Quantize MODEL with a preset or recipe and write an artifact directory."""
-    from .api import quantize as _quantize
+    from ..api import quantize as _quantize
 
     if (preset is None) == (recipe is None):
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
@@ -99,9 +99,9 @@ def eval_(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
     """Evaluate an artifact against its float model; print one JSON object."""
-    from .api import evaluate, load
+    from ..api import evaluate, load
 
-    qm = load(artifact, factory=factory)
+    qm = load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
     with RichProgress() as prog:
         res = evaluate(qm, against=against, data=data, weights=str(weights) if weights else None,
                        batch_size=batch_size, progress=prog)
@@ -115,8 +115,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
     """Show an artifact's per-layer quantization table."""
-    from .artifact import read_manifest
-    from .artifact.store import describe
+    from ..artifact import read_manifest
+    from ..artifact.store import describe
 
     m = read_manifest(Path(artifact))
     rows = describe(m)
@@ -153,8 +153,8 @@ def qat(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Quantization-aware retraining (learned step sizes) of a classifier; writes an artifact."""
-    from .api import evaluate
-    from .api import qat as _qat
+    from ..api import evaluate
+    from ..api import qat as _qat
 
     if (preset is None) == (recipe is None):
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
@@ -186,7 +186,7 @@ def keygen(
     passphrase: bool = typer.Option(False, "--passphrase", help="protect the private keys with a passphrase (prompted, or $SECQUANT_PASSPHRASE)"),
 ) -> None:
     """Create an age X25519 identity (decryption) and a P-256 signing key pair (model-signing)."""
-    from .security import keygen as _keygen
+    from ..security import keygen as _keygen
 
     files = _keygen(out, _passphrase(passphrase, confirm=True))
     recipient = files.recipient.read_text().strip()
@@ -206,7 +206,7 @@ def seal(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Sign the artifact (OpenSSF model-signing) and encrypt it to the recipients (age)."""
-    from .security import seal as _seal
+    from ..security import seal as _seal
 
     _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite)
     err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
@@ -223,7 +223,7 @@ def open_(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Decrypt a sealed model, verify its signature and hashes, and write the artifact directory."""
-    from .security import open_sealed
+    from ..security import open_sealed
 
     open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite)
     err.print(f"opened and verified {sealed} -> {out}", highlight=False, soft_wrap=True)
@@ -240,7 +240,7 @@ def reseal(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Change who can open a sealed model (add, remove, rotate) without writing the plaintext."""
-    from .security import reseal as _reseal
+    from ..security import reseal as _reseal
 
     _reseal(sealed, identity, to, out, _passphrase(passphrase), overwrite)
     err.print(f"resealed {sealed} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
@@ -277,7 +277,7 @@ def tune(
 
     Exit code 0 when the goal was met, 3 when it was not (the best model is saved anyway).
     """
-    from .tuning import tune as _tune
+    from ..tuning import tune as _tune
 
     budget = parse_size(size_budget) if size_budget else None
     with RichProgress() as prog:
@@ -292,7 +292,7 @@ def tune(
 @app.command()
 def presets() -> None:
     """List the built-in presets."""
-    from .recipes import PRESETS
+    from ..recipes import PRESETS
 
     t = Table(title="presets")
     t.add_column("name")
@@ -311,7 +311,7 @@ def demo(
     preset: Optional[list[str]] = typer.Option(None, "--preset", help="restrict to these presets"),
 ) -> None:
     """Quantize the built-in models with several presets, evaluate them and write a report."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     with RichProgress() as prog:
         report = run_demo(out_dir, overwrite, model or None, preset or None, progress=prog,
@@ -323,6 +323,22 @@ def demo(
         t.add_row(r["model"], r["recipe"], r["metric"], f"{r['value']:.4f}", f"{r['float_value']:.4f}",
                   f"{r['size_ratio']:.3f}", f"{r['latency_ms']:.1f}", f"{r['float_latency_ms']:.1f}")
     out.print(t)
+
+
+# Command groups that live in their own modules (cli/<area>.py, each with `register(app, audit)`).
+audit = typer.Typer(no_args_is_help=True, help="Audit models: privacy leakage, robustness, quantization divergence.")
+app.add_typer(audit, name="audit")
+_COMMAND_MODULES = ("export", "mask", "membership", "robustness", "server", "watermark")
+
+
+def _register_all() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(app, audit)
+
+
+_register_all()
 
 
 def main() -> None:
