@@ -25,10 +25,13 @@ def float_size_bytes(module: nn.Module) -> int:
 
 @torch.no_grad()
 def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | Path | None = None,
-            batch_size: int = 32, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+            batch_size: int = 32, progress: Callable[[int], None] | None = None,
+            runner: Callable[[Any], torch.Tensor] | None = None, runtime: str | None = None) -> dict[str, Any]:
     """Run both models over the evaluation batches; accuracy for labelled data, else mean cosine.
 
-    Latency is the median wall time per batch of each model (eager PyTorch, this process's threads).
+    Latency is the median wall time per batch of each model. The quantized model runs in eager
+    PyTorch unless `runner` (a batch -> outputs callable, e.g. an ONNX Runtime session) is given,
+    with `runtime` describing it.
     """
     quant.eval()
     ref.eval()
@@ -38,7 +41,7 @@ def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | P
     labelled = None
     for inputs, labels in handle.adapter.eval_batches(data, batch_size):
         t0 = time.perf_counter()
-        out_q = handle.run(quant, inputs)
+        out_q = runner(inputs) if runner is not None else handle.run(quant, inputs)
         t1 = time.perf_counter()
         out_f = handle.run(ref, inputs)
         t2 = time.perf_counter()
@@ -64,5 +67,6 @@ def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | P
     result["mean_cosine_to_float"] = cos_sum / n
     result["latency_ms"] = statistics.median(q_ms)
     result["float_latency_ms"] = statistics.median(f_ms)
-    result["runtime"] = f"torch-eager ({torch.get_num_threads()} threads; integer math simulated in float)"
+    result["runtime"] = runtime or f"torch-eager ({torch.get_num_threads()} threads; integer math simulated in float)"
+    result["float_runtime"] = f"torch-eager ({torch.get_num_threads()} threads)"
     return result

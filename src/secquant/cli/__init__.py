@@ -97,6 +97,9 @@ def eval_(
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --against model"),
     factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    runtime: str = typer.Option("torch", "--runtime", help="torch (eager PyTorch) or onnx (ONNX Runtime; exports "
+                                                           "model.onnx into the artifact if missing)"),
+    threads: int = typer.Option(2, "--threads", min=1, help="ONNX Runtime intra-op threads"),
 ) -> None:
     """Evaluate an artifact against its float model; print one JSON object."""
     from ..api import evaluate, load
@@ -104,7 +107,7 @@ def eval_(
     qm = load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
     with RichProgress() as prog:
         res = evaluate(qm, against=against, data=data, weights=str(weights) if weights else None,
-                       batch_size=batch_size, progress=prog)
+                       batch_size=batch_size, progress=prog, runtime=runtime, threads=threads)
     sys.stdout.write(json.dumps(res) + "\n")
 
 
