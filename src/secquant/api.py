@@ -22,7 +22,7 @@ from .artifact import (
     CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, load_artifact, save_artifact, state_dict_sha256,
 )
 from .artifact.store import build_manifest, describe
-from .errors import CalibrationError, ModelError, SecquantError
+from .errors import ArtifactError, CalibrationError, ModelError, SecquantError
 from .evaluate import compare, float_size_bytes
 from .models import ModelHandle, TensorClassifierAdapter, load_model
 from .quant.algorithms import quantize_model
@@ -39,6 +39,17 @@ class QuantizedModel:
     manifest: Manifest
     handle: ModelHandle
     path: Path | None = None
+    integrity: Any = None  # security.integrity.IntegrityGuard when the artifact carries a record
+
+    def check_integrity(self, repair: bool = False) -> list:
+        """Corrupted weight groups found by the integrity record's keyed checksums ([] when intact);
+        `repair=True` zeroes them. Raises if the artifact carries no integrity record (seal it)."""
+        if self.integrity is None:
+            raise SecquantError("this model has no integrity record: records are made by `secquant seal`")
+        found = self.integrity.check()
+        if found and repair:
+            self.integrity.repair(found)
+        return found
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
@@ -152,7 +163,21 @@ def load(path: str | Path, *, model: nn.Module | None = None, factory: str | Non
                             "allow_unsealed=True to load it anyway, or seal it (`secquant seal`) and load the "
                             "sealed file with identity= and verify_key=")
     la: LoadedArtifact = load_artifact(p, model=model, factory=factory)
-    return QuantizedModel(la.module, la.manifest, la.handle, la.path)
+    return QuantizedModel(la.module, la.manifest, la.handle, la.path, _integrity_guard(la))
+
+
+def _integrity_guard(la: LoadedArtifact):
+    """The guard for an artifact with an integrity record, checked now: a mismatch refuses the load."""
+    from .security.integrity import INTEGRITY_NAME, IntegrityGuard
+
+    if INTEGRITY_NAME not in la.manifest.files:
+        return None
+    guard = IntegrityGuard.from_record(la.module, (Path(la.path) / INTEGRITY_NAME).read_bytes())
+    if bad := guard.check():
+        layers = sorted({c.layer for c in bad})
+        raise ArtifactError(f"integrity check failed: {len(bad)} weight group(s) in {', '.join(layers[:5])} do not "
+                            "match the checksums recorded at seal time; refusing to load")
+    return guard
 
 
 def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> QuantizedModel:
@@ -171,7 +196,7 @@ def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> Q
     try:
         art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase)
         la = load_artifact(art, model=model, factory=factory)
-        return QuantizedModel(la.module, la.manifest, la.handle, None)
+        return QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,18 +8,34 @@ single-bit flip is detected; without the key an attacker cannot craft compensati
 `check()` is cheap enough to run periodically while serving; `repair()` zeroes the weights
 of corrupted groups (the code that means 0.0), which degrades gracefully instead of
 letting one flipped high bit dominate a layer.
+
+Sealing computes the checksums from the artifact's own `model.safetensors` with a fresh random
+key and stores both in `integrity.safetensors` inside the signed, encrypted payload (listed in
+the manifest like every file): the signature stops anyone from rewriting the reference, the
+encryption keeps the key from everyone but the recipients. Loading checks the rebuilt model
+against it before returning (fail closed) and keeps the guard for checks while serving.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
+from ..errors import ArtifactError
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import pack, unpack
+
+INTEGRITY_NAME = "integrity.safetensors"
+SCHEME = "secquant.keyed-group-sum.v1"  # sum_i (byte_i ^ m_i) * w_i mod 2^32 per group, (m, w) from the key
+DEFAULT_GROUP_BYTES = 64
 
 
 def _key_stream(key: bytes, label: str, n: int) -> torch.Tensor:
@@ -36,30 +52,57 @@ class Corruption:
     byte_range: tuple[int, int]
 
 
-class IntegrityGuard:
-    """Checksums of every quantized layer's packed codes, checked on demand."""
+def _group_checksums(qweight: torch.Tensor, key: bytes, name: str, group_bytes: int,
+                     cache: dict | None = None) -> torch.Tensor:
+    """Keyed checksum of each `group_bytes`-byte group of one layer's packed codes (int64 in [0, 2^32))."""
+    q = qweight.reshape(-1).to(torch.int64)
+    b = torch.nn.functional.pad(q, (0, (-q.numel()) % group_bytes)).reshape(-1, group_bytes)
+    if cache is None or name not in cache:
+        words = _key_stream(key, name, 2 * b.numel()).reshape(2, *b.shape)
+        weights = (words[0] & 0xFF, words[1] | 1)  # byte masks, odd multipliers
+        if cache is not None:
+            cache[name] = weights
+    else:
+        weights = cache[name]
+    mask, mult = weights
+    return (((b ^ mask) * mult) % 2**32).sum(dim=1) % 2**32
 
-    def __init__(self, model: nn.Module, key: bytes, group_bytes: int = 64) -> None:
+
+class IntegrityGuard:
+    """Checksums of every quantized layer's packed codes, checked on demand.
+
+    Without `reference` the current codes are taken as correct (a fresh guard); with it (the
+    checksums recorded at seal time, see `from_record`) the model is judged against the record.
+    """
+
+    def __init__(self, model: nn.Module, key: bytes, group_bytes: int = DEFAULT_GROUP_BYTES,
+                 reference: dict[str, torch.Tensor] | None = None) -> None:
         if not key:
             raise ValueError("an integrity key is required")
         self.model, self.key, self.group_bytes = model, key, group_bytes
         self.layers = {n: m for n, m in model.named_modules()
                        if isinstance(m, QuantizedWeightMixin) and m.weight_args is not None}
-        self._weights = {}
-        self.reference = {n: self._checksums(n) for n in self.layers}
+        self._weights: dict = {}
+        if reference is None:
+            self.reference = {n: self._checksums(n) for n in self.layers}
+        else:
+            if set(reference) != set(self.layers):
+                raise ArtifactError("the integrity record does not describe this model's quantized layers "
+                                    f"(record: {len(reference)} layers, model: {len(self.layers)})")
+            for n, ref in reference.items():
+                groups = -(-self.layers[n].qweight.numel() // group_bytes)
+                if ref.shape != (groups,):
+                    raise ArtifactError(f"integrity record for {n!r} has {ref.numel()} groups, expected {groups}")
+            self.reference = {n: t.to(torch.int64) for n, t in reference.items()}
 
-    def _grouped(self, name: str) -> torch.Tensor:
-        q = self.layers[name].qweight.reshape(-1).to(torch.int64)
-        pad = (-q.numel()) % self.group_bytes
-        return torch.nn.functional.pad(q, (0, pad)).reshape(-1, self.group_bytes)
+    @classmethod
+    def from_record(cls, model: nn.Module, record: bytes) -> IntegrityGuard:
+        """A guard judging `model` against an `integrity.safetensors` record (key and checksums)."""
+        key, group_bytes, ref = read_record(record)
+        return cls(model, key, group_bytes, reference=ref)
 
     def _checksums(self, name: str) -> torch.Tensor:
-        b = self._grouped(name)
-        if name not in self._weights:
-            words = _key_stream(self.key, name, 2 * b.numel()).reshape(2, *b.shape)
-            self._weights[name] = (words[0] & 0xFF, words[1] | 1)  # byte masks, odd multipliers
-        mask, mult = self._weights[name]
-        return (((b ^ mask) * mult) % 2**32).sum(dim=1) % 2**32
+        return _group_checksums(self.layers[name].qweight, self.key, name, self.group_bytes, self._weights)
 
     def check(self) -> list[Corruption]:
         """Every group whose checksum no longer matches."""
@@ -102,3 +145,43 @@ def _zero_codes(m: QuantizedWeightMixin) -> torch.Tensor:
         idx = torch.arange(cols) // a.group_size
         full = zp[:, idx]
     return full.reshape(-1)
+
+
+_META = ("__scheme__", "__key__", "__group_bytes__")
+
+
+def make_record(checksums: dict[str, torch.Tensor], key: bytes, group_bytes: int) -> bytes:
+    meta = {"__scheme__": torch.tensor(list(SCHEME.encode()), dtype=torch.uint8),
+            "__key__": torch.tensor(list(key), dtype=torch.uint8),
+            "__group_bytes__": torch.tensor([group_bytes], dtype=torch.int64)}
+    return st_save({**meta, **{n: t.contiguous() for n, t in checksums.items()}})
+
+
+def read_record(data: bytes) -> tuple[bytes, int, dict[str, torch.Tensor]]:
+    """(key, group_bytes, checksums per layer) from an integrity record; ArtifactError if malformed."""
+    try:
+        t = st_load(data)
+        scheme = bytes(t.pop("__scheme__").tolist()).decode()
+        key = bytes(t.pop("__key__").tolist())
+        gb = int(t.pop("__group_bytes__")[0])
+    except Exception as e:  # noqa: BLE001 - any parse failure is a malformed record
+        raise ArtifactError(f"{INTEGRITY_NAME} is malformed ({type(e).__name__}: {e})") from None
+    if scheme != SCHEME or len(key) < 16 or gb < 1:
+        raise ArtifactError(f"{INTEGRITY_NAME}: unknown scheme {scheme!r} or bad key / group size")
+    return key, gb, t
+
+
+def record_for_weights(weights_file: str | Path, key: bytes | None = None,
+                       group_bytes: int = DEFAULT_GROUP_BYTES) -> bytes:
+    """An integrity record for the packed codes (`<layer>.qweight`) in an artifact's model.safetensors,
+    under `key` (a fresh random 256-bit key by default), without rebuilding the model."""
+    key = key or os.urandom(32)
+    sums = {}
+    with safe_open(str(weights_file), "pt") as f:
+        for k in f.keys():
+            if k.endswith(".qweight") and k not in _META:
+                name = k[: -len(".qweight")]
+                sums[name] = _group_checksums(f.get_tensor(k), key, name, group_bytes)
+    if not sums:
+        raise ArtifactError(f"{weights_file} holds no quantized weights to protect")
+    return make_record(sums, key, group_bytes)

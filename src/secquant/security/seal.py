@@ -19,8 +19,11 @@ from pathlib import Path, PurePosixPath
 import pyrage
 
 from ..artifact.fsutil import atomic_dir
+from ..artifact.hashing import file_sha256
+from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME
 from ..artifact.store import verify_artifact_dir
 from ..errors import ArtifactError, OutputExistsError, SecquantError
+from .integrity import INTEGRITY_NAME, record_for_weights
 from .keys import load_identities, load_recipients
 
 SIG_NAME = "model.sig"
@@ -55,16 +58,52 @@ def _verify(artifact: Path, sig_path: Path, verify_key: Path) -> None:
                         f"{verify_key}, or it was changed after signing") from None
 
 
+def _staging_area(near: Path) -> tempfile.TemporaryDirectory:
+    """A private temporary directory next to `near` (so files can be hard-linked), else in $TMPDIR."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=f".{near.name}.seal-", dir=near.parent)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="secquant-seal-")
+
+
+def _stage_with_integrity(src: Path, stage: Path) -> None:
+    """`stage` = the artifact in `src` plus a fresh integrity record (new random key) listed in its
+    manifest. Files are hard-linked where possible (no copy of the weights), else copied."""
+    manifest = verify_artifact_dir(src)
+    stage.mkdir()
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if not p.is_file() or rel.as_posix() in (MANIFEST_NAME, INTEGRITY_NAME):
+            continue
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, dst)
+        except OSError:
+            shutil.copyfile(p, dst)
+    (stage / INTEGRITY_NAME).write_bytes(record_for_weights(stage / WEIGHTS_NAME))
+    files = dict(manifest.files)
+    files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
+    (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
+    verify_artifact_dir(stage)
+
+
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
          sign_key_passphrase: str | None = None, overwrite: bool = False) -> Path:
-    """Sign and encrypt an artifact directory into one age file readable by `recipients` only."""
+    """Sign and encrypt an artifact directory into one age file readable by `recipients` only.
+
+    The sealed artifact also carries `integrity.safetensors`: keyed checksums of the packed
+    weights under a fresh random key (see security.integrity), covered by the signature.
+    """
     d, out = Path(artifact_dir), Path(out)
     verify_artifact_dir(d)  # never seal a broken or tampered artifact
     recips = load_recipients(list(recipients))
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
-    files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
-    with tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
+    with _staging_area(d) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
+        d = Path(stage_root) / "artifact"
+        _stage_with_integrity(Path(artifact_dir), d)
+        files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
         _sign(d, Path(sign_key), sig, sign_key_passphrase)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -1,0 +1,37 @@
+"""CLI commands: integrity (check a model's weights against the checksums recorded at seal time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer, audit: typer.Typer) -> None:
+    """Add `secquant integrity` to the main app."""
+    from . import _passphrase, err, user_errors
+
+    @app.command()
+    @user_errors
+    def integrity(
+        model: Path = typer.Argument(..., help="a sealed file, or an artifact directory opened from one"),
+        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity (sealed files)"),
+        verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
+        ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
+    ) -> None:
+        """Check every quantized weight group against the keyed checksums sealed with the model; print JSON."""
+        from ..api import load
+        from ..errors import SecquantError
+
+        if not model.exists():
+            raise SecquantError(f"{model} does not exist")
+        qm = load(model, identity=identity, verify_key=verify_key, passphrase=_passphrase(ask_passphrase),
+                  allow_unsealed=True)  # loading checks the record and refuses a mismatch
+        found = qm.check_integrity()
+        g = qm.integrity
+        res = {"model": str(model), "intact": not found, "layers": len(g.layers),
+               "groups": sum(int(r.numel()) for r in g.reference.values()), "group_bytes": g.group_bytes}
+        typer.echo(json.dumps(res))
+        err.print(f"intact: every weight group of {len(g.layers)} layers matches the sealed checksums")
