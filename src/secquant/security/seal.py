@@ -184,7 +184,10 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
     if not src.is_file():
         raise SealError(f"sealed file {src} does not exist")
     ids = load_identities(identity, identity_passphrase)
-    with atomic_dir(Path(out), overwrite) as final, tempfile.TemporaryDirectory(prefix="secquant-open-") as td:
+    # Stage next to `out` (not in the system temp dir, often on disk): a caller that opens into a
+    # memory-backed directory (secquant.load, the server) keeps the plaintext off disk throughout.
+    with atomic_dir(Path(out), overwrite) as final, \
+            tempfile.TemporaryDirectory(prefix=".secquant-open-", dir=Path(out).parent) as td:
         work = Path(td)
         dec = _Decrypting(src, ids, identity)
         bad: list[str] = []

@@ -1,0 +1,33 @@
+"""The network face of secquant: an access-controlled inference server (FastAPI + uvicorn).
+
+    from secquant.server import Store, ServerConfig, create_app, open_served
+    store = Store("sqlite:///server.db")           # or postgresql://..., migrated with Alembic
+    key = store.add_client("alice", role="user")    # shown once; only an argon2id hash is kept
+    app = create_app(open_served("m.age", "me.key", "signer.sign.pub"), store, ServerConfig(top_k=3))
+
+The CLI runs it: `secquant serve FILE --identity KEY --verify-key PUB [--db URL]`, and manages
+clients with `secquant server add-client | list-clients | rotate-key | revoke | set-budget |
+audit-log | migrate`.
+
+Routes (all but /healthz need `Authorization: Bearer <key>`; 401 otherwise):
+
+- `GET /healthz` -> {"status": "ok"} (503 {"status": "unavailable"} once the model failed a check)
+- `POST /v1/predict` {"inputs": [[...], ...]} -> {"predictions": [{"label": 3, "top": [{"label": 3,
+  "score": 0.98}, ...]}]} (classifiers; `top` has k entries with --top-k, scores rounded with --round)
+- `POST /v1/embed` {"texts": ["...", ...]} -> {"embeddings": [[...], ...], "dim": 384} (encoders)
+- admin only (403 for users): `GET /v1/info` (model, backend, integrity state, config),
+  `GET|POST /v1/clients`, `POST /v1/clients/{name}/rotate`, `POST /v1/clients/{name}/revoke`,
+  `PUT /v1/clients/{name}/budget`, `GET /v1/audit?limit=&client=&status=`, `POST /v1/integrity/check`
+
+Limits: 413 for a batch over --max-batch, over the client's burst or its whole budget, or a body
+over 1 MiB; 429 with Retry-After when the client's rate limit (token bucket, rows per second) or
+query budget (rows per window) is spent; 503 once the model failed an integrity check.
+"""
+
+from .app import ServerConfig, create_app
+from .db import DEFAULT_DB, ServerDBError, migrate, normalize_url
+from .model import ServedModel, open_served
+from .store import Principal, Store
+
+__all__ = ["DEFAULT_DB", "Principal", "ServedModel", "ServerConfig", "ServerDBError", "Store", "create_app",
+           "migrate", "normalize_url", "open_served"]

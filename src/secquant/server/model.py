@@ -1,0 +1,161 @@
+"""The model a server answers from: opened and verified once, kept decrypted in memory only,
+run by ONNX Runtime when the artifact carries an exported model.onnx, else by PyTorch; and
+checked for corruption while it serves.
+
+What the integrity check covers (`ServedModel.check`):
+
+- keyed checksums (`secquant.security.integrity.IntegrityGuard`) over the packed integer codes
+  of every quantized layer of the PyTorch module, taken right after the signature and hashes of
+  the sealed file were verified. With the ONNX Runtime backend these PyTorch weights are the
+  reference copy: ORT holds its own copy of the weights in memory, which the checksums do not see;
+- a canary: a fixed input run through the serving backend at start, its outputs recorded and
+  compared on every check. This covers what the checksums miss (the ORT copy of the weights, the
+  dequantized-weight cache of the PyTorch layers, float parameters), though only for flips that
+  move the canary's outputs.
+
+A failed check is final: the model is marked corrupted and never answers again until the
+server is restarted from the sealed file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SecquantError
+
+log = logging.getLogger("secquant.server")
+_CANARY_TEXTS = ["secquant integrity canary: a fixed sentence.", "A second, longer canary sentence keeps padding in use."]
+BACKENDS = ("auto", "onnxruntime", "pytorch")
+
+
+class ServedModel:
+    """A loaded QuantizedModel plus an optional ONNX Runtime session that answers instead of it."""
+
+    def __init__(self, qm, ort_session=None, *, integrity_key: bytes | None = None) -> None:
+        from ..security.integrity import IntegrityGuard
+
+        self.qm = qm
+        self.kind: str = qm.handle.kind
+        self.spec: str = qm.manifest.model.spec
+        self.recipe: str = qm.manifest.recipe.name
+        self.ort = ort_session
+        self.backend = "onnxruntime" if ort_session is not None else "pytorch"
+        self._lock = threading.Lock()  # one check or forward pass at a time on the shared module
+        # The checksums sealed with the model when it carries them (checked once already by load);
+        # otherwise the only place the server builds a guard: a fresh random key per process.
+        self.guard = qm.integrity if qm.integrity is not None and integrity_key is None else \
+            IntegrityGuard(qm.module, integrity_key or secrets.token_bytes(32))
+        self.corruption: str | None = None
+        rb = qm.manifest.model.rebuild
+        shape = getattr(qm.handle.adapter, "sample_shape", None) or rb.get("sample_shape")
+        self.sample_shape: tuple[int, ...] | None = tuple(shape) if shape else None
+        self._canary_in = self._canary_input()
+        self._canary_out = self._forward(self._canary_in) if self._canary_in is not None else None
+        self.checks = 0
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def _canary_input(self):
+        if self.kind == "encoder":
+            return self.qm.handle.adapter.encode(_CANARY_TEXTS)
+        if self.sample_shape is None:
+            return None
+        g = torch.Generator().manual_seed(1234)
+        return torch.rand((4, *self.sample_shape), generator=g)
+
+    def _forward(self, batch) -> torch.Tensor:
+        with self._lock, torch.no_grad():
+            if self.ort is not None:
+                return self.ort.run(batch)
+            return self.qm.handle.run(self.qm.module, batch).float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "classifier":
+            raise SecquantError("this model is a sentence encoder: use /v1/embed")
+        return self._forward(x)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        if self.kind != "encoder":
+            raise SecquantError("this model is a classifier: use /v1/predict")
+        return self._forward(self.qm.handle.adapter.encode(list(texts)))
+
+    # -- integrity -------------------------------------------------------------------------------
+
+    def check(self) -> str | None:
+        """Run the integrity checks; returns (and keeps) a description of the corruption, or None."""
+        if self.corruption is not None:
+            return self.corruption
+        with self._lock:
+            bad = self.guard.check()
+        problem = None
+        if bad:
+            where = ", ".join(f"{c.layer} bytes {c.byte_range[0]}-{c.byte_range[1]}" for c in bad[:5])
+            problem = f"{len(bad)} corrupted weight group(s): {where}" + (" ..." if len(bad) > 5 else "")
+        elif self._canary_out is not None:
+            got = self._forward(self._canary_in)
+            ref = self._canary_out
+            tol = 1e-5 * float(ref.abs().max()) + 1e-6
+            if got.shape != ref.shape or not bool(torch.isfinite(got).all()) or float((got - ref).abs().max()) > tol:
+                problem = f"the canary input no longer gives the outputs recorded at start ({self.backend} backend)"
+        self.checks += 1
+        if problem is not None:
+            self.corruption = problem
+            log.error("integrity check failed, no longer serving this model: %s", problem)
+        return problem
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.spec, "kind": self.kind, "recipe": self.recipe, "backend": self.backend,
+                "input_shape": list(self.sample_shape) if self.sample_shape else None,
+                "quantized_layers_checked": len(self.guard.layers), "integrity_checks": self.checks,
+                "corrupted": self.corruption is not None, "corruption": self.corruption}
+
+
+def _private_dir() -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        raise SecquantError("no memory-backed /dev/shm to open the sealed model in: the server keeps the "
+                            "decrypted model off disk and cannot run without it")
+    return Path(tempfile.mkdtemp(prefix="secquant-serve-", dir=shm))  # mode 0700
+
+
+def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_key: str | os.PathLike, *,
+                passphrase: str | None = None, backend: str = "auto", threads: int = 1,
+                factory: str | None = None) -> ServedModel:
+    """Decrypt and verify a sealed model into a private /dev/shm directory, load it (and its
+    model.onnx into ONNX Runtime, from the verified bytes), then delete the directory: from then on
+    the model exists only in this process's memory."""
+    from ..api import QuantizedModel
+    from ..artifact.store import load_artifact
+    from ..security import open_sealed
+
+    if backend not in BACKENDS:
+        raise SecquantError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    p = Path(sealed)
+    if not p.is_file():
+        raise SecquantError(f"{p} is not a sealed model file: seal an artifact with `secquant seal` first")
+    work = _private_dir()
+    try:
+        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase)
+        la = load_artifact(art, factory=factory)
+        qm = QuantizedModel(la.module, la.manifest, la.handle, None)
+        has_onnx = "model.onnx" in la.manifest.files
+        if backend == "onnxruntime" and not has_onnx:
+            raise SecquantError(f"{p} carries no model.onnx: export it (`secquant export`) before sealing, or "
+                                "serve with --backend pytorch")
+        sess = None
+        if has_onnx and backend != "pytorch":
+            from ..runtime import Session
+
+            sess = Session(art, threads=threads, export=False)
+        return ServedModel(qm, sess)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

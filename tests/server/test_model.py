@@ -1,0 +1,93 @@
+"""Opening the served model: sealed only, verified, nothing left in /dev/shm; ONNX Runtime backend;
+sentence embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from secquant.errors import SecquantError
+from secquant.models.digits import splits
+from secquant.security.seal import SealError
+from secquant.server import ServedModel, ServerConfig, create_app, open_served
+
+from .conftest import fast_hasher
+
+
+def _shm_dirs() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("secquant-serve-*")}
+
+
+def test_open_verifies_and_leaves_no_plaintext(sealed_digits, server_keys, digits_artifact):
+    owner, other = server_keys
+    before = _shm_dirs()
+    with pytest.raises(SealError, match="signature verification failed"):
+        open_served(sealed_digits, owner.identity, other.verify_key)
+    with pytest.raises(SealError, match="cannot be decrypted"):
+        open_served(sealed_digits, other.identity, owner.verify_key)
+    with pytest.raises(SecquantError, match="carries no model.onnx"):
+        open_served(sealed_digits, owner.identity, owner.verify_key, backend="onnxruntime")
+    with pytest.raises(SecquantError, match="not a sealed model file"):
+        open_served(digits_artifact("w8a16"), owner.identity, owner.verify_key)  # a plain directory
+    m = open_served(sealed_digits, owner.identity, owner.verify_key)
+    assert m.backend == "pytorch" and m.kind == "classifier" and m.check() is None
+    assert _shm_dirs() == before
+
+
+def test_onnx_runtime_backend_serves_the_exported_model(sealed_digits_onnx, server_keys, sqlite_url):
+    owner, _ = server_keys
+    before = _shm_dirs()
+    m = open_served(sealed_digits_onnx, owner.identity, owner.verify_key)
+    assert m.backend == "onnxruntime" and _shm_dirs() == before
+    d = splits()
+    x, y = d["test_x"], d["test_y"]
+    ort_labels = m.logits(x).argmax(1)
+    torch_labels = m.qm(x).argmax(1)
+    assert float((ort_labels == torch_labels).float().mean()) >= 0.98
+    assert float((ort_labels == y).float().mean()) > 0.9
+    from secquant.server import Store
+
+    store = Store(sqlite_url, hasher=fast_hasher())
+    admin = store.add_client("root", "admin")
+    with TestClient(create_app(m, store, ServerConfig(integrity_interval=0))) as c:
+        h = {"Authorization": f"Bearer {admin}"}
+        assert c.get("/v1/info", headers=h).json()["model"]["backend"] == "onnxruntime"
+        r = c.post("/v1/predict", json={"inputs": x[:32].tolist()}, headers=h).json()
+        assert [p["label"] for p in r["predictions"]] == ort_labels[:32].tolist()
+        # the PyTorch weights are the reference copy: a flip there takes the model out of service
+        layer = next(iter(m.guard.layers.values()))
+        with torch.no_grad():
+            layer.qweight[0] ^= 1
+        assert c.post("/v1/integrity/check", headers=h).json()["corrupted"] is True
+        assert c.post("/v1/predict", json={"inputs": x[:1].tolist()}, headers=h).status_code == 503
+    store.close()
+    m2 = open_served(sealed_digits_onnx, owner.identity, owner.verify_key, backend="pytorch")
+    assert m2.backend == "pytorch"
+    with pytest.raises(SecquantError, match="--backend"):
+        open_served(sealed_digits_onnx, owner.identity, owner.verify_key, backend="tensorrt")
+
+
+def test_embeddings_of_a_sentence_encoder(minilm_artifact, sqlite_url):
+    from secquant.server import Store
+
+    _, qm = minilm_artifact
+    m = ServedModel(qm)
+    store = Store(sqlite_url, hasher=fast_hasher())
+    user = store.add_client("ann")
+    texts = ["The cat sat on the mat.", "Quantization shrinks neural networks."]
+    with TestClient(create_app(m, store, ServerConfig(round_digits=4, integrity_interval=0))) as c:
+        h = {"Authorization": f"Bearer {user}"}
+        r = c.post("/v1/embed", json={"texts": texts}, headers=h)
+        assert r.status_code == 200
+        emb = torch.tensor(r.json()["embeddings"])
+        assert r.json()["dim"] == 384 and emb.shape == (2, 384)
+        ref = qm.encode(texts)
+        assert torch.allclose(emb, ref, atol=6e-5)
+        assert all(round(v, 4) == v for v in r.json()["embeddings"][0])
+        assert c.post("/v1/predict", json={"inputs": [[0.0]]}, headers=h).status_code == 404
+        assert c.post("/v1/embed", json={"texts": []}, headers=h).status_code == 422
+        assert c.post("/v1/embed", json={"texts": ["x" * 3000]}, headers=h).status_code == 422
+    store.close()
