@@ -114,34 +114,85 @@ def quantize(
     overwrite: bool = False,
     progress: Progress = _no_progress,
     tuning: dict | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-5,
+    identity: str | Path | None = None,
+    passphrase: str | None = None,
 ) -> QuantizedModel:
-    """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given."""
+    """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given.
+
+    `calib`: a data file (an `.age` file is decrypted in memory with `identity`), or "synthetic"
+    for data-free calibration (random vocabulary sentences / ZeroQ inputs). `dp_epsilon` (with
+    `dp_delta`) calibrates static activation ranges with differential privacy on `calib`: every
+    other data-reading step runs on synthetic inputs only, and the budget spent is recorded in
+    the manifest's privacy ledger.
+    """
+    from .privacy.encrypted_data import plaintext_path
+
     recipe = resolve_recipe(recipe)
     handle = _handle(model, weights)
     _check_out(out, overwrite)
-    float_module = handle.module
-    source = source_entry(float_module)
-    qmodule = copy.deepcopy(float_module).eval()
+    with plaintext_path(calib, identity, passphrase) as data:
+        qmodule, layers, calibration, privacy = _quantize(handle, recipe, calib, data, progress, dp_epsilon, dp_delta)
+    source = source_entry(handle.module)
+    if out is None:
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, tuning=tuning,
+                                  privacy=privacy)
+        return QuantizedModel(qmodule, manifest, handle)
+    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
+                             tuning=tuning, privacy=privacy)
+    return QuantizedModel(qmodule, manifest, handle, Path(out))
+
+
+def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progress, dp_epsilon, dp_delta):
+    """(quantized module, layers, calibration entry, privacy ledger entries) for one recipe run."""
+    from .privacy.synthetic import SYNTHETIC, describe, synthetic_batches
+
+    qmodule = copy.deepcopy(handle.module).eval()
     cal = recipe.calibration
-    has_data = calib is not None or not (isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None)
-    batches = (lambda: handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size)) if has_data else None
+    synthetic = calib == SYNTHETIC
+    if synthetic and dp_epsilon is not None:
+        raise SecquantError("--calib synthetic reads no private data, so there is nothing to spend a DP budget "
+                            "on: drop --dp-epsilon, or pass the private calibration file")
+    if dp_epsilon is not None and calib is None:
+        raise SecquantError("DP calibration needs the private calibration data: pass --calib FILE")
+    builtin_free = isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None
+    if synthetic or dp_epsilon is not None:
+        batches = synthetic_batches(handle, cal.num_samples, cal.batch_size, cal.seed) \
+            if recipe.needs_calibration else None
+    elif calib is not None or not builtin_free:
+        batches = lambda: handle.adapter.calibration_batches(data, cal.num_samples, cal.batch_size)  # noqa: E731
+    else:
+        batches = None
     try:
         layers, n_samples = quantize_model(qmodule, recipe, batches, handle.run, progress)
+        privacy: list[dict] = []
+        if dp_epsilon is not None and any(e["activation"] is not None and not e["activation"]["dynamic"]
+                                          for e in layers.values()):
+            from .privacy.dp_calibration import dp_calibrate
+
+            # one sample per batch for encoders: a padded batch would let one sentence's length change
+            # another's statistics (the padding), breaking the per-sample bound DP relies on
+            bs = 1 if handle.kind == "encoder" else cal.batch_size
+            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), handle.run,
+                               dp_epsilon, dp_delta, progress("DP calibration", None))
+            res.ledger["public_prior"] = describe(handle)
+            privacy.append(res.ledger)
     except SecquantError:
         raise
     except (RuntimeError, ValueError) as e:
         raise CalibrationError(f"quantization failed: the calibration data does not fit the model "
                                f"({str(e).splitlines()[0]})") from None
-    calibration = CalibrationEntry(data="none")
-    if n_samples:
+    if privacy:
+        calibration = CalibrationEntry(data="private", source=str(calib), num_samples=privacy[0]["num_samples"])
+    elif n_samples and (synthetic or dp_epsilon is not None):
+        calibration = CalibrationEntry(data="synthetic", source=describe(handle), num_samples=n_samples)
+    elif n_samples:
         calibration = CalibrationEntry(data="raw", source=str(calib) if calib else f"{handle.spec} (built-in)",
                                        num_samples=n_samples)
-    if out is None:
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, tuning=tuning)
-        return QuantizedModel(qmodule, manifest, handle)
-    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
-                             tuning=tuning)
-    return QuantizedModel(qmodule, manifest, handle, Path(out))
+    else:
+        calibration = CalibrationEntry(data="none")
+    return qmodule, layers, calibration, privacy
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
@@ -272,8 +323,14 @@ def qat(
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress = _no_progress,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    max_grad_norm: float = 1.0,
 ) -> QuantizedModel:
-    """Quantization-aware retraining (LSQ) of a classifier on its training set; saves like quantize()."""
+    """Quantization-aware retraining (LSQ) of a classifier on its training set; saves like quantize().
+
+    With `dp_epsilon`, retraining runs under DP-SGD (Opacus) and spends at most (dp_epsilon, dp_delta)
+    on the training set (see secquant.privacy.dp_training for what that does and does not cover)."""
     from .quant.algorithms import convert_qat, init_activation_ranges, prepare_qat, train_qat
 
     if epochs < 1:
@@ -287,6 +344,32 @@ def qat(
     x, y = handle.adapter.train_set(train)
     float_module = handle.module
     source = source_entry(float_module)
+    if dp_epsilon is None and dp_delta is not None:
+        raise SecquantError("--dp-delta needs --dp-epsilon")
+    if dp_epsilon is not None:
+        if checkpoint_dir is not None:
+            raise SecquantError("--checkpoints is not supported with --dp-epsilon: drop one of them")
+        from .privacy.dp_training import dp_qat, ledger_entry
+
+        cal = recipe.calibration
+        init = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else None
+        qmodule, layers, training = dp_qat(
+            float_module, recipe, x, y, handle.run, epochs=epochs, lr=lr, batch_size=batch_size, epsilon=dp_epsilon,
+            delta=dp_delta, max_grad_norm=max_grad_norm, seed=seed, init_batches=init,
+            sample_shape=getattr(handle.adapter, "sample_shape", None), synthetic_samples=cal.num_samples,
+            progress=progress("training (DP-SGD)", epochs))
+        calibration = CalibrationEntry(
+            data="private", num_samples=int(len(y)),
+            source=(str(train) if train else f"{handle.spec} training split (built-in)")
+            + f" (DP-SGD, epsilon={training['dp']['epsilon']:.3g}, delta={training['dp']['delta']:.3g})")
+        ledger = [ledger_entry(training["dp"])]
+        if out is None:
+            manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, training=training,
+                                      privacy=ledger)
+            return QuantizedModel(qmodule, manifest, handle)
+        manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
+                                 training=training, privacy=ledger)
+        return QuantizedModel(qmodule, manifest, handle, Path(out))
     torch.manual_seed(seed)
     qmodule = copy.deepcopy(float_module)
     for p in qmodule.parameters():

@@ -72,9 +72,16 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a named recipe (see `secquant presets`)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (text for encoders; .safetensors/.npy tensors)"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration data (text for encoders; .safetensors/.npy "
+                                                              "tensors; FILE.age is decrypted in memory with "
+                                                              "--identity), or 'synthetic' for data-free calibration"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="calibrate activation ranges with "
+                                                                          "(epsilon, delta)-differential privacy"),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP delta (with --dp-epsilon)"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted --calib FILE.age"),
+    ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
 ) -> None:
     """Quantize MODEL with a preset or recipe and write an artifact directory."""
     from ..api import quantize as _quantize
@@ -83,9 +90,15 @@ def quantize(
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
     with RichProgress() as prog:
         qm = _quantize(model, recipe if recipe is not None else preset, out=out, calib=calib,
-                       weights=str(weights) if weights else None, overwrite=overwrite, progress=prog)
+                       weights=str(weights) if weights else None, overwrite=overwrite, progress=prog,
+                       dp_epsilon=dp_epsilon, dp_delta=dp_delta, identity=identity,
+                       passphrase=_passphrase(ask_passphrase))
     n = len(qm.manifest.layers)
-    err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name})")
+    err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name}; calibration data: "
+              f"{qm.manifest.calibration.data})")
+    for e in qm.manifest.privacy.entries:
+        err.print(f"privacy: spent epsilon={e['epsilon']:g}, delta={e['delta']:g} on {e['num_samples']} samples "
+                  f"({e['stage']})")
 
 
 @app.command("eval")
@@ -154,6 +167,9 @@ def qat(
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="write a safetensors checkpoint per epoch here"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="retrain under DP-SGD (Opacus), spending at most this epsilon on the training set"),
+    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default: min(1e-5, 0.1/n))"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="DP-SGD per-sample gradient clipping norm"),
 ) -> None:
     """Quantization-aware retraining (learned step sizes) of a classifier; writes an artifact."""
     from ..api import evaluate
@@ -164,7 +180,8 @@ def qat(
     with RichProgress() as prog:
         qm = _qat(model, recipe if recipe is not None else preset, epochs=epochs, out=out, lr=lr, train=train,
                   calib=calib, checkpoint_dir=checkpoints, weights=str(weights) if weights else None,
-                  overwrite=overwrite, progress=prog)
+                  overwrite=overwrite, progress=prog, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                  max_grad_norm=max_grad_norm)
         res = evaluate(qm, progress=prog) if model.startswith("builtin:") else None
     summary = {"artifact": str(out), "recipe": qm.manifest.recipe.name, "training": qm.manifest.training}
     if res:
