@@ -180,8 +180,12 @@ def init_activation_ranges(model: nn.Module, batches: Iterable, run_batch: Calla
 
 def train_qat(model: nn.Module, train_batches: Callable[[], Iterable], loss_fn: Callable, epochs: int, lr: float,
               *, checkpoint_fn: Callable[[int, nn.Module], None] | None = None,
-              progress: Callable[[int], None] | None = None) -> list[float]:
-    """Adam on weights, biases, step sizes and zero points; returns the mean loss of each epoch."""
+              progress: Callable[[int], None] | None = None,
+              regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> list[float]:
+    """Adam on weights, biases, step sizes and zero points; returns the mean loss of each epoch.
+
+    `regularizer(model)`, when given, is added to every batch's loss (e.g. a Lipschitz penalty).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
@@ -192,6 +196,8 @@ def train_qat(model: nn.Module, train_batches: Callable[[], Iterable], loss_fn: 
         for x, y in train_batches():
             opt.zero_grad()
             loss = loss_fn(model(x), y)
+            if regularizer is not None:
+                loss = loss + regularizer(model)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(y)
