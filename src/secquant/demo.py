@@ -1,10 +1,13 @@
 """The main job on the built-in defaults: quantize both built-ins with several presets,
-evaluate each artifact (re-loaded from disk), write report.json / report.html."""
+evaluate each artifact (re-loaded from disk) in PyTorch and on ONNX Runtime, calibrate one
+with differential privacy, mask a PII corpus, audit membership leakage, and write
+report.json / report.html."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,41 +21,117 @@ from .artifact import atomic_dir
 from .models import load_model
 from .recipes import get_preset
 from .report import render_html
+from .report.sections import privacy_ledger_section, speed_section
 
 DEMO_MODELS = ["builtin:digits", "builtin:minilm"]
 DEMO_PRESETS = ["w8a16", "w8a8", "w8a8-dynamic", "w4a16", "w4a8-dynamic"]
 
 
+DP_EPSILON = 1.0
+
+
+def _quantize_and_evaluate(handle, spec: str, preset: str, art: Path, progress: Progress, label: str | None = None,
+                           **kw) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    quantize(handle, preset, out=art, progress=progress, **kw)
+    dt = time.perf_counter() - t0
+    qm = load(art, allow_unsealed=True)  # evaluate what is on disk, not what is in memory
+    r = evaluate(qm, against=handle.module, progress=progress)
+    r.update(artifact=f"artifacts/{art.name}", model=spec, quantize_s=dt,
+             calibration_data=qm.manifest.calibration.data, calibration_samples=qm.manifest.calibration.num_samples,
+             privacy=qm.manifest.privacy.entries)
+    if label:
+        r["recipe"] = label
+    return r
+
+
+def _speed_row(r: dict[str, Any], handle, art: Path, progress: Progress) -> dict[str, Any]:
+    s = evaluate(load(art, allow_unsealed=True), against=handle.module, runtime="onnx", threads=2, progress=progress)
+    return {"model": r["model"], "recipe": r["recipe"], "runtime": s["runtime"], "value": s["value"],
+            "float_value": s["float_value"], "latency_ms": s["latency_ms"], "float_latency_ms": s["float_latency_ms"],
+            "speedup": s["float_latency_ms"] / s["latency_ms"], "onnx_size_bytes": s["onnx_size_bytes"]}
+
+
+def _masking_summary() -> dict[str, Any]:
+    from .privacy.masking import mask_texts
+    from .privacy.pii_corpus import make_corpus
+
+    records, _ = make_corpus(200, seed=0)
+    return mask_texts([r["text"] for r in records] + [r["notes"] for r in records])[1]
+
+
 def run_demo(out: Path, overwrite: bool = False, models: list[str] | None = None, presets: list[str] | None = None,
-             progress: Progress = _no_progress, log: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: Progress = _no_progress, log: Callable[[str], None] = print,
+             privacy: bool = True) -> dict[str, Any]:
     models = models or DEMO_MODELS
     presets = presets or DEMO_PRESETS
     for p in presets:
         get_preset(p)  # fail on a typo before any work
-    results = []
-    with atomic_dir(Path(out), overwrite) as tmp:
+    results, speed = [], []
+
+    def show(r):
+        log(f"{r['model']:16s} {r['recipe']:13s} {r['metric']}={r['value']:.4f} (fp32 {r['float_value']:.4f}) "
+            f"size {r['size_ratio']:.3f}x  quantized in {r['quantize_s']:.1f}s  data: {r['calibration_data']}")
+
+    with atomic_dir(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory(prefix="secquant-demo-") as scratch:
         for spec in models:
             handle = load_model(spec)
             for preset in presets:
-                name = f"{spec.split(':')[-1]}-{preset}"
-                t0 = time.perf_counter()
-                quantize(handle, preset, out=tmp / "artifacts" / name, progress=progress)
-                dt = time.perf_counter() - t0
-                qm = load(tmp / "artifacts" / name, allow_unsealed=True)  # evaluate what is on disk, not what is in memory
-                r = evaluate(qm, against=handle.module, progress=progress)
-                r["artifact"] = f"artifacts/{name}"
-                r["model"] = spec
-                r["quantize_s"] = dt
+                art = tmp / "artifacts" / f"{spec.split(':')[-1]}-{preset}"
+                r = _quantize_and_evaluate(handle, spec, preset, art, progress)
                 results.append(r)
-                log(f"{spec:16s} {preset:13s} {r['metric']}={r['value']:.4f} (fp32 {r['float_value']:.4f}) "
-                    f"size {r['size_ratio']:.3f}x  quantized in {dt:.1f}s")
+                show(r)
+                speed.append(_speed_row(r, handle, art, progress))
+                log(f"{'':16s} {'':13s} on ONNX Runtime: {speed[-1]['latency_ms']:.1f} ms per batch, "
+                    f"{speed[-1]['speedup']:.2f}x fp32 PyTorch, {r['metric']}={speed[-1]['value']:.4f}")
+            if privacy and "w8a8" in presets:  # the same preset, calibrated with differential privacy
+                calib = _private_calibration_file(spec, handle, Path(scratch))
+                r = _quantize_and_evaluate(handle, spec, "w8a8", tmp / "artifacts" / f"{spec.split(':')[-1]}-w8a8-dp",
+                                           progress, label=f"w8a8 (DP eps={DP_EPSILON:g})", calib=calib,
+                                           dp_epsilon=DP_EPSILON)
+                results.append(r)
+                show(r)
         report = {
             "secquant_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "results": results,
+            "speed": speed,
         }
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        sections = [speed_section(speed)]
+        if privacy:
+            log("masking a seeded PII corpus (secquant mask)")
+            report["masking"] = _masking_summary()
+            audit_html = None
+            if "builtin:digits" in models and "w8a8" in presets:
+                from .privacy.membership import audit_membership, privacy_section
+
+                log("membership-inference audit of builtin:digits fp32 vs w8a8 (8 shadow models)")
+                audit = audit_membership("builtin:digits", [tmp / "artifacts" / "digits-w8a8"], shadows=8,
+                                         progress=progress)
+                report["membership_audit"] = {k: v for k, v in audit.items() if k != "roc"}
+                audit_html = privacy_section(audit)["html"]
+            sections.append(privacy_ledger_section(results, report["masking"], audit_html))
+        report["sections"] = sections
+        (tmp / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "sections"}, indent=2)
+                                         + "\n", encoding="utf-8")
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")
     return report
+
+
+def _private_calibration_file(spec: str, handle, scratch: Path) -> Path:
+    """The model's built-in calibration set as a file, standing in for a user's private data."""
+    if handle.kind == "encoder":
+        from .models.encoder import builtin_sentences
+
+        p = scratch / "private-calibration.txt"
+        p.write_text("\n".join(builtin_sentences()[1]) + "\n", encoding="utf-8")
+        return p
+    from safetensors.torch import save_file
+
+    from .models.digits import splits
+
+    p = scratch / "private-calibration.safetensors"
+    save_file({"inputs": splits()["train_x"][:256].contiguous()}, str(p))
+    return p

@@ -329,19 +329,24 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="restrict to these built-ins"),
     preset: Optional[list[str]] = typer.Option(None, "--preset", help="restrict to these presets"),
+    privacy: bool = typer.Option(True, "--privacy/--no-privacy", help="add the privacy part: DP calibration, "
+                                                                       "PII masking, membership-inference audit"),
 ) -> None:
-    """Quantize the built-in models with several presets, evaluate them and write a report."""
+    """Quantize the built-in models with several presets, evaluate them (PyTorch and ONNX Runtime) and write a report."""
     from ..demo import run_demo
 
     with RichProgress() as prog:
         report = run_demo(out_dir, overwrite, model or None, preset or None, progress=prog,
-                          log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+                          log=lambda s: err.print(s, highlight=False, soft_wrap=True), privacy=privacy)
+    onnx_ms = {(s["model"], s["recipe"]): s["latency_ms"] for s in report["speed"]}
     t = Table(title=f"secquant demo ({out_dir}/report.html)")
-    for c in ["model", "preset", "metric", "value", "fp32", "size ratio", "latency ms", "fp32 ms"]:
+    for c in ["model", "preset", "data", "metric", "value", "fp32", "size ratio", "ORT ms", "fp32 torch ms"]:
         t.add_column(c)
     for r in report["results"]:
-        t.add_row(r["model"], r["recipe"], r["metric"], f"{r['value']:.4f}", f"{r['float_value']:.4f}",
-                  f"{r['size_ratio']:.3f}", f"{r['latency_ms']:.1f}", f"{r['float_latency_ms']:.1f}")
+        ort_ms = onnx_ms.get((r["model"], r["recipe"]))
+        t.add_row(r["model"], r["recipe"], r["calibration_data"], r["metric"], f"{r['value']:.4f}",
+                  f"{r['float_value']:.4f}", f"{r['size_ratio']:.3f}", f"{ort_ms:.1f}" if ort_ms else "",
+                  f"{r['float_latency_ms']:.1f}")
     out.print(t)
 
 
