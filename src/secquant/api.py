@@ -174,8 +174,9 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
             # one sample per batch for encoders: a padded batch would let one sentence's length change
             # another's statistics (the padding), breaking the per-sample bound DP relies on
             bs = 1 if handle.kind == "encoder" else cal.batch_size
-            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), handle.run,
-                               dp_epsilon, dp_delta, progress("DP calibration", None))
+            public = synthetic_batches(handle, cal.num_samples, bs, cal.seed)()
+            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), public,
+                               handle.run, dp_epsilon, dp_delta, progress("DP calibration", None))
             res.ledger["public_prior"] = describe(handle)
             privacy.append(res.ledger)
     except SecquantError:

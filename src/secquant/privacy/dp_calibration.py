@@ -8,16 +8,19 @@ How (a public prior, privately refined):
 1. The model is calibrated first on *public, data-free* inputs (see `synthetic_batches`), which
    gives each static activation quantizer a prior range [lo_p, hi_p]. Smoothing scales and any
    other data-reading step also use only those inputs, so they spend no budget.
-2. One pass over the private samples records, for every static quantizer, each sample's own
-   minimum and maximum of the tensor entering it (all quantizers pass values through unchanged).
-3. Each statistic is clipped to a window around its prior (center = prior, half-width = WINDOW
-   times the prior's magnitude, at least 5% of the prior range) and rescaled to [0, 1]. One sample thus
+2. One pass over the private samples (and one over the public ones) records, for every static
+   quantizer, each sample's own minimum and maximum of the tensor entering it (all quantizers
+   pass values through unchanged).
+3. Each private statistic is clipped to a window around its public mean (half-width = WINDOW
+   times its magnitude, at least 5% of the range) and rescaled to [0, 1]. One sample thus
    moves the vector of k = 2 x (number of quantizers) window positions by at most sqrt(k) in L2.
 4. The sums get Gaussian noise from OpenDP (`make_gaussian`, zero-concentrated DP), with the
    scale found by OpenDP's binary search so that the zCDP -> (epsilon, delta) conversion
    (`make_zCDP_to_approxDP` + `make_fix_delta`) meets the requested budget exactly. The whole
    vector is one Gaussian release, so no further composition across layers is needed.
-5. Noisy means map back to ranges: lo = mean of per-sample minima, hi = mean of per-sample maxima.
+5. The prior range of each quantizer is rescaled, side by side, by the ratio of the noisy private
+   mean of the per-sample minima (maxima) to the same mean on the public inputs: the prior keeps
+   its shape (a high percentile, not a mean), the private data sets its scale.
 
 Ranges read no other private statistic; the budget spent is recorded in the artifact's privacy
 ledger with the mechanism, accountant, noise scale and sample count.
@@ -112,11 +115,64 @@ def static_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant) and not m.args.dynamic}
 
 
+def _per_sample_stats(model: nn.Module, quants: dict[str, ActQuant], batches: Iterable, run_batch,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """[n, L, 2] per-sample (min, max) of the tensor entering each quantizer (values pass through)."""
+    recorders = {}
+    for n, q in quants.items():
+        recorders[n] = q.observer = PerSampleRanges()
+    model.eval()
+    try:
+        for batch in batches:
+            run_batch(model, batch)
+            if progress:
+                progress(1)
+    finally:
+        for q in quants.values():
+            q.observer = None
+    counts = {r.count for r in recorders.values()}
+    if counts == {0}:
+        raise CalibrationError("the calibration data is empty")
+    if len(counts) != 1:
+        raise CalibrationError("some activation quantizers saw a different number of samples than others "
+                               "(they are not all reached by every sample): DP calibration cannot bound them")
+    return torch.stack([recorders[name].values().double() for name in quants], 1)
+
+
 @torch.no_grad()
-def dp_calibrate(model: nn.Module, private_batches: Iterable, run_batch: Callable[[nn.Module, Any], Any],
-                 epsilon: float, delta: float, progress: Callable[[int], None] | None = None) -> DPResult:
+def shared_input_groups(model: nn.Module, quants: dict[str, ActQuant], batch, run_batch) -> list[list[int]]:
+    """Indices of quantizers grouped by the layer input they read (q, k and v read one tensor): each
+    group is one private statistic, scaled by one ratio, so shared inputs are not paid for twice."""
+    owner = {id(m.input_quant): n for n, m in model.named_modules() if getattr(m, "input_quant", None) is not None}
+    seen: dict[str, torch.Tensor] = {}  # the tensors themselves: kept alive, their ids cannot be reused
+
+    def record(name: str, inp) -> None:  # returns None: a pre-hook's return value would replace the input
+        seen.setdefault(name, inp[0])
+
+    hooks = [model.get_submodule(owner[id(q)]).register_forward_pre_hook(
+        lambda m, inp, name=name: record(name, inp)) for name, q in quants.items() if id(q) in owner]
+    try:
+        run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[Any, list[int]] = {}
+    for i, name in enumerate(quants):
+        groups.setdefault(id(seen[name]) if name in seen else ("alone", name), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: Iterable,
+                 run_batch: Callable[[nn.Module, Any], Any], epsilon: float, delta: float,
+                 progress: Callable[[int], None] | None = None) -> DPResult:
     """Replace the (public-prior) ranges of every static activation quantizer of `model` by
-    (epsilon, delta)-DP estimates from `private_batches`; returns the ranges and a ledger entry."""
+    (epsilon, delta)-DP estimates from `private_batches`; returns the ranges and a ledger entry.
+
+    `public_batches` are the data-free inputs the prior ranges came from, batched like the
+    private ones; their per-sample means are the centers of the clipping windows, and each
+    prior range is rescaled by the ratio of the private (noisy) to the public mean.
+    """
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise SecquantError(f"--dp-epsilon must be a positive number, not {epsilon}")
     if not 0 < delta < 1:
@@ -127,35 +183,30 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, run_batch: Callabl
                             "calibration data, so it needs no privacy budget")
     if any(not q.calibrated for q in quants.values()):
         raise CalibrationError("DP calibration needs prior ranges from the public (synthetic) calibration first")
-    priors = torch.tensor([_prior(q) for q in quants.values()], dtype=torch.float64)
-    recorders = {}
-    for n, q in quants.items():
-        recorders[n] = q.observer = PerSampleRanges()
-    model.eval()
-    try:
-        for batch in private_batches:
-            run_batch(model, batch)
-            if progress:
-                progress(1)
-    finally:
-        for q in quants.values():
-            q.observer = None
-    counts = {r.count for r in recorders.values()}
-    if counts == {0}:
-        raise CalibrationError("the private calibration data is empty")
-    if len(counts) != 1:
-        raise CalibrationError("some activation quantizers saw a different number of samples than others "
-                               "(they are not all reached by every sample): DP calibration cannot bound them")
-    n = counts.pop()
-    stats = torch.stack([recorders[name].values().double() for name in quants], 1)  # [n, L, 2]
-    low, width = _windows(priors)
-    unit = ((stats - low) / width).clamp(0, 1)  # each sample: a point of [0, 1]^(2L)
+    priors = torch.tensor([_prior(q) for q in quants.values()], dtype=torch.float64)  # [L, 2]
+    public_batches = list(public_batches)
+    groups = shared_input_groups(model, quants, public_batches[0], run_batch)
+    centers = _per_sample_stats(model, quants, public_batches, run_batch).mean(0)  # public: no budget
+    stats = _per_sample_stats(model, quants, private_batches, run_batch, progress)  # [n, L, 2]
+    n = stats.shape[0]
+    low, width = _windows(centers)
+    unit = ((stats - low) / width).clamp(0, 1)
+    # one coordinate per (group, side): the mean of its members' positions, still in [0, 1]
+    unit = torch.stack([unit[:, g].mean(1) for g in groups], 1)  # each sample: a point of [0, 1]^(2G)
     k = unit[0].numel()
     sigma, rho = gaussian_scale(k, epsilon, delta)
-    noisy = _noisy_sums(unit.sum(0).reshape(-1), sigma).reshape(-1, 2)
-    est = low + width * (noisy / n).clamp(0, 1)
+    noisy = (_noisy_sums(unit.sum(0).reshape(-1), sigma).reshape(-1, 2) / n).clamp(0, 1)
+    pub = ((centers - low) / width).clamp(0, 1)  # where the public mean sits in each window
+    est = torch.empty_like(centers)
+    for j, g in enumerate(groups):  # the group's private shift, applied to each member's window
+        est[g] = low[g] + width[g] * (pub[g] + noisy[j] - pub[g].mean(0)).clamp(0, 1)
+    # rescale each side of the prior range by private/public; a side whose public mean is ~0 keeps its prior
+    tiny = 1e-6 * (priors[:, 1] - priors[:, 0]).abs().clamp_min(1e-12)[:, None]
+    ratio = torch.where(centers.abs() > tiny, (est / centers.where(centers.abs() > tiny, torch.ones_like(centers))),
+                        torch.ones_like(centers)).clamp(0.25, 4.0)
+    new = priors * ratio
     ranges = {}
-    for (name, q), (lo, hi) in zip(quants.items(), est.tolist()):
+    for (name, q), (lo, hi) in zip(quants.items(), new.tolist()):
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         if hi - lo <= 0:
             hi = lo + 1e-6
@@ -168,8 +219,9 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, run_batch: Callabl
         "epsilon": epsilon, "delta": delta, "rho_zcdp": rho,
         "mechanism": MECHANISM, "accountant": ACCOUNTANT,
         "neighbouring": "replace one calibration sample (n public)",
-        "num_samples": n, "statistics": k, "noise_scale": sigma,
-        "std_of_each_range_estimate_in_window_units": sigma / n,
-        "clipping": f"per statistic, to a window of +-{WINDOW:.0%} around a public prior from data-free synthetic inputs",
+        "num_samples": n, "statistics": k, "quantizers": len(quants), "noise_scale": sigma,
+        "std_of_each_mean_in_window_units": sigma / n,
+        "clipping": f"per statistic, to a window of +-{WINDOW:.0%} around its mean on public data-free synthetic "
+                    "inputs; each public prior range is rescaled by the private/public ratio of the means",
     }
     return DPResult(ranges, ledger)
