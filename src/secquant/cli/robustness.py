@@ -17,6 +17,7 @@ import torch
 import typer
 
 from ..errors import SecquantError
+from ..privacy.encrypted_data import plaintext_path
 from . import RichProgress, err, user_errors
 
 EXIT_FLAGGED = 3
@@ -147,6 +148,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write robustness.json, robustness.svg and report.html"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
     ) -> None:
         """FGSM and PGD (L-inf) robust accuracy of the float and quantized models over an epsilon grid.
 
@@ -167,7 +169,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             if name in models:
                 name = f"{name} ({d.name})"
             models[name] = qm.module
-        x, y = _labelled(handle, data)
+        with plaintext_path(data, identity) as plain:
+            x, y = _labelled(handle, plain)
         if samples:
             x, y = x[:samples], y[:samples]
         with RichProgress() as prog:
@@ -208,6 +211,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write bitflip.json"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
     ) -> None:
         """Progressive bit search attack on the packed weight codes vs random flips (and the integrity check)."""
         from ..security.bitflip import bitflip_audit
@@ -216,7 +220,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         if not 0 < target_accuracy < 1:
             raise SecquantError("--target-accuracy must lie strictly between 0 and 1")
         qm = _load_quantized(artifact, factory)
-        x, y = _labelled(qm.handle, data)
+        with plaintext_path(data, identity) as plain:
+            x, y = _labelled(qm.handle, plain)
         try:
             xa, ya = qm.handle.adapter.train_set(None) if data is None else (x, y)
         except SecquantError:
@@ -247,6 +252,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write divergence.json"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
     ) -> None:
         """Flag float-vs-quantized disagreement beyond the recipe's rounding noise (quantization backdoors).
 
@@ -261,7 +267,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         if state_dict_sha256(handle.module.state_dict()) != qm.manifest.source.weights_sha256:
             raise SecquantError(f"{float_model} is not the float model {quantized} was quantized from (source "
                                 "weights hash differs): pass the exact float model (and --weights)")
-        x, y = _inputs(handle, probe)
+        with plaintext_path(probe, identity) as plain:
+            x, y = _inputs(handle, plain)
         with RichProgress() as prog:
             res = divergence_test(handle.module, qm.module, x, alpha=alpha, copies=copies, seed=seed,
                                   progress=prog("null copies", copies))

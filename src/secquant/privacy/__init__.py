@@ -1,4 +1,4 @@
-"""Calibration-data privacy: PII masking (and, from other modules, DP calibration, leakage audits).
+"""Data privacy: DP calibration, data-free inputs, DP-SGD, PII masking, encrypted data, leakage audits.
 
 Imports stay lazy: `import secquant.privacy` loads no heavy dependency (Presidio, spaCy, torch);
 names resolve on first use.
@@ -17,6 +17,13 @@ _LAZY = {
     "unmask_value": "masking",
     "unmask_file": "masking",
     "generate_key": "masking",
+    "dp_calibrate": "dp_calibration",
+    "synthetic_batches": "synthetic",
+    "synthesize_from_batchnorm": "datafree",
+    "dp_qat": "dp_training",
+    "plaintext_path": "encrypted_data",
+    "encrypt_file": "encrypted_data",
+    "audit_membership": "membership",
 }
 
 
