@@ -31,6 +31,7 @@ ort = pytest.importorskip("onnxruntime")
 import secquant  # noqa: E402
 from secquant.errors import ArtifactError, SecquantError  # noqa: E402
 from secquant.models.digits import splits  # noqa: E402
+from secquant.recipes import get_preset  # noqa: E402
 from secquant.runtime import ExportFallbackWarning, Session, export_info, export_onnx  # noqa: E402
 from secquant.runtime.export import pack_bits  # noqa: E402
 
@@ -146,7 +147,9 @@ def test_digits_onnx_keeps_integer_weights(digits_onnx, preset, tmp_path):
         linear_w = [t for t in model.graph.initializer
                     if t.name.startswith("classifier.") and t.name.endswith("qweight")]
         assert linear_w and all(t.data_type == onnx.TensorProto.INT8 for t in linear_w)
-        # ORT's QDQ fusion turns both linear layers into integer GEMMs
+        # both linear layers are integer GEMMs that add the bias in their output stage (no Add pass)
+        mm = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+        assert len(mm) == 2 and all(len(n.input) == 7 and n.input[6].endswith(".bias") for n in mm)
         assert _ops(_ort_optimized(d / "model.onnx", tmp_path / "opt.onnx")).count("MatMulIntegerToFloat") == 2
     elif preset == "w8a8-dynamic":
         assert ops.count("MatMulIntegerToFloat") == 2 and "ReduceMin" in ops and "ReduceMax" in ops
@@ -157,6 +160,62 @@ def test_digits_onnx_keeps_integer_weights(digits_onnx, preset, tmp_path):
     elif preset == "w4a16":
         assert len(nbits) == 2 and all(_attrs(n)["bits"] == 4 and _attrs(n)["block_size"] == 128 for n in nbits)
         assert "Div" in ops  # the smoothing scale in front of the kernel
+
+
+def _sym_token_recipe(signed: bool):
+    """w8a8-dynamic with symmetric per-token activations (signed: zero point 0; unsigned: 128)."""
+    r = get_preset("w8a8-dynamic")
+    return r.model_copy(update={"name": f"w8a8-dynamic-sym-{'s' if signed else 'u'}",
+                                "activations": r.activations.model_copy(update={"symmetric": True,
+                                                                               "signed": signed})})
+
+
+@pytest.fixture(scope="module")
+def digits_sym(digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits-sym")
+    made: dict[bool, Path] = {}
+
+    def get(signed: bool) -> Path:
+        if signed not in made:
+            d = root / str(signed)
+            secquant.quantize(digits, _sym_token_recipe(signed), out=d)
+            export_onnx(d)
+            made[signed] = d
+        return made[signed]
+
+    return get
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_symmetric_per_token_runs_plain_integer_gemm(digits_sym, digits_x, signed):
+    """Symmetric per-token activations: one scalar zero point (128 in uint8), so the integer GEMM takes
+    the artifact's [K, N] codes as they are (no zero-point rows, no copy of the activation codes), and
+    the result still reproduces the PyTorch model."""
+    d = digits_sym(signed)
+    model = onnx.load(str(d / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    qm = secquant.load(d, allow_unsealed=True)
+    mm = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(mm) == 2
+    for n in mm:
+        layer = next(name for name in ("classifier.1", "classifier.3") if n.name.startswith(name))
+        mod = qm.module.get_submodule(layer)
+        w, zp = inits[n.input[1]], inits[n.input[4]]
+        assert zp.dtype == np.uint8 and zp.size == 1 and int(zp.reshape(())) == 128
+        # exactly the artifact's codes, transposed and shifted to int8: no extra rows
+        assert w.dtype == np.int8 and w.shape == (mod.in_features, mod.out_features)
+        np.testing.assert_array_equal(w.astype(np.int16) + 128, mod.weight_codes().numpy().T)
+    ops = _ops(model)
+    assert "Expand" not in ops  # the asymmetric form's zero-point columns are gone
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q and all(_attrs(n).get("block_size") for n in q)  # per-token scales, one block per row
+    assert all("zero point 128" in x.ops for x in export_info(d).layers if x.type == "Linear")
+    ref = qm(digits_x)
+    got = Session(d, threads=1).run(digits_x)
+    rel = (got - ref).abs().amax(1) / ref.abs().amax(1)
+    assert float(rel.median()) <= 1e-5
+    assert float((rel > 1e-4).float().mean()) <= 0.02
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= 0.995
 
 
 def test_matmulnbits_blob_is_the_artifacts_codes(digits_onnx):
@@ -253,7 +312,8 @@ def minilm_onnx(minilm, tmp_path_factory):
 
     def get(preset: str):
         if preset not in made:
-            qm = secquant.quantize(minilm, preset, out=root / preset)
+            recipe = _sym_token_recipe(True) if preset == "w8a8-dynamic-sym" else preset
+            qm = secquant.quantize(minilm, recipe, out=root / preset)
             export_onnx(root / preset)
             made[preset] = (root / preset, qm)
         return made[preset]
@@ -268,7 +328,7 @@ def sentences():
     return builtin_sentences()[0][:64]
 
 
-@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a16"])
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16"])
 def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
     d, qm = minilm_onnx(preset)
     sess = Session(d, threads=2)
@@ -291,16 +351,22 @@ def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
     assert float(torch.nn.functional.cosine_similarity(one, got[3:4])) >= 0.995
 
 
-@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a16"])
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16"])
 def test_minilm_onnx_integer_ops_and_size(minilm_onnx, preset):
     d, _ = minilm_onnx(preset)
     model = onnx.load(str(d / "model.onnx"))
     ops = _ops(model)
     manifest = json.loads((d / "secquant.json").read_text())
     assert ops.count("GatherBlockQuantized") == 3  # word, position, token-type tables stay integer
-    if preset == "w8a8-dynamic":
+    if preset.startswith("w8a8-dynamic"):
         assert ops.count("MatMulIntegerToFloat") == 36
         assert "MatMul" in ops  # attention scores only: activations x activations stay float
+        dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        shapes = {dims[n.input[1]] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+        if preset == "w8a8-dynamic-sym":  # one scalar zero point: each GEMM weight is exactly the layer's [K, N]
+            assert shapes == {(384, 384), (384, 1536), (1536, 384)}
+        else:  # asymmetric: R zero-point rows below each [K, N]
+            assert shapes and not shapes & {(384, 384), (384, 1536), (1536, 384)}
     else:
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert len(nbits) == 36 and all(_attrs(n)["bits"] == 4 and _attrs(n)["block_size"] == 128 for n in nbits)
