@@ -77,7 +77,7 @@ def main() -> None:
                              "drop_vs_nonprivate": base["value"] - statistics.mean(vals),
                              "worst_drop": base["value"] - min(vals)})
     if args.md:
-        lines = [f"## DP and data-free calibration (w8a8)\n",
+        lines = ["## DP and data-free calibration (w8a8)\n",
                  f"- Command: `.venv/bin/python bench/dp_calibration.py --runs {args.runs} --md {args.md}`",
                  f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; total {time.time() - t_start:.0f} s; "
                  "2 threads",

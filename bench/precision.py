@@ -54,6 +54,7 @@ from torch import nn  # noqa: E402
 
 torch.set_num_threads(2)
 
+from machine import cpu_counters  # noqa: E402  (bench/machine.py, next to this script)
 import secquant  # noqa: E402
 from secquant.evaluate import float_size_bytes  # noqa: E402
 from secquant.models import load_model  # noqa: E402
@@ -61,22 +62,9 @@ from secquant.models.encoder import builtin_sentences  # noqa: E402
 from secquant.recipes import Calibration, QuantArgs, Recipe, get_preset  # noqa: E402
 
 
-def _cpu_counters() -> tuple[float, float]:
-    """(busy CPU-seconds of the whole machine, CPU-seconds of this process incl. reaped children) so far."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        busy = sum(f[:8]) - f[3] - f[4]  # all minus idle and iowait
-        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        own = sum(int(x) for x in mine[11:15])  # utime stime cutime cstime
-        hz = os.sysconf("SC_CLK_TCK")
-        return busy / hz, own / hz
-    except (OSError, ValueError, IndexError):
-        return float("nan"), float("nan")
-
-
 T_START = time.perf_counter()
 LOAD_START = os.getloadavg()
-CPU_START = _cpu_counters()
+CPU_START = cpu_counters()
 BATCH = 32
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -548,7 +536,7 @@ def machine() -> str:
 
 
 def other_load(total_s: float) -> str:
-    busy, own = _cpu_counters()
+    busy, own = cpu_counters()
     other = (busy - CPU_START[0]) - (own - CPU_START[1])
     return (f"other processes used {max(other, 0.0):.0f} CPU-seconds during the {total_s:.0f} s run "
             f"(~{max(other, 0.0) / total_s:.2f} of the 2 cores on average; this run itself used "
