@@ -276,6 +276,8 @@ def test_cli_keygen_embed_verify_exit_codes(tmp_path, digits):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["verify"]["detected"] and summary["changed"] > 0 and summary["keyed"] == summary["verify"]["n"]
     assert summary["commitment"] == as_key(k).commitment and summary["key_id"] == as_key(k).key_id
+    recorded = json.loads((art / "secquant.json").read_text())["watermark"]  # the commitment, never the key
+    assert recorded["commitment"] == as_key(k).commitment and as_key(k).secret.hex() not in json.dumps(recorded)
     r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)

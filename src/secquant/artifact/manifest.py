@@ -84,6 +84,8 @@ class Manifest(Strict):
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)
     tuning: dict[str, Any] | None = Field(None, description="what an accuracy-driven search decided and measured")
     training: dict[str, Any] | None = Field(None, description="quantization-aware retraining: epochs, losses, data")
+    watermark: dict[str, Any] | None = Field(None, description="a public commitment to the owner's watermark key "
+                                             "(scheme, key_id, commitment, tau); never the key")
     files: dict[str, str] = Field(description="artifact file name -> sha256 of its bytes")
 
     @field_validator("files")

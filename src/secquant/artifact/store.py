@@ -45,20 +45,22 @@ def tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source: SourceEntry,
                    calibration: CalibrationEntry, files: dict[str, str], tuning: dict | None = None,
-                   training: dict | None = None, privacy: list[dict] | None = None) -> Manifest:
+                   training: dict | None = None, privacy: list[dict] | None = None,
+                   watermark: dict | None = None) -> Manifest:
     return Manifest(
         secquant_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
         recipe=recipe, layers=layers, source=source, calibration=calibration, files=files, tuning=tuning,
-        training=training, privacy=PrivacyLedger(entries=list(privacy or [])),
+        training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
     )
 
 
 def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, layers: dict[str, dict],
                   source: SourceEntry, calibration: CalibrationEntry, overwrite: bool = False,
                   extra_files: dict[str, bytes] | None = None, tuning: dict | None = None,
-                  training: dict | None = None, privacy: list[dict] | None = None) -> Manifest:
+                  training: dict | None = None, privacy: list[dict] | None = None,
+                  watermark: dict | None = None) -> Manifest:
     """Write the artifact directory atomically and return its manifest."""
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors_for_save(module), str(tmp / WEIGHTS_NAME),
@@ -70,7 +72,8 @@ def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, lay
         for rel, data in (extra_files or {}).items():
             (tmp / rel).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files, tuning, training, privacy)
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files, tuning, training, privacy,
+                                  watermark)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
 

@@ -71,7 +71,9 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         m = qm.manifest
         layers = {n: e.model_dump() for n, e in m.layers.items()}
         save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
-                      tuning=m.tuning)
+                      tuning=m.tuning, privacy=m.privacy.entries,
+                      watermark={"scheme": rep.scheme, "key_id": rep.key_id, "commitment": rep.commitment,
+                                 "tau": rep.tau})
         check = verify_watermark(out, k)  # from the written files, as a verifier would
         res = {"artifact": str(out), "recipe": m.recipe.name, **rep.to_dict(),
                "verify": {k_: getattr(check, k_) for k_ in ("detected", "matches", "n", "z", "p_value",
