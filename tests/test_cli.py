@@ -178,6 +178,10 @@ def test_demo_digits(cli, tmp_path):
     for x in results:  # ONNX Runtime reproduces each artifact (same accuracy within 2 of 899 samples)
         assert abs(speed[x["recipe"]]["value"] - x["value"]) <= 2 / 899 + 1e-9
         assert speed[x["recipe"]]["runtime"].startswith("onnxruntime")
+    sec = report["security"]  # sealed, opened verified, integrity and watermark exercised
+    assert sec["watermark (owner key)"].startswith("detected") and sec["watermark (another key)"].startswith("not")
+    assert sec["one bit flipped in memory"].startswith("detected") and (out / "digits-w8a8.age").is_file()
+    assert "<h2>Security</h2>" in (out / "report.html").read_text()
     assert {x["recipe"] for x in results} == {"w8a16", "w8a8", "w8a8-dynamic", "w4a16", "w4a8-dynamic"}
     for x in results:
         assert x["model"] == "builtin:digits" and x["metric"] == "accuracy"

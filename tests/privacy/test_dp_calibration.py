@@ -95,6 +95,13 @@ def test_dp_bad_input(digits, calib_file):
         secquant.quantize(digits, small, calib=calib_file, dp_epsilon=1.0, dp_delta=1.5)
 
 
+def test_too_few_samples_for_the_epsilon_is_refused(digits, tmp_path):
+    few = tmp_path / "few.safetensors"
+    save_file({"inputs": splits()["train_x"][:20].contiguous()}, str(few))
+    with pytest.raises(SecquantError, match=r"too few for epsilon=0.5.*use at least \d+ samples"):
+        secquant.quantize(digits, "w8a8", calib=few, dp_epsilon=0.5)
+
+
 def test_synthetic_calibration_reads_no_data(digits):
     qm = secquant.quantize(digits, "w8a8", calib="synthetic")
     assert qm.manifest.calibration.data == "synthetic" and "ZeroQ" in qm.manifest.calibration.source

@@ -45,6 +45,8 @@ MECHANISM = "Gaussian mechanism (OpenDP make_gaussian) on clipped per-sample act
 # standard deviation is proportional to the width) but trust the public prior more: on MiniLM the
 # synthetic prior alone already lands within 0.001 mean cosine of calibration on real text.
 WINDOW = 0.25
+# Refuse when the noise standard deviation exceeds this fraction of a window: the ranges would be noise.
+MAX_NOISE = 0.25
 ACCOUNTANT = "zero-concentrated DP, converted with OpenDP make_zCDP_to_approxDP (single release, no composition)"
 
 
@@ -195,6 +197,11 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: It
     unit = torch.stack([unit[:, g].mean(1) for g in groups], 1)  # each sample: a point of [0, 1]^(2G)
     k = unit[0].numel()
     sigma, rho = gaussian_scale(k, epsilon, delta)
+    if sigma / n > MAX_NOISE:
+        raise CalibrationError(
+            f"{n} calibration samples are too few for epsilon={epsilon:g}: the noise would be {sigma / n:.2f} of "
+            f"each range's clipping window (limit {MAX_NOISE}); use at least {math.ceil(sigma / MAX_NOISE)} samples "
+            "or a larger --dp-epsilon")
     noisy = (_noisy_sums(unit.sum(0).reshape(-1), sigma).reshape(-1, 2) / n).clamp(0, 1)
     pub = ((centers - low) / width).clamp(0, 1)  # where the public mean sits in each window
     est = torch.empty_like(centers)
