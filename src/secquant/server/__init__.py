@@ -21,7 +21,10 @@ Routes (all but /healthz need `Authorization: Bearer <key>`; 401 otherwise):
 
 Limits: 413 for a batch over --max-batch, over the client's burst or its whole budget, or a body
 over 1 MiB; 429 with Retry-After when the client's rate limit (token bucket, rows per second) or
-query budget (rows per window) is spent; 503 once the model failed an integrity check.
+query budget (rows per window) is spent; 503 once the model failed an integrity check. Bad input
+(malformed JSON, unknown fields, wrong shapes, out-of-range numbers) is a 422 with a JSON `detail`
+that does not echo the input; on a protected route the key and role are checked first (401 / 403).
+The OpenAPI document is not served (`app.openapi()` builds it for tests and tools).
 """
 
 from .app import ServerConfig, create_app

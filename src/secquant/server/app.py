@@ -22,8 +22,13 @@ import anyio
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .budgets import RateLimiter, retry_after_header
 from .db import ServerDBError
@@ -48,28 +53,37 @@ class ServerConfig:
 
 # ---- request / response bodies ------------------------------------------------------------------
 
-class PredictRequest(BaseModel):
+# Unknown fields are refused (422), not ignored: a misspelt option must not silently do nothing.
+# Integer limits are bounded by their columns (a larger number is a 422, not a database overflow).
+_INT32, _INT64 = 2**31 - 1, 2**63 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Body):
     inputs: list[Any] = Field(..., description="a batch: one nested list of numbers per example")
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(_Body):
     texts: list[str] = Field(..., description="sentences to embed")
 
 
-class NewClient(BaseModel):
+class NewClient(_Body):
     name: str
     role: Literal["user", "admin"] = "user"
-    max_queries: int | None = None
-    window_s: int = 86400
-    rate_per_s: float | None = None
-    burst: int | None = None
+    max_queries: int | None = Field(None, ge=0, le=_INT64)
+    window_s: int = Field(86400, ge=1, le=_INT32)
+    rate_per_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    burst: int | None = Field(None, ge=1, le=_INT32)
 
 
-class BudgetChange(BaseModel):
-    max_queries: int | None = None
-    window_s: int | None = None
-    rate_per_s: float | None = None
-    burst: int | None = None
+class BudgetChange(_Body):
+    max_queries: int | None = Field(None, ge=0, le=_INT64)
+    window_s: int | None = Field(None, ge=1, le=_INT32)
+    rate_per_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    burst: int | None = Field(None, ge=1, le=_INT32)
     unlimited: bool = False
 
 
@@ -254,6 +268,40 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
             raise HTTPException(403, "this route is for admin clients")
         return p
 
+    async def auth_first(request: Request):
+        """FastAPI parses a JSON body before it runs the dependencies, so a malformed body (422 / 400)
+        would be answered before the key is checked. On a protected route whose key has not been
+        checked yet, check it (and the role) first: 401 / 403, the same answer a well-formed body gets."""
+        route = request.scope.get("route")
+        if not isinstance(route, APIRoute) or "client_id" in audit_info(request):
+            return None
+        calls = {d.call for d in route.dependant.dependencies}
+        if not calls & {principal, admin}:
+            return None
+        try:
+            p = await principal(request)
+            if admin in calls:
+                await admin(request, p)
+        except HTTPException as e:
+            return await http_exception_handler(request, e)
+        return None
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each offending input back, which fails to serialize (a 500) when
+        # it is NaN or Infinity (JSON the parser accepts); the client sent it, so it is left out.
+        denied = await auth_first(request)
+        if denied is not None:
+            return denied
+        errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # "There was an error parsing the body" (not UTF-8, nested too deep...)
+            return await auth_first(request) or await http_exception_handler(request, exc)
+        return await http_exception_handler(request, exc)
+
     def serving(request: Request) -> None:
         if model.corruption is not None:
             audit_info(request)["detail"] = "model out of service (integrity)"
@@ -366,7 +414,8 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
         return {"client": c}
 
     @app.get("/v1/audit")
-    async def audit(limit: int = Query(100, ge=1, le=10000), client: str | None = None, status: int | None = None,
+    async def audit(limit: int = Query(100, ge=1, le=10000), client: str | None = None,
+                    status: int | None = Query(None, ge=100, le=599),
                     p: Principal = Depends(admin)):
         return {"entries": await run_in_threadpool(store.audit_log, limit=limit, client=client, status=status)}
 

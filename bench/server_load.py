@@ -1,0 +1,243 @@
+"""Load test of the inference server on loopback: MiniLM embeddings at batch 1.
+
+Builds a sealed builtin:minilm artifact (w8a8-dynamic, exported to ONNX so the ONNX Runtime backend
+serves it), starts `secquant serve` on 127.0.0.1, adds a user client with no budget, then runs a
+bounded load test: `--clients` threads, each with its own httpx connection, POST /v1/embed with one
+sentence for `--seconds` seconds (after a short warm-up). Reports sustained requests per second,
+p50/p99 latency and the error count as JSON lines, and writes a "## Server load" section to
+bench/results_server.md.
+
+    .venv/bin/python bench/server_load.py [--seconds 30] [--clients 4] [--threads 1]
+
+Every request passes the whole server path: key check (argon2id once per key, then a cached
+SHA-256), budget update in SQLite, the ORT forward pass and one audit row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_counters
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Secure inference keeps the weights sealed.",
+             "How many requests per second can one server answer?", "A short one."]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(tmp: Path, recipe: str) -> tuple[Path, object]:
+    import secquant
+    from secquant.runtime import export_onnx
+    from secquant.security import keygen, seal
+
+    art = tmp / "minilm"
+    t0 = time.perf_counter()
+    secquant.quantize("builtin:minilm", recipe, out=art)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(art)
+    keys = keygen(tmp / "owner")
+    sealed = seal(art, [keys.recipient.read_text().strip()], keys.sign_key, tmp / "minilm.age")
+    log(f"quantized, exported and sealed in {time.perf_counter() - t0:.1f} s")
+    return sealed, keys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> str:
+    exe = Path(sys.executable).with_name("secquant")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "secquant"]
+    return subprocess.run(cmd + list(args), check=True, capture_output=True, text=True).stdout
+
+
+def worker(url: str, key: str, stop_at: float, warm_until: float, lat: list, errors: list, statuses: dict) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    i = 0
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            body = {"texts": [SENTENCES[i % len(SENTENCES)]]}
+            i += 1
+            try:
+                r = c.post("/v1/embed", json=body)
+                code = r.status_code
+                ok = code == 200 and len(r.json()["embeddings"]) == 1
+            except Exception as e:  # noqa: BLE001 - counted, not fatal
+                code, ok = type(e).__name__, False
+            t1 = time.perf_counter()
+            if t0 < warm_until:
+                continue
+            statuses[code] = statuses.get(code, 0) + 1
+            if ok:
+                lat.append((t1, t1 - t0))
+            else:
+                errors.append(code)
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured duration")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of requests not counted")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent client threads")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the server")
+    ap.add_argument("--recipe", default="w8a8-dynamic")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results_server.md")
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="secquant-server-load-") as td:
+        tmp = Path(td)
+        sealed, keys = build(tmp, a.recipe)
+        db = str(tmp / "server.db")
+        key = cli("server", "add-client", "loadtest", "--role", "user", "--db", db).strip().split()[-1]
+        if not key.startswith("sq_"):
+            raise SystemExit(f"could not read the API key from add-client's output: {key!r}")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        exe = Path(sys.executable).with_name("secquant")
+        cmd = [str(exe), "serve", str(sealed), "--identity", str(keys.identity), "--verify-key",
+               str(keys.verify_key), "--db", db, "--port", str(port), "--threads", str(a.threads),
+               "--log-level", "warning"]
+        log("starting: " + " ".join(cmd))
+        srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if srv.poll() is not None:
+                    raise SystemExit(f"the server exited ({srv.returncode}):\n{srv.stdout.read()}")
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not come up in 180 s")
+                time.sleep(0.5)
+            with httpx.Client(base_url=url) as c:
+                r = c.post("/v1/embed", json={"texts": ["hello"]}, headers={"Authorization": f"Bearer {key}"})
+                r.raise_for_status()
+                dim = r.json()["dim"]
+            log(f"server up (dim {dim}); {a.clients} clients, {a.warmup:.0f} s warm-up + {a.seconds:.0f} s")
+            load0 = os.getloadavg()
+            busy0, own0 = cpu_counters()
+            srv_cpu0 = _proc_cpu(srv.pid)
+            start = time.perf_counter()
+            warm_until = start + a.warmup
+            stop_at = warm_until + a.seconds
+            lat: list = []
+            errors: list = []
+            statuses: dict = {}
+            ts = [threading.Thread(target=worker, args=(url, key, stop_at, warm_until, lat, errors, statuses))
+                  for _ in range(a.clients)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            window = time.perf_counter() - start
+            busy1, own1 = cpu_counters()
+            srv_cpu1 = _proc_cpu(srv.pid)
+            load1 = os.getloadavg()
+        finally:
+            srv.terminate()
+            try:
+                srv.wait(20)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+    lats = [d for _, d in lat]
+    measured = a.seconds
+    n = len(lats)
+    wall = measured  # requests that started in the measured span / its length
+    server_cpu = srv_cpu1 - srv_cpu0
+    other = (busy1 - busy0) - (own1 - own0) - server_cpu
+    res = {
+        "bench": "server_load", "model": "builtin:minilm", "recipe": a.recipe, "backend": "onnxruntime",
+        "route": "/v1/embed", "batch": 1, "clients": a.clients, "ort_threads": a.threads, "seconds": measured,
+        "requests_ok": n, "errors": len(errors), "statuses": {str(k): v for k, v in statuses.items()},
+        "rps": round(n / wall, 2), "p50_ms": round(1000 * pct(lats, 0.50), 2) if n else None,
+        "p99_ms": round(1000 * pct(lats, 0.99), 2) if n else None,
+        "mean_ms": round(1000 * statistics.fmean(lats), 2) if n else None,
+        "server_cpu_s": round(server_cpu, 1), "other_processes_cpu_s": round(other, 1),
+        "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in load1],
+        "cpus": os.cpu_count(), "window_s": round(window, 1),
+    }
+    print(json.dumps(res), flush=True)
+    write_section(a, res)
+    log(f"wrote {a.out}")
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def write_section(a, r: dict) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = (f".venv/bin/python bench/server_load.py --seconds {a.seconds:g} --clients {a.clients} "
+           f"--threads {a.threads}")
+    md = f"""## Server load
+
+`{cmd}` ({when}; {r['cpus']} CPUs, {cpu}; Python {platform.python_version()}).
+
+`secquant serve` on 127.0.0.1 (uvicorn, one worker process, ONNX Runtime backend with {r['ort_threads']}
+intra-op thread(s), SQLite database) serving builtin:minilm quantized with `{r['recipe']}`, exported to
+ONNX and sealed. {r['clients']} client threads (httpx, keep-alive, one connection each, same machine)
+send POST /v1/embed with one sentence per request, back to back, for {r['seconds']:g} s after a
+{a.warmup:g} s warm-up. Each request goes the whole way: bearer key check, budget update in the
+database (the client is unlimited, the row is still counted), the forward pass, one audit row.
+
+| requests OK | errors | sustained req/s | p50 latency | p99 latency | mean latency |
+|---:|---:|---:|---:|---:|---:|
+| {r['requests_ok']} | {r['errors']} | {r['rps']} | {r['p50_ms']} ms | {r['p99_ms']} ms | {r['mean_ms']} ms |
+
+Contention: load average {r['loadavg_before'][0]} before, {r['loadavg_after'][0]} after (1-minute);
+over the {r['window_s']:g} s of the run (warm-up included) the server process used {r['server_cpu_s']} CPU-s and
+other processes (not the server, not the load generator) {r['other_processes_cpu_s']} CPU-s of the
+machine's {r['cpus']} x {r['window_s']:g} = {r['cpus'] * r['window_s']:.0f} CPU-s. The load generator shares the
+CPUs with the server, so these numbers are a floor for a dedicated machine; latency is measured by
+the client and includes queueing behind the other {r['clients'] - 1} clients.
+"""
+    a.out.write_text(md)
+
+
+if __name__ == "__main__":
+    main()
