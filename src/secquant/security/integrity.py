@@ -19,7 +19,12 @@ against it before returning (fail closed) and keeps the guard for checks while s
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +71,43 @@ def _group_checksums(qweight: torch.Tensor, key: bytes, name: str, group_bytes: 
         weights = cache[name]
     mask, mult = weights
     return (((b ^ mask) * mult) % 2**32).sum(dim=1) % 2**32
+
+
+def _group_checksums_chunked(qweight, key: bytes, name: str, group_bytes: int,
+                             chunk_bytes: int = 1 << 16) -> torch.Tensor:
+    """The same checksums as `_group_checksums`, in bounded memory (for sealing large models).
+
+    `_group_checksums` materializes the whole key stream (2 x int64 per weight byte) and int64
+    copies of the codes, about 50x a layer's size. Here the stream is drawn in chunks from one
+    generator, in the same order (all masks, then all multipliers): the masks are kept as
+    uint8 (1 byte per weight byte), the multipliers and products never exceed one chunk.
+    Products are < 2^40, so a group's sum fits int64 and one final mod 2^32 gives the same value.
+    `qweight` is a tensor or a `(read(start, stop) -> 1-D tensor, numel)` pair (codes read lazily).
+    """
+    if isinstance(qweight, torch.Tensor):
+        flat = qweight.reshape(-1)
+        read, n = (lambda a, b: flat[a:b]), flat.numel()
+    else:
+        read, n = qweight
+    groups = -(-n // group_bytes)
+    total = groups * group_bytes
+    seed = int.from_bytes(hashlib.sha256(key + b"\0" + name.encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    step = max(1, chunk_bytes // group_bytes) * group_bytes
+    masks = torch.empty(total, dtype=torch.uint8)
+    for s in range(0, total, step):
+        e = min(total, s + step)
+        masks[s:e] = torch.randint(0, 2**32, (e - s,), generator=g, dtype=torch.int64) & 0xFF
+    out = torch.empty(groups, dtype=torch.int64)
+    for s in range(0, total, step):
+        e = min(total, s + step)
+        prod = torch.randint(0, 2**32, (e - s,), generator=g, dtype=torch.int64) | 1
+        b = read(s, min(e, n)).to(torch.int64)
+        if b.numel() < e - s:
+            b = torch.nn.functional.pad(b, (0, e - s - b.numel()))
+        prod.mul_(b.bitwise_xor_(masks[s:e]))
+        out[s // group_bytes: e // group_bytes] = prod.view(-1, group_bytes).sum(dim=1) % 2**32
+    return out
 
 
 class IntegrityGuard:
@@ -148,6 +190,7 @@ def _zero_codes(m: QuantizedWeightMixin) -> torch.Tensor:
 
 
 _META = ("__scheme__", "__key__", "__group_bytes__")
+_CODE_DTYPES = {"U8": torch.uint8, "I8": torch.int8}
 
 
 def make_record(checksums: dict[str, torch.Tensor], key: bytes, group_bytes: int) -> bytes:
@@ -175,13 +218,74 @@ def record_for_weights(weights_file: str | Path, key: bytes | None = None,
                        group_bytes: int = DEFAULT_GROUP_BYTES) -> bytes:
     """An integrity record for the packed codes (`<layer>.qweight`) in an artifact's model.safetensors,
     under `key` (a fresh random 256-bit key by default), without rebuilding the model."""
+    buf = io.BytesIO()
+    write_record_for_weights(weights_file, buf, key, group_bytes)
+    return buf.getvalue()
+
+
+def write_record_for_weights(weights_file: str | Path, dst, key: bytes | None = None,
+                             group_bytes: int = DEFAULT_GROUP_BYTES) -> None:
+    """`record_for_weights` written to `dst` (a path, or a seekable binary file) in memory that does
+    not grow with the model: each layer's checksums are written at their place in the safetensors
+    layout (known up front from the shapes) as soon as they are computed.
+
+    The codes are read in chunks with plain reads, not through safe_open's memory map: mapped
+    pages count in the sealing process's resident memory, which would grow with the model.
+    """
     key = key or os.urandom(32)
-    sums = {}
-    with safe_open(str(weights_file), "pt") as f:
-        for k in f.keys():
-            if k.endswith(".qweight") and k not in _META:
-                name = k[: -len(".qweight")]
-                sums[name] = _group_checksums(f.get_tensor(k), key, name, group_bytes)
-    if not sums:
+    with safe_open(str(weights_file), "pt") as f:  # validates the file and its header
+        names = [k for k in f.keys() if k.endswith(".qweight") and k not in _META]
+    if not names:
         raise ArtifactError(f"{weights_file} holds no quantized weights to protect")
-    return make_record(sums, key, group_bytes)
+    with open(weights_file, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+        numel = {k: math.prod(header[k]["shape"]) for k in names}
+        # the record's layout: int64 tensors first (8-byte aligned), then the uint8 ones
+        scheme, layout, off = list(SCHEME.encode()), {}, 0
+        entries = [("__group_bytes__", "I64", 1, 8)]
+        entries += [(k[: -len(".qweight")], "I64", -(-numel[k] // group_bytes), 8) for k in names]
+        entries += [("__key__", "U8", len(key), 1), ("__scheme__", "U8", len(scheme), 1)]
+        for name, dtype, n, size in entries:
+            layout[name] = {"dtype": dtype, "shape": [n], "data_offsets": [off, off + n * size]}
+            off += n * size
+        head = json.dumps(layout, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        base = 8 + len(head)
+        own = not hasattr(dst, "write")
+        out = open(dst, "wb") if own else dst  # noqa: SIM115 - closed below
+        lock = threading.Lock()
+
+        def put(name: str, data: bytes) -> None:
+            with lock:
+                out.seek(base + layout[name]["data_offsets"][0])
+                out.write(data)
+
+        def one(k: str) -> None:
+            info, name = header[k], k[: -len(".qweight")]
+            if info["dtype"] not in _CODE_DTYPES:  # not byte codes: element-wise, as the guard does
+                with safe_open(str(weights_file), "pt") as f:
+                    sums = _group_checksums_chunked(f.get_tensor(k), key, name, group_bytes)
+            else:
+                start = 8 + header_len + info["data_offsets"][0]
+                dt = _CODE_DTYPES[info["dtype"]]
+
+                def read(a: int, b: int) -> torch.Tensor:
+                    if b <= a:
+                        return torch.empty(0, dtype=dt)
+                    return torch.frombuffer(bytearray(os.pread(fh.fileno(), b - a, start + a)), dtype=dt)
+
+                sums = _group_checksums_chunked((read, numel[k]), key, name, group_bytes)
+            put(name, sums.numpy().astype("<i8", copy=False).tobytes())
+
+        try:
+            out.write(len(head).to_bytes(8, "little") + head)
+            put("__group_bytes__", group_bytes.to_bytes(8, "little", signed=True))
+            put("__key__", key)
+            put("__scheme__", bytes(scheme))
+            # layers are independent (one key stream each) and torch releases the GIL: use the cores
+            with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1, 4))) as ex:
+                list(ex.map(one, names))
+        finally:
+            if own:
+                out.close()

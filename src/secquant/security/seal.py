@@ -23,7 +23,7 @@ from ..artifact.hashing import file_sha256
 from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME
 from ..artifact.store import verify_artifact_dir
 from ..errors import ArtifactError, OutputExistsError, SecquantError
-from .integrity import INTEGRITY_NAME, record_for_weights
+from .integrity import INTEGRITY_NAME, write_record_for_weights
 from .keys import load_identities, load_recipients
 
 SIG_NAME = "model.sig"
@@ -66,10 +66,9 @@ def _staging_area(near: Path) -> tempfile.TemporaryDirectory:
         return tempfile.TemporaryDirectory(prefix="secquant-seal-")
 
 
-def _stage_with_integrity(src: Path, stage: Path) -> None:
+def _stage_with_integrity(src: Path, stage: Path, manifest) -> None:
     """`stage` = the artifact in `src` plus a fresh integrity record (new random key) listed in its
     manifest. Files are hard-linked where possible (no copy of the weights), else copied."""
-    manifest = verify_artifact_dir(src)
     stage.mkdir()
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
@@ -81,11 +80,12 @@ def _stage_with_integrity(src: Path, stage: Path) -> None:
             os.link(p, dst)
         except OSError:
             shutil.copyfile(p, dst)
-    (stage / INTEGRITY_NAME).write_bytes(record_for_weights(stage / WEIGHTS_NAME))
+    write_record_for_weights(stage / WEIGHTS_NAME, stage / INTEGRITY_NAME)  # memory flat in the model size
     files = dict(manifest.files)
     files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
     (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
-    verify_artifact_dir(stage)
+    # no second hash pass: the staged files are links to the ones verified by the caller (a change to them
+    # before the tar is read no longer matches the signature, and open refuses it)
 
 
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
@@ -96,13 +96,13 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
     weights under a fresh random key (see security.integrity), covered by the signature.
     """
     d, out = Path(artifact_dir), Path(out)
-    verify_artifact_dir(d)  # never seal a broken or tampered artifact
+    manifest = verify_artifact_dir(d)  # never seal a broken or tampered artifact
     recips = load_recipients(list(recipients))
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     with _staging_area(d) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
         d = Path(stage_root) / "artifact"
-        _stage_with_integrity(Path(artifact_dir), d)
+        _stage_with_integrity(Path(artifact_dir), d, manifest)
         files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
         _sign(d, Path(sign_key), sig, sign_key_passphrase)
