@@ -27,8 +27,6 @@ import io
 import json
 import logging
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +45,8 @@ from torch import nn  # noqa: E402
 
 torch.set_num_threads(2)
 
-from machine import cpu_counters  # noqa: E402  (bench/machine.py, next to this script)
+from machine import cpu_counters, machine_line, replace_section, source_fingerprint  # noqa: E402  (bench/machine.py)
+from machine import other_load as _other_load  # noqa: E402
 import secquant  # noqa: E402
 from secquant.evaluate import float_size_bytes  # noqa: E402
 from secquant.models import load_model  # noqa: E402
@@ -441,40 +440,15 @@ def print_summary(total_s: float) -> None:
           f"{LOAD_START[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
 
-def source_fingerprint() -> str:
-    """sha256 over secquant's .py sources (path + content), to tie the numbers to one source state."""
-    import hashlib
-    root = Path(secquant.__file__).resolve().parent
-    h = hashlib.sha256()
-    files = sorted(root.rglob("*.py"))
-    for f in files:
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    newest = max(files, key=lambda f: f.stat().st_mtime)
-    return (f"secquant {getattr(secquant, '__version__', '?')} from {root}; sha256 of its {len(files)} .py files "
-            f"{h.hexdigest()[:16]}; newest {newest.relative_to(root)} modified "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(newest.stat().st_mtime))}")
-
-
 SOURCE_AT_START = source_fingerprint()
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = m.group(1).strip() if m else model
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} cores, {model} (per /proc/cpuinfo), torch.set_num_threads(2); "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return machine_line(2)
 
 
 def other_load(total_s: float) -> str:
-    busy, own = cpu_counters()
-    other = (busy - CPU_START[0]) - (own - CPU_START[1])
-    return (f"other processes used {max(other, 0.0):.0f} CPU-seconds during the {total_s:.0f} s run "
-            f"(~{max(other, 0.0) / total_s:.2f} of the 2 cores on average; this run itself used "
-            f"{own - CPU_START[1]:.0f} CPU-seconds)")
+    return _other_load(CPU_START, total_s)
 
 
 def markdown(total_s: float) -> str:
@@ -528,19 +502,7 @@ def markdown(total_s: float) -> str:
 
 
 def write_results_md(total_s: float) -> None:
-    section = markdown(total_s)
-    if RESULTS_MD.is_file():
-        text = RESULTS_MD.read_text()
-        m = re.search(r"^## Quality[ \t]*\n", text, re.M)
-        if m:
-            nxt = re.search(r"^## ", text[m.end():], re.M)
-            end = m.end() + nxt.start() if nxt else len(text)
-            text = text[:m.start()] + section + ("\n" + text[end:] if nxt else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        RESULTS_MD.write_text(text)
-    else:
-        RESULTS_MD.write_text("# secquant benchmark results\n\n" + section)
+    replace_section(RESULTS_MD, "Quality", markdown(total_s))
     log(f"wrote {RESULTS_MD}")
 
 

@@ -134,19 +134,24 @@ def quantize(
     _check_out(out, overwrite)
     with plaintext_path(calib, identity, passphrase) as data:
         qmodule, layers, calibration, privacy = _quantize(handle, recipe, calib, data, progress, dp_epsilon, dp_delta)
-    source = source_entry(handle.module)
+    return _finish(qmodule, handle, recipe, layers, source_entry(handle.module), calibration, out, overwrite,
+                   tuning=tuning, privacy=privacy)
+
+
+def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dict, source: SourceEntry,
+            calibration: CalibrationEntry, out, overwrite: bool, **manifest_fields) -> QuantizedModel:
+    """The QuantizedModel, saved as an artifact directory when `out` is given (else manifest only)."""
     if out is None:
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, tuning=tuning,
-                                  privacy=privacy)
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, **manifest_fields)
         return QuantizedModel(qmodule, manifest, handle)
     manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
-                             tuning=tuning, privacy=privacy)
+                             **manifest_fields)
     return QuantizedModel(qmodule, manifest, handle, Path(out))
 
 
 def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progress, dp_epsilon, dp_delta):
     """(quantized module, layers, calibration entry, privacy ledger entries) for one recipe run."""
-    from .privacy.synthetic import SYNTHETIC, describe, synthetic_batches
+    from .privacy.synthetic import SYNTHETIC, describe, synthetic_source
 
     qmodule = copy.deepcopy(handle.module).eval()
     cal = recipe.calibration
@@ -156,10 +161,15 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
                             "on: drop --dp-epsilon, or pass the private calibration file")
     if dp_epsilon is not None and calib is None:
         raise SecquantError("DP calibration needs the private calibration data: pass --calib FILE")
+    if dp_epsilon is not None:
+        from .privacy.dp_calibration import check_budget
+
+        check_budget(dp_epsilon, dp_delta)
     builtin_free = isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None
+    public = synthetic_source(handle, cal.num_samples, cal.seed) \
+        if (synthetic or dp_epsilon is not None) and recipe.needs_calibration else None
     if synthetic or dp_epsilon is not None:
-        batches = synthetic_batches(handle, cal.num_samples, cal.batch_size, cal.seed) \
-            if recipe.needs_calibration else None
+        batches = (lambda: public(cal.batch_size)) if public else None  # noqa: E731
     elif calib is not None or not builtin_free:
         batches = lambda: handle.adapter.calibration_batches(data, cal.num_samples, cal.batch_size)  # noqa: E731
     else:
@@ -174,8 +184,7 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
             # one sample per batch for encoders: a padded batch would let one sentence's length change
             # another's statistics (the padding), breaking the per-sample bound DP relies on
             bs = 1 if handle.kind == "encoder" else cal.batch_size
-            public = synthetic_batches(handle, cal.num_samples, bs, cal.seed)()
-            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), public,
+            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), public(bs),
                                handle.run, dp_epsilon, dp_delta, progress("DP calibration", None))
             res.ledger["public_prior"] = describe(handle)
             privacy.append(res.ledger)
@@ -239,7 +248,8 @@ def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> Q
     from .security import open_sealed
 
     if identity is None or verify_key is None:
-        raise SecquantError(f"{p} is a sealed file: pass identity=<age key file> and verify_key=<signer's public key>")
+        raise SecquantError(f"{p} is a file, so it is opened as a sealed model: give the age identity and the "
+                            "signer's public key (--identity KEY --verify-key PUB, or identity= and verify_key=)")
     shm = Path("/dev/shm")
     if not shm.is_dir() or not os.access(shm, os.W_OK):
         raise SecquantError("no memory-backed /dev/shm to open the sealed model in: use `secquant open` to "
@@ -363,14 +373,8 @@ def qat(
             data="private", num_samples=int(len(y)),
             source=(str(train) if train else f"{handle.spec} training split (built-in)")
             + f" (DP-SGD, epsilon={training['dp']['epsilon']:.3g}, delta={training['dp']['delta']:.3g})")
-        ledger = [ledger_entry(training["dp"])]
-        if out is None:
-            manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, training=training,
-                                      privacy=ledger)
-            return QuantizedModel(qmodule, manifest, handle)
-        manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
-                                 training=training, privacy=ledger)
-        return QuantizedModel(qmodule, manifest, handle, Path(out))
+        return _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training,
+                       privacy=[ledger_entry(training["dp"])])
     torch.manual_seed(seed)
     qmodule = copy.deepcopy(float_module)
     for p in qmodule.parameters():
@@ -411,9 +415,4 @@ def qat(
     training = {"method": "LSQ (learned step size) quantization-aware retraining, straight-through estimator",
                 "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "train_samples": int(len(y)),
                 "losses": [round(v, 6) for v in losses]}
-    if out is None:
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, training=training)
-        return QuantizedModel(qmodule, manifest, handle)
-    manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
-                             training=training)
-    return QuantizedModel(qmodule, manifest, handle, Path(out))
+    return _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training)

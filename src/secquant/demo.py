@@ -31,7 +31,7 @@ DP_EPSILON = 1.0
 
 
 def _quantize_and_evaluate(handle, spec: str, preset: str, art: Path, progress: Progress, label: str | None = None,
-                           **kw) -> dict[str, Any]:
+                           **kw) -> tuple[dict[str, Any], Any]:
     t0 = time.perf_counter()
     quantize(handle, preset, out=art, progress=progress, **kw)
     dt = time.perf_counter() - t0
@@ -42,11 +42,11 @@ def _quantize_and_evaluate(handle, spec: str, preset: str, art: Path, progress: 
              privacy=qm.manifest.privacy.entries)
     if label:
         r["recipe"] = label
-    return r
+    return r, qm
 
 
-def _speed_row(r: dict[str, Any], handle, art: Path, progress: Progress) -> dict[str, Any]:
-    s = evaluate(load(art, allow_unsealed=True), against=handle.module, runtime="onnx", threads=2, progress=progress)
+def _speed_row(r: dict[str, Any], handle, qm, progress: Progress) -> dict[str, Any]:
+    s = evaluate(qm, against=handle.module, runtime="onnx", threads=2, progress=progress)
     return {"model": r["model"], "recipe": r["recipe"], "runtime": s["runtime"], "value": s["value"],
             "float_value": s["float_value"], "latency_ms": s["latency_ms"], "float_latency_ms": s["float_latency_ms"],
             "speedup": s["float_latency_ms"] / s["latency_ms"], "onnx_size_bytes": s["onnx_size_bytes"]}
@@ -78,15 +78,15 @@ def run_demo(out: Path, overwrite: bool = False, models: list[str] | None = None
             handle = load_model(spec)
             for preset in presets:
                 art = tmp / "artifacts" / f"{spec.split(':')[-1]}-{preset}"
-                r = _quantize_and_evaluate(handle, spec, preset, art, progress)
+                r, qm = _quantize_and_evaluate(handle, spec, preset, art, progress)
                 results.append(r)
                 show(r)
-                speed.append(_speed_row(r, handle, art, progress))
+                speed.append(_speed_row(r, handle, qm, progress))
                 log(f"{'':16s} {'':13s} on ONNX Runtime: {speed[-1]['latency_ms']:.1f} ms per batch, "
                     f"{speed[-1]['speedup']:.2f}x fp32 PyTorch, {r['metric']}={speed[-1]['value']:.4f}")
             if privacy and "w8a8" in presets:  # the same preset, calibrated with differential privacy
                 calib = _private_calibration_file(spec, handle, Path(scratch))
-                r = _quantize_and_evaluate(handle, spec, "w8a8", tmp / "artifacts" / f"{spec.split(':')[-1]}-w8a8-dp",
+                r, _ = _quantize_and_evaluate(handle, spec, "w8a8", tmp / "artifacts" / f"{spec.split(':')[-1]}-w8a8-dp",
                                            progress, label=f"w8a8 (DP eps={DP_EPSILON:g})", calib=calib,
                                            dp_epsilon=DP_EPSILON)
                 results.append(r)

@@ -18,7 +18,7 @@ _LAZY = {
     "unmask_file": "masking",
     "generate_key": "masking",
     "dp_calibrate": "dp_calibration",
-    "synthetic_batches": "synthetic",
+    "synthetic_source": "synthetic",
     "synthesize_from_batchnorm": "datafree",
     "dp_qat": "dp_training",
     "plaintext_path": "encrypted_data",

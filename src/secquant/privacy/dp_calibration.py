@@ -5,7 +5,7 @@ neighbouring data sets differ in one sample (replace-one; the number of samples 
 
 How (a public prior, privately refined):
 
-1. The model is calibrated first on *public, data-free* inputs (see `synthetic_batches`), which
+1. The model is calibrated first on *public, data-free* inputs (see `privacy.synthetic`), which
    gives each static activation quantizer a prior range [lo_p, hi_p]. Smoothing scales and any
    other data-reading step also use only those inputs, so they spend no budget.
 2. One pass over the private samples (and one over the public ones) records, for every static
@@ -113,6 +113,14 @@ def _noisy_sums(sums: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.tensor(meas([float(v) for v in sums.double().tolist()]), dtype=torch.float64)
 
 
+def check_budget(epsilon: float, delta: float) -> None:
+    """Refuse a budget no mechanism can spend (checked before any work)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise SecquantError(f"--dp-epsilon must be a positive number, not {epsilon}")
+    if not 0 < delta < 1:
+        raise SecquantError(f"--dp-delta must be in (0, 1), not {delta}")
+
+
 def static_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant) and not m.args.dynamic}
 
@@ -175,10 +183,7 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: It
     private ones; their per-sample means are the centers of the clipping windows, and each
     prior range is rescaled by the ratio of the private (noisy) to the public mean.
     """
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise SecquantError(f"--dp-epsilon must be a positive number, not {epsilon}")
-    if not 0 < delta < 1:
-        raise SecquantError(f"--dp-delta must be in (0, 1), not {delta}")
+    check_budget(epsilon, delta)
     quants = static_quantizers(model)
     if not quants:
         raise SecquantError("DP calibration is for recipes with static activation ranges; this recipe reads no "

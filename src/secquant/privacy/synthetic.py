@@ -22,7 +22,6 @@ import torch
 from ..errors import CalibrationError
 
 SYNTHETIC = "synthetic"
-_LAST_ZEROQ: dict = {}
 
 
 def random_vocabulary_sentences(tokenizer, n: int, seed: int = 0, min_words: int = 4,
@@ -45,25 +44,22 @@ def describe(handle) -> str:
     return DATA_LABEL
 
 
-def synthetic_batches(handle, n: int, batch_size: int, seed: int = 0) -> Callable[[], Iterable[Any]]:
-    """A re-iterable source of `n` public calibration samples for `handle`, in batches."""
+def synthetic_source(handle, n: int, seed: int = 0) -> Callable[[int], Iterable[Any]]:
+    """`n` public calibration samples for `handle`, made once; call the result with a batch size to
+    iterate them (as often as needed: DP calibration reads them at two batch sizes)."""
     if handle.kind == "encoder":
         texts = random_vocabulary_sentences(handle.adapter.tokenizer, n, seed)
 
-        def encoder_batches() -> Iterator[Any]:
+        def encoder_batches(batch_size: int) -> Iterator[Any]:
             for i in range(0, len(texts), batch_size):
                 yield handle.adapter.encode(texts[i:i + batch_size])
 
         return encoder_batches
     from .datafree import synthetic_calibration
 
-    key = (id(handle.module), n, seed)
-    if key not in _LAST_ZEROQ:  # DP calibration asks twice (prior, then windows): distill once
-        _LAST_ZEROQ.clear()
-        _LAST_ZEROQ[key] = synthetic_calibration(handle, n=n, steps=200, seed=seed)  # 200 steps: ~500's accuracy
-    x = _LAST_ZEROQ[key]
+    x = synthetic_calibration(handle, n=n, steps=200, seed=seed)  # 200 steps: within 0.2 points of 500 on digits
 
-    def tensor_batches() -> Iterator[torch.Tensor]:
+    def tensor_batches(batch_size: int) -> Iterator[torch.Tensor]:
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size]
 
