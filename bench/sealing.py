@@ -212,8 +212,8 @@ def write_report(cmd: str, corr: dict | None, big: list[dict], base_mb: int | No
     lines = ["## Sealing", "",
              f"Command: `{cmd}`  ", f"Date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}  ",
              f"Machine: {os.cpu_count()} cores ({model}), Python {platform.python_version()}, torch {torch.__version__}  ",
-             (f"Load average at the end: {loadavg()} (another engineer's load test shares this 2-core box; "
-              "`machine_busy_cpu_s` is all CPU time spent on the machine during a seal+open pair)"), ""]
+             (f"Load average at the end: {loadavg()} (`machine_busy_cpu_s` is all CPU time spent on the machine "
+              "during a seal+open pair: well above the pair's own share means other load)"), ""]
     if corr:
         lines += ["### Random single-byte corruptions (builtin:minilm w8a8, sealed)", "",
                   (f"- {corr['tries']} corruptions (seed {SEED}; random position over the whole "
@@ -228,19 +228,21 @@ def write_report(cmd: str, corr: dict | None, big: list[dict], base_mb: int | No
     if big:
         lines += ["### Seal and open of a ~1 GB artifact", "",
                   "Real w8a16 artifact (int8 codes of 4096x4096 Linear layers); seal and open each in a child "
-                  "process, peak RSS = the child's VmHWM" + (f" (interpreter + imports alone: {base_mb} MB)" if base_mb else "") + ".",
+                  "process, peak RSS = the child's VmHWM" + (f" (interpreter + imports alone: {base_mb} MB)" if base_mb else "") + ". "
+                  "Sealing imports no torch; it hashes and checks the artifact while computing the integrity record "
+                  "(keyed AES-CTR/uint32 group sums, scheme v2), then signs while the tar stream is encrypted.",
                   "",
                   "| run | artifact MB | seal s | seal MB/s | seal peak RSS MB | open s | open MB/s | open peak RSS MB | machine busy CPU-s | load avg before |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in big:
             lines.append(f"| {r['run']} | {r['artifact_mb']} | {r['seal_s']} | {r['seal_mbps']} | {r['seal_peak_rss_mb']} | "
                          f"{r['open_s']} | {r['open_mbps']} | {r['open_peak_rss_mb']} | {r['machine_busy_cpu_s']} | {r['loadavg_before']} |")
-        best_s = max(r["seal_mbps"] for r in big)
-        best_o = max(r["open_mbps"] for r in big)
+        worst_s = min(r["seal_mbps"] for r in big)  # judged on the slowest run
+        worst_o = min(r["open_mbps"] for r in big)
         peak = max(r["seal_peak_rss_mb"] for r in big)
         lines += ["",
-                  f"- seal >= {BAR_MBPS:.0f} MB/s: **{'PASS' if best_s >= BAR_MBPS else 'FAIL'}** (best {best_s} MB/s)",
-                  f"- open >= {BAR_MBPS:.0f} MB/s: **{'PASS' if best_o >= BAR_MBPS else 'FAIL'}** (best {best_o} MB/s)",
+                  f"- seal >= {BAR_MBPS:.0f} MB/s: **{'PASS' if worst_s >= BAR_MBPS else 'FAIL'}** (slowest run {worst_s} MB/s)",
+                  f"- open >= {BAR_MBPS:.0f} MB/s: **{'PASS' if worst_o >= BAR_MBPS else 'FAIL'}** (slowest run {worst_o} MB/s)",
                   f"- seal peak RSS < {BAR_PEAK_MB:.0f} MB: **{'PASS' if peak < BAR_PEAK_MB else 'FAIL'}** (worst {peak} MB)", ""]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -61,7 +61,7 @@ torch.set_num_threads(2)
 
 from machine import cpu_counters  # noqa: E402  (bench/machine.py, next to this script)
 import secquant
-from secquant.evaluate import float_size_bytes
+from secquant.fidelity import float_size_bytes
 from secquant.models import load_model
 from secquant.models.encoder import builtin_sentences
 from secquant.recipes import get_preset

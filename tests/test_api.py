@@ -125,3 +125,30 @@ def test_nan_in_buffer_refused():
     m[1].running_var[0] = float("nan")
     with pytest.raises(ModelError, match="running_var"):
         secquant.quantize(m, "w8a16")
+
+
+def test_lazy_public_names_are_the_api_functions_whatever_was_imported_first():
+    """secquant's names load on first use (sealing runs without torch); a submodule of the same name
+    must never shadow one (the package attribute would become the module)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(secquant.__path__):
+        importlib.import_module(f"secquant.{info.name}")
+    for name in secquant.__all__:
+        value = getattr(secquant, name)
+        assert not isinstance(value, type(secquant)), f"secquant.{name} is a module, not the public object"
+    from secquant import api, recipes, tuning
+
+    assert secquant.evaluate is api.evaluate and secquant.quantize is api.quantize and secquant.load is api.load
+    assert secquant.PRESETS is recipes.PRESETS and secquant.tune is tuning.tune
+
+
+def test_sealing_and_opening_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport secquant.cli\nfrom secquant.security import seal, open_sealed, reseal, keygen\n"
+            "import secquant.security.checksums\nprint('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False", r.stderr

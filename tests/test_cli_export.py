@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from secquant.artifact import read_manifest  # noqa: E402
-from secquant.artifact.store import verify_artifact_dir  # noqa: E402
+from secquant.artifact.checks import verify_artifact_dir  # noqa: E402
 
 
 def test_export_then_eval_on_onnx_runtime(cli, digits_artifact, tmp_path):

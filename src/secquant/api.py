@@ -23,7 +23,7 @@ from .artifact import (
 )
 from .artifact.store import build_manifest, describe
 from .errors import ArtifactError, CalibrationError, ModelError, SecquantError
-from .evaluate import compare, float_size_bytes
+from .fidelity import compare, float_size_bytes
 from .models import ModelHandle, TensorClassifierAdapter, load_model
 from .quant.algorithms import quantize_model
 from .recipes import Recipe, get_preset, load_recipe

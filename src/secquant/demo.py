@@ -176,7 +176,7 @@ def _security(tmp: Path, scratch: Path, handle) -> dict[str, Any]:
         "recipients": recipient,
         "signature": "verified (OpenSSF model-signing, ECDSA P-256) before any tensor was used",
         "integrity check on load": f"intact: {len(qm.integrity.layers)} layers, "
-                                   f"{sum(int(r.numel()) for r in qm.integrity.reference.values())} groups",
+                                   f"{qm.integrity.groups} groups",
         "one bit flipped in memory": f"detected ({len(found)} group); accuracy {clean:.4f} -> {flipped:.4f} "
                                      f"-> {repaired:.4f} after zeroing the group",
         "watermark (owner key)": f"detected: p = {v.p_value:.3g} (false-positive bound), {v.matches}/{v.n} matches",

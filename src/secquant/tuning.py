@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, ModelError, OutputExistsError, RecipeError
-from .evaluate import compare, float_size_bytes
+from .fidelity import compare, float_size_bytes
 from .models import ModelHandle, load_model
 from .quant.algorithms.rtn import check_finite, plan, set_submodule
 from .quant.modules import quantize_module

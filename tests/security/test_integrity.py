@@ -43,7 +43,7 @@ def test_checksums_depend_on_the_key(digits_q):
     qm = digits_q[0]["w8a16"]
     a, b = IntegrityGuard(qm.module, b"k1"), IntegrityGuard(qm.module, b"k2")
     name = next(iter(a.layers))
-    assert not torch.equal(a.reference[name], b.reference[name])
+    assert (a.reference[name] != b.reference[name]).any()
     with pytest.raises(ValueError):
         IntegrityGuard(qm.module, b"")
 

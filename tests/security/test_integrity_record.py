@@ -13,7 +13,8 @@ from secquant.artifact.hashing import file_sha256
 from secquant.errors import ArtifactError, SecquantError
 from secquant.models.digits import splits
 from secquant.security import keygen, open_sealed, seal
-from secquant.security.integrity import INTEGRITY_NAME, IntegrityGuard, make_record, read_record, record_for_weights
+from secquant.security.checksums import INTEGRITY_NAME, make_record, read_record, write_record_for_weights
+from secquant.security.integrity import IntegrityGuard
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,13 @@ def test_a_mismatching_record_refuses_the_load(sealed, tmp_path):
     d = open_sealed(path, alice.identity, alice.verify_key, tmp_path / "o")
     key, gb, sums = read_record((d / INTEGRITY_NAME).read_bytes())
     # a record for other weights (here: the same weights under another key) no longer matches
-    (d / INTEGRITY_NAME).write_bytes(record_for_weights(d / "model.safetensors", key=b"k" * 32))
+    write_record_for_weights(d / "model.safetensors", d / INTEGRITY_NAME, key=b"k" * 32)
     raw = json.loads((d / "secquant.json").read_text())
     raw["files"][INTEGRITY_NAME] = file_sha256(d / INTEGRITY_NAME)
     (d / "secquant.json").write_text(json.dumps(raw))
     qm = secquant.load(d, allow_unsealed=True)  # key and checksums agree with each other: loads
     assert qm.check_integrity() == []
+    sums = {n: v.copy() for n, v in sums.items()}
     sums["classifier.1"][5] ^= 1  # one checksum altered: as if those weights had been changed
     (d / INTEGRITY_NAME).write_bytes(make_record(sums, key, gb))
     raw["files"][INTEGRITY_NAME] = file_sha256(d / INTEGRITY_NAME)

@@ -191,15 +191,43 @@ def test_seal_refuses_what_is_not_an_artifact(keys, tmp_path, what):
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 5000])
-@pytest.mark.parametrize("dtype", ["uint8", "int8"])
-def test_chunked_record_checksums_equal_the_guards(n, dtype):
-    """Sealing computes the record in chunks (bounded memory); the loader's guard in one piece: same values."""
-    import torch
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int32"])
+def test_record_from_the_file_equals_the_guards_checksums(n, dtype, tmp_path, monkeypatch):
+    """Sealing computes the record from the weights file in chunks (bounded memory, no torch); the
+    loader's guard from the tensors in memory: the same values, at every chunk and padding boundary."""
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    from secquant.security.integrity import _group_checksums, _group_checksums_chunked
+    from secquant.security import checksums
 
-    dt = getattr(torch, dtype)
-    q = torch.randint(torch.iinfo(dt).min, torch.iinfo(dt).max + 1, (n,), dtype=dt, generator=torch.Generator().manual_seed(n))
-    for gb in (64, 7):
-        assert torch.equal(_group_checksums_chunked(q, b"k" * 32, "l", gb, chunk_bytes=128),
-                           _group_checksums(q, b"k" * 32, "l", gb))
+    monkeypatch.setattr(checksums, "_CHUNK", 128)  # many chunks even for small layers
+    rng = np.random.default_rng(n)
+    info = np.iinfo(dtype)
+    tensors = {"a.qweight": rng.integers(info.min, info.max, n, endpoint=True, dtype=dtype),
+               "b.qweight": rng.integers(info.min, info.max, (n, 3), endpoint=True, dtype=dtype),
+               "b.scale": np.ones(3, dtype=np.float32)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    for gb in (64, 8):
+        checksums.write_record_for_weights(tmp_path / "w.safetensors", tmp_path / "r", key=b"k" * 32, group_bytes=gb)
+        key, got_gb, sums = checksums.read_record((tmp_path / "r").read_bytes())
+        assert (key, got_gb, set(sums)) == (b"k" * 32, gb, {"a", "b"})
+        for name in ("a", "b"):
+            want = checksums.checksums_of(tensors[f"{name}.qweight"], key, name, gb)
+            assert want.shape == (-(-tensors[f"{name}.qweight"].nbytes // gb),)
+            assert np.array_equal(sums[name], want)
+
+
+def test_every_single_bit_flip_of_a_word_changes_its_group_checksum():
+    """The v2 scheme reads 32-bit words: a flip of any of the 32 bits of any word must show."""
+    import numpy as np
+
+    from secquant.security.checksums import checksums_of
+
+    codes = np.random.default_rng(0).integers(0, 256, 256, dtype=np.uint8)
+    ref = checksums_of(codes, b"s" * 32, "l", 64)
+    for byte in range(codes.size):
+        for bit in range(8):
+            codes[byte] ^= 1 << bit
+            diff = np.flatnonzero(checksums_of(codes, b"s" * 32, "l", 64) != ref).tolist()
+            codes[byte] ^= 1 << bit
+            assert diff == [byte // 64]

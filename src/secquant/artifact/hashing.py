@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for state dicts: hashing files stays torch-free (sealing)
+    import torch
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -18,6 +20,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, sorted by name."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(sd):
         t = sd[name].detach().contiguous().cpu()

@@ -21,6 +21,7 @@ from .._version import __version__
 from ..errors import ArtifactError
 from ..models.base import ModelHandle
 from ..quant.modules import build_empty
+from .checks import check_files
 from .fsutil import atomic_dir
 from .hashing import file_sha256
 from .manifest import (
@@ -86,29 +87,6 @@ class LoadedArtifact:
     handle: ModelHandle
 
 
-def _check_files(d: Path, manifest: Manifest) -> None:
-    if WEIGHTS_NAME not in manifest.files:
-        raise ArtifactError(f"{d}: the manifest does not list {WEIGHTS_NAME}")
-    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST_NAME}
-    listed = set(manifest.files)
-    if missing := sorted(listed - present):
-        raise ArtifactError(f"{d}: files listed in the manifest are missing: {', '.join(missing)}")
-    if extra := sorted(present - listed):
-        raise ArtifactError(f"{d}: files not listed in the manifest: {', '.join(extra)} (remove them or re-save)")
-    for name, digest in manifest.files.items():
-        if file_sha256(d / name) != digest:
-            raise ArtifactError(f"{d / name}: content does not match the manifest's sha256 (modified or corrupted)")
-
-
-def verify_artifact_dir(d: Path) -> Manifest:
-    """Manifest and file checks of an artifact directory, without building the model."""
-    if not Path(d).is_dir():
-        raise ArtifactError(f"{d} is not an artifact directory")
-    manifest = read_manifest(Path(d))
-    _check_files(Path(d), manifest)
-    return manifest
-
-
 def _float_arch(d: Path, manifest: Manifest, model: nn.Module | None, factory: str | None) -> ModelHandle:
     from ..models.digits import SAMPLE_SHAPE, DigitsCNN, TensorClassifierAdapter, splits
     from ..models.encoder import EncoderAdapter, arch_files_of, build_encoder_arch
@@ -150,7 +128,7 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
     if not d.is_dir():
         raise ArtifactError(f"{d} is not an artifact directory")
     manifest = read_manifest(d)
-    _check_files(d, manifest)
+    check_files(d, manifest)
     handle = _float_arch(d, manifest, model, factory)
     root = handle.module
     for name, entry in manifest.layers.items():

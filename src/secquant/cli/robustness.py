@@ -11,14 +11,16 @@ import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 import typer
 
 from ..errors import SecquantError
 from ..privacy.encrypted_data import plaintext_path
 from . import RichProgress, err, user_errors
+
+if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it (sealing runs without)
+    import torch
 
 EXIT_FLAGGED = 3
 
@@ -52,6 +54,8 @@ def _labelled(handle, data: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
         ys.append(y.long())
     if not xs:
         raise SecquantError("the evaluation data is empty")
+    import torch
+
     return torch.cat(xs).float(), torch.cat(ys)
 
 
@@ -62,6 +66,8 @@ def _inputs(handle, data: Path | None) -> tuple[torch.Tensor, torch.Tensor | Non
         ys.append(y)
     if not xs:
         raise SecquantError("the probe data is empty")
+    import torch
+
     labels = None if any(y is None for y in ys) else torch.cat(ys).long()
     return torch.cat(xs).float(), labels
 
@@ -226,6 +232,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             xa, ya = qm.handle.adapter.train_set(None) if data is None else (x, y)
         except SecquantError:
             xa, ya = x, y
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(ya), generator=g)[:attack_samples]
         with RichProgress() as prog:

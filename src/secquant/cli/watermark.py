@@ -14,7 +14,7 @@ EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no ma
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     """Add the `watermark` group (keygen, embed, verify) to the main app."""
-    from ..security.watermark import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
+    from ..security.watermark_params import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
     from . import RichProgress, _passphrase, err, user_errors
 
     wm = typer.Typer(no_args_is_help=True, help="Keyed owner watermark in the rounding of quantized weights.")

@@ -94,7 +94,7 @@ class Session:
         _require_onnx()
         import onnxruntime as ort
 
-        from ..artifact.store import verify_artifact_dir
+        from ..artifact.checks import verify_artifact_dir
 
         self.path = Path(artifact_dir)
         if not self.path.is_dir():

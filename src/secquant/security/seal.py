@@ -9,21 +9,25 @@ directions stream through a pipe, so memory does not grow with the model size.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import pyrage
 
+from ..artifact.checks import check_files, verify_artifact_dir
 from ..artifact.fsutil import atomic_dir
 from ..artifact.hashing import file_sha256
-from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME
-from ..artifact.store import verify_artifact_dir
+from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from ..errors import ArtifactError, OutputExistsError, SecquantError
-from .integrity import INTEGRITY_NAME, write_record_for_weights
+from .checksums import INTEGRITY_NAME, write_record_for_weights
 from .keys import load_identities, load_recipients
 
 SIG_NAME = "model.sig"
@@ -34,12 +38,13 @@ class SealError(SecquantError):
     """A sealed file cannot be opened: wrong identity, modified bytes, bad or missing signature."""
 
 
-def _sign(artifact: Path, sign_key: Path, sig_path: Path, passphrase: str | None) -> None:
+def _signer(sign_key: Path, passphrase: str | None):
+    """A model-signing configuration holding the loaded key: a wrong key or passphrase fails here, early."""
     from model_signing import signing
 
     try:
-        signing.Config().use_elliptic_key_signer(
-            private_key=sign_key, password=passphrase.encode() if passphrase else None).sign(artifact, sig_path)
+        return signing.Config().use_elliptic_key_signer(
+            private_key=sign_key, password=passphrase.encode() if passphrase else None)
     except Exception as e:
         raise SecquantError(f"signing with {sign_key} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             " (is it a P-256 PEM private key, and is the passphrase right?)") from None
@@ -66,9 +71,22 @@ def _staging_area(near: Path) -> tempfile.TemporaryDirectory:
         return tempfile.TemporaryDirectory(prefix="secquant-seal-")
 
 
-def _stage_with_integrity(src: Path, stage: Path, manifest) -> None:
-    """`stage` = the artifact in `src` plus a fresh integrity record (new random key) listed in its
-    manifest. Files are hard-linked where possible (no copy of the weights), else copied."""
+_BUF = 1 << 20  # pipe and stream buffers: with the 64 KiB defaults the two threads spend their time handing over
+
+
+def _wide_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; the default size still works
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _BUF)
+    return r, w
+
+
+def _stage_with_integrity(src: Path, stage: Path) -> None:
+    """`stage` = the artifact in `src`, checked against its manifest, plus a fresh integrity record
+    (new random key) listed in its manifest. Files are hard-linked where possible (no copy of the
+    weights), else copied. Hashing the source (the check) and computing the record both read every
+    weight byte and release the GIL: they run side by side."""
+    manifest = read_manifest(src)
     stage.mkdir()
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
@@ -80,12 +98,15 @@ def _stage_with_integrity(src: Path, stage: Path, manifest) -> None:
             os.link(p, dst)
         except OSError:
             shutil.copyfile(p, dst)
-    write_record_for_weights(stage / WEIGHTS_NAME, stage / INTEGRITY_NAME)  # memory flat in the model size
+    with ThreadPoolExecutor(1) as ex:
+        checked = ex.submit(check_files, src, manifest)  # never seal a broken or tampered artifact
+        write_record_for_weights(stage / WEIGHTS_NAME, stage / INTEGRITY_NAME)  # memory flat in the model size
+        checked.result()
+    # the staged files are links to the ones just checked: a change to them before the tar is read no
+    # longer matches the signature, and open refuses it
     files = dict(manifest.files)
     files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
     (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
-    # no second hash pass: the staged files are links to the ones verified by the caller (a change to them
-    # before the tar is read no longer matches the signature, and open refuses it)
 
 
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
@@ -93,44 +114,55 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
     """Sign and encrypt an artifact directory into one age file readable by `recipients` only.
 
     The sealed artifact also carries `integrity.safetensors`: keyed checksums of the packed
-    weights under a fresh random key (see security.integrity), covered by the signature.
+    weights under a fresh random key (see security.checksums), covered by the signature.
+    The artifact's hashes are checked while the record is computed (two threads over the same
+    bytes); then model-signing hashes and signs while the tar stream is already being encrypted,
+    and the signature goes last in the tar. Nothing here imports torch.
     """
-    d, out = Path(artifact_dir), Path(out)
-    manifest = verify_artifact_dir(d)  # never seal a broken or tampered artifact
+    src, out = Path(artifact_dir), Path(out)
+    if not src.is_dir():
+        raise ArtifactError(f"{src} is not an artifact directory")
     recips = load_recipients(list(recipients))
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
-    with _staging_area(d) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
+    signer = _signer(Path(sign_key), sign_key_passphrase)
+    with _staging_area(src) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
         d = Path(stage_root) / "artifact"
-        _stage_with_integrity(Path(artifact_dir), d, manifest)
+        _stage_with_integrity(src, d)
         files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
-        _sign(d, Path(sign_key), sig, sign_key_passphrase)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        r_fd, w_fd = os.pipe()
+        r_fd, w_fd = _wide_pipe()
         failure: list[BaseException] = []
 
-        def produce() -> None:
+        def produce(signing) -> None:
             try:
-                with os.fdopen(w_fd, "wb") as w, tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    tar.add(sig, arcname=SIG_NAME)
+                with os.fdopen(w_fd, "wb", buffering=_BUF) as w, \
+                        tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BUF) as tar:
+                    tar.copybufsize = _BUF
                     for f in files:
                         tar.add(d / f, arcname=f"{ART_DIR}/{f}")
+                    signing.result()
+                    tar.add(sig, arcname=SIG_NAME)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(e)
 
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            with os.fdopen(r_fd, "rb") as r, open(tmp, "wb") as dst:
-                pyrage.encrypt_io(r, dst, recips)
-            thread.join()
-            if failure:
-                raise SecquantError(f"sealing failed while reading the artifact: {failure[0]}")
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with ThreadPoolExecutor(2) as ex:
+            signing = ex.submit(signer.sign, d, sig)
+            producer = ex.submit(produce, signing)
+            try:
+                with os.fdopen(r_fd, "rb", buffering=_BUF) as r, open(tmp, "wb", buffering=_BUF) as dst:
+                    pyrage.encrypt_io(r, dst, recips)
+                producer.result()
+                if failure:
+                    if signing.done() and signing.exception():
+                        e = signing.exception()
+                        raise SecquantError(f"signing with {sign_key} failed: {e}")
+                    raise SecquantError(f"sealing failed while reading the artifact: {failure[0]}")
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     return out
 
 
@@ -143,13 +175,13 @@ class _Decrypting:
 
     def __init__(self, src: Path, ids, identity) -> None:
         self.src, self.identity = src, identity
-        r_fd, w_fd = os.pipe()
-        self.reader = os.fdopen(r_fd, "rb")
+        r_fd, w_fd = _wide_pipe()
+        self.reader = os.fdopen(r_fd, "rb", buffering=_BUF)
         self.failure: list[BaseException] = []
 
         def produce() -> None:
             try:
-                with open(src, "rb") as f, os.fdopen(w_fd, "wb") as w:
+                with open(src, "rb", buffering=_BUF) as f, os.fdopen(w_fd, "wb", buffering=_BUF) as w:
                     pyrage.decrypt_io(f, w, ids)
             except BaseException as e:  # noqa: BLE001 - reported by finish()
                 self.failure.append(e)
@@ -177,6 +209,25 @@ def _safe_member(m: tarfile.TarInfo) -> bool:
     return m.name == SIG_NAME or (len(p.parts) >= 2 and p.parts[0] == ART_DIR)
 
 
+def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> str | None:
+    """Write regular-file member `m` (already judged safe) under `root` as a new private file and
+    return its sha256, or None if that file exists already. Done by hand instead of
+    `tar.extract` to hash while writing (the artifact check then needs no second read)."""
+    dst = root / m.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    src = tar.extractfile(m)
+    try:
+        out = open(dst, "xb")  # noqa: SIM115 - closed below
+    except FileExistsError:
+        return None
+    with out:
+        while block := src.read(_BUF):
+            h.update(block)
+            out.write(block)
+    return h.hexdigest()
+
+
 def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path, out: str | Path,
                 identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
     """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`."""
@@ -191,13 +242,16 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
         work = Path(td)
         dec = _Decrypting(src, ids, identity)
         bad: list[str] = []
+        digests: dict[str, str] = {}
         try:
-            with tarfile.open(fileobj=dec.reader, mode="r|") as tar:
+            with tarfile.open(fileobj=dec.reader, mode="r|", bufsize=_BUF) as tar:
                 for m in tar:
                     if not _safe_member(m):
                         bad.append(m.name)
-                        continue
-                    tar.extract(m, work, filter="data")
+                    elif (name := _extract(tar, m, work)) is None:
+                        bad.append(m.name)  # a second entry with the same name
+                    elif m.name != SIG_NAME:
+                        digests[PurePosixPath(m.name).relative_to(ART_DIR).as_posix()] = name
         except (tarfile.TarError, OSError, EOFError):
             pass  # the decryptor's error (finish) says why
         dec.finish()
@@ -210,7 +264,7 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
             raise SealError(f"{src} holds no artifact")
         _verify(art, work / SIG_NAME, Path(verify_key))
         try:
-            verify_artifact_dir(art)
+            verify_artifact_dir(art, digests)  # the hashes taken while extracting: no second read
         except ArtifactError as e:
             raise SealError(f"the signed artifact is inconsistent: {e}") from None
         for p in art.iterdir():

@@ -49,10 +49,9 @@ from ..errors import ArtifactError, SecquantError
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import dequantize, pack, qrange, unpack
 from .keys import _write_new
+from .watermark_params import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
 
 SCHEME = "secquant.watermark.parity.v1"
-DEFAULT_THRESHOLD = 1e-9
-DEFAULT_STRENGTH = 24.0  # expected z of a fresh mark; p <= 1e-9 needs z ~ 6, the rest is robustness margin
 MAX_TAU = 0.25
 MIN_KEY_BYTES = 32
 
@@ -342,7 +341,7 @@ def _codes_of_artifact(d: Path) -> tuple[list[tuple[str, torch.Tensor]], list[st
     from safetensors import safe_open
 
     from ..artifact.manifest import WEIGHTS_NAME
-    from ..artifact.store import verify_artifact_dir
+    from ..artifact.checks import verify_artifact_dir
 
     manifest = verify_artifact_dir(d)
     out, skipped = [], []
