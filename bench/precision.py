@@ -55,7 +55,7 @@ torch.set_num_threads(2)
 from machine import cpu_counters, machine_line, replace_section, source_fingerprint  # noqa: E402  (bench/machine.py)
 from machine import other_load as _other_load  # noqa: E402
 import secquant  # noqa: E402
-from secquant.evaluate import float_size_bytes  # noqa: E402
+from secquant.fidelity import float_size_bytes  # noqa: E402
 from secquant.models import load_model  # noqa: E402
 from secquant.models.encoder import builtin_sentences  # noqa: E402
 from secquant.recipes import Calibration, QuantArgs, Recipe, get_preset  # noqa: E402

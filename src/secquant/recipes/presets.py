@@ -19,6 +19,12 @@ def _wgroup(bits: int, group_size: int, observer: str = "minmax") -> QuantArgs:
     return QuantArgs(bits=bits, symmetric=False, granularity="group", group_size=group_size, observer=observer)
 
 
+# GPTQ presets first search AWQ-style per-input-channel scales (GPTQ then quantizes W*s under the
+# Hessian of x/s; it sets the clipping itself, through the Hessian-weighted MSE range of each group).
+# On MiniLM W4 g128 (Linear layers): GPTQ alone 0.9845 mean cosine, + float-model targets 0.9876,
+# + MSE ranges and these scales 0.9890.
+_GPTQ_SCALES = Smoothing(clip=False)
+
 PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe(
         name="w8a8",
@@ -64,16 +70,18 @@ PRESETS: dict[str, Recipe] = {
     ),
     # Precise low-bit presets: Hessian-based GPTQ (calibrated), data-free range search, non-uniform codes.
     "w4a16-gptq": Recipe(
-        name="w4a16-gptq", description="4-bit weights, groups of 128, GPTQ (act-order, static groups; calibrated)",
-        weights=_wgroup(4, 128), algorithm="gptq",
+        name="w4a16-gptq", description="4-bit weights, groups of 128, GPTQ (act-order, static groups, float-model "
+                                       "targets) after AWQ-style scales; calibrated",
+        weights=_wgroup(4, 128, "mse"), algorithm="gptq", smoothing=_GPTQ_SCALES,
     ),
     "w3a16": Recipe(
         name="w3a16", description="3-bit weights, groups of 128, round-to-nearest min-max: reads no data",
         weights=_wgroup(3, 128),
     ),
     "w3a16-gptq": Recipe(
-        name="w3a16-gptq", description="3-bit weights, groups of 128, GPTQ (calibrated)",
-        weights=_wgroup(3, 128), algorithm="gptq",
+        name="w3a16-gptq", description="3-bit weights, groups of 128, GPTQ (float-model targets) after AWQ-style "
+                                       "scales; calibrated",
+        weights=_wgroup(3, 128, "mse"), algorithm="gptq", smoothing=_GPTQ_SCALES,
     ),
     "w3a16-hqq": Recipe(
         name="w3a16-hqq", description="3-bit weights, groups of 128, data-free MSE-optimal range search (HQQ-style "
@@ -81,8 +89,9 @@ PRESETS: dict[str, Recipe] = {
         weights=_wgroup(3, 128, "mse"),
     ),
     "w2a16-gptq": Recipe(
-        name="w2a16-gptq", description="2-bit weights, groups of 64, GPTQ (calibrated)",
-        weights=_wgroup(2, 64), algorithm="gptq",
+        name="w2a16-gptq", description="2-bit weights, groups of 64, GPTQ (float-model targets) after AWQ-style "
+                                       "scales; calibrated",
+        weights=_wgroup(2, 64, "mse"), algorithm="gptq", smoothing=_GPTQ_SCALES,
     ),
     "nf4": Recipe(
         name="nf4", description="NormalFloat-4 codebook, absmax per group of 64 (MSE-shrunk): reads no data",

@@ -125,6 +125,11 @@ class GPTQ(Strict):
     damp: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean(diag H) added to the diagonal")
     act_order: bool = Field(True, description="quantize columns in order of decreasing diag(H)")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
+    float_targets: bool = Field(True, description="aim at the float model's layer outputs, not the outputs the "
+                                "already quantized model would give the float weights (GPTAQ); holds a float "
+                                "copy of the model during quantization")
+    float_targets_ridge: float = Field(1.0, gt=0.0, le=100.0, description="how strongly the float target stays "
+                                       "near the float weight, as a fraction of mean(diag H)")
 
 
 class Calibration(Strict):

@@ -11,7 +11,7 @@ from secquant.quant.algorithms import quantize_model
 from secquant.quant.algorithms.gptq import HessianAccumulator, gptq_quantize
 from secquant.quant.algorithms.pipeline import gptq_stages
 from secquant.quant.primitives import dequantize, qrange, quantize
-from secquant.recipes import QuantArgs, Recipe
+from secquant.recipes import GPTQ, QuantArgs, Recipe
 
 
 def _problem(seed=0, rows=96, cols=128, n=1024):
@@ -161,3 +161,73 @@ def test_gptq_with_smoothing_uses_the_scaled_hessian():
             assert layers["0"]["config"]["smooth"] is True and "gptq" in layers["0"]["config"]
             assert qm[0].smooth_scale is not None and float(qm[0].smooth_scale.max()) > 1.0
     assert errs["gptq+smooth"] < 0.8 * errs["rtn"], errs
+
+
+def test_float_target_is_the_ridge_least_squares_fit_and_w_where_inputs_did_not_change():
+    from secquant.quant.algorithms.gptq import float_target
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2048, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    distort = torch.eye(24, dtype=torch.float64) + 0.1 * torch.randn(24, 24, generator=g, dtype=torch.float64)
+    xq = x @ distort  # inputs after earlier quantized layers: a systematic change the layer can undo
+    w = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator()
+    for a, b in zip(xq.split(500), x.split(500)):
+        acc.add(a, b)
+    assert torch.allclose(acc.C, 2.0 / x.shape[0] * xq.t() @ x, rtol=1e-9, atol=1e-9)
+    # unchanged inputs (C = H): the target is the float weight itself, whatever the ridge
+    same = HessianAccumulator()
+    same.add(x, x)
+    for ridge in (0.01, 1.0):
+        assert torch.allclose(float_target(w, same.H, same.C, ridge), w, atol=1e-9)
+    # changed inputs: the target reproduces the float outputs from the new inputs better than w does
+    t = float_target(w, acc.H, acc.C, ridge=1e-6)
+    err_w = float(((x @ w.t() - xq @ w.t()) ** 2).sum())
+    err_t = float(((x @ w.t() - xq @ t.t()) ** 2).sum())
+    assert err_t < 0.5 * err_w, (err_t, err_w)
+    # the closed form: normal equations of ||X W^T - X~ T^T||^2 + lam ||T - W||^2
+    lam = 1.0 * float(torch.diag(acc.H).mean())
+    t1 = float_target(w, acc.H, acc.C, ridge=1.0)
+    lhs = (acc.H + lam * torch.eye(24, dtype=torch.float64)) @ t1.t()
+    assert torch.allclose(lhs, acc.C @ w.t() + lam * w.t(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="float-model inputs"):
+        acc.add(xq[:10])  # a batch without its float inputs
+
+
+def test_gptq_aims_at_the_float_model_when_earlier_layers_are_quantized():
+    """Two stacked layers: with float targets the second layer compensates the first one's error."""
+    import copy
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16)).eval()
+    mix = torch.randn(32, 32)
+    data = [torch.randn(128, 32) @ mix for _ in range(8)]
+    test = torch.randn(512, 32) @ mix
+    with torch.no_grad():
+        ref = m(test)
+    w3 = QuantArgs(bits=3, symmetric=False, granularity="group", group_size=16)
+    errs = {}
+    for ft in (False, True):
+        qm = copy.deepcopy(m)
+        recipe = Recipe(weights=w3, algorithm="gptq").model_copy(update={"gptq": GPTQ(float_targets=ft)})
+        layers, _ = quantize_model(qm, recipe, lambda: iter(data), lambda mod, b: mod(b))
+        assert layers["1"]["config"]["gptq"]["float_targets"] is ft
+        with torch.no_grad():
+            errs[ft] = float(((qm(test) - ref) ** 2).mean())
+    assert errs[True] < 0.9 * errs[False], errs
+
+
+def test_without_act_order_groups_take_their_qparams_from_the_updated_columns():
+    w, x, acc = _problem(cols=96)
+    args = QuantArgs(bits=3, symmetric=False, granularity="group", group_size=32)
+    q, s, z, info = gptq_quantize(w, acc.H, args, act_order=False, block_size=40)  # block rounded to 32
+    assert info["static_groups"] is False
+    _, s_static, _, info_static = gptq_quantize(w, acc.H, args, act_order=True)
+    assert info_static["static_groups"] is True
+    assert torch.equal(s[:, 0], s_static[:, 0])  # the first group sees no earlier error: same qparams
+    assert not torch.equal(s[:, 1:], s_static[:, 1:])  # later groups: ranges of the updated columns
+    qmin, qmax = qrange(args.bits, args.is_signed)
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    g = args.granule()
+    rtn = dequantize(quantize(w, s, z, args.bits, args.is_signed, g), s, z, g)
+    assert _out_err(x, w, dequantize(q, s, z, g)) < 0.9 * _out_err(x, w, rtn)

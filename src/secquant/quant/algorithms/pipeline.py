@@ -3,6 +3,7 @@ static activation calibration, in that order."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -121,11 +122,12 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
 
     With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s.
     """
-    from .gptq import HessianAccumulator, gptq_quantize
+    from .gptq import HessianAccumulator, float_target, gptq_quantize
 
     todo = plan(model, recipe)
     gptq_names = [n for n, (t, w, _) in todo.items() if t in ("Linear", "Conv1D") and w is not None]
     others = set(todo) - set(gptq_names)
+    reference = copy.deepcopy(model) if recipe.gptq.float_targets else None  # the float model, untouched
     layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
     cfg = recipe.gptq
     first = next(iter(batches()), None)
@@ -137,24 +139,35 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
     for stage in stages:
         acc = {n: HessianAccumulator() for n in stage}
         seen: set[str] = set()
+        float_inputs: dict[str, torch.Tensor] = {}
 
         def hook(mod, inp, name):
-            acc[name].add(inp[0].detach())
+            acc[name].add(inp[0].detach(), float_inputs.get(name))
             seen.add(name)
             if len(seen) == len(stage):
                 raise _StageDone
 
+        def float_hook(mod, inp, name):
+            float_inputs[name] = inp[0].detach()
+            if len(float_inputs) == len(stage):
+                raise _StageDone
+
         hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in stage]
+        if reference is not None:
+            hooks += [reference.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: float_hook(m, i, n))
+                      for n in stage]
         n_seen = 0
         try:
             with torch.no_grad():
                 counted = _Counted(batches())
                 for b in counted:
                     seen.clear()
-                    try:
-                        run_batch(model, b)
-                    except _StageDone:
-                        pass
+                    float_inputs.clear()
+                    for m in (reference, model) if reference is not None else (model,):
+                        try:
+                            run_batch(m, b)
+                        except _StageDone:
+                            pass
                     n_seen += 1
         finally:
             for h in hooks:
@@ -169,19 +182,22 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
                 raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
             w = mod.weight.detach().float()
             w = w.t() if t == "Conv1D" else w
-            H = acc[name].H
+            H, C = acc[name].H, acc[name].C
             prep = smooth.get(name)
             if prep is not None:
                 s = prep.scale.double()
                 w = w * prep.scale
                 H = H / (s[:, None] * s[None, :])
+                C = C / (s[:, None] * s[None, :]) if C is not None else None
+            if C is not None:
+                w = float_target(w, H, C, cfg.float_targets_ridge)
             q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
                                                block_size=cfg.block_size)
             qmod = quantize_module(mod, t, wargs, aargs, prep)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)
-            entry["config"]["gptq"] = dict(info)
+            entry["config"]["gptq"] = {**info, "float_targets": C is not None}
             layers[name] = entry
         tick(1)
     return {n: layers[n] for n in todo}, samples

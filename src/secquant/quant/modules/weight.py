@@ -67,16 +67,20 @@ def best_ratio(ratios: list[float], error_at) -> torch.Tensor:
 
 
 def mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
-              grid: int = 40, min_ratio: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+              grid: int = 40, min_ratio: float = 0.6,
+              importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granule range shrink that minimizes the weight's squared quantization error.
 
     Data-free: reads only the weight. Every granule picks its own ratio in [min_ratio, 1].
+    `importance` [cols] weighs each input column's error (GPTQ passes diag(H): the error that
+    reaches the output, not the error in the weight).
     """
     gran = args.granule()
 
     def error_at(r: float) -> torch.Tensor:
         s, z = choose_qparams(lo * r, hi * r, args.bits, args.is_signed, args.symmetric)
-        return granule_sum((dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran) - w) ** 2, gran)
+        err = (dequantize(quantize(w, s, z, args.bits, args.is_signed, gran), s, z, gran) - w) ** 2
+        return granule_sum(err if importance is None else err * importance, gran)
 
     r = best_ratio(torch.linspace(1.0, min_ratio, grid).tolist(), error_at)
     return lo * r, hi * r
