@@ -231,3 +231,38 @@ def test_without_act_order_groups_take_their_qparams_from_the_updated_columns():
     g = args.granule()
     rtn = dequantize(quantize(w, s, z, args.bits, args.is_signed, g), s, z, g)
     assert _out_err(x, w, dequantize(q, s, z, g)) < 0.9 * _out_err(x, w, rtn)
+
+
+def test_padding_positions_stay_out_of_the_hessians():
+    """Token batches with an attention mask: only real tokens' rows count (padding is not an activation in use)."""
+    from secquant.quant.algorithms import gptq as gptq_mod
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.lin(input_ids)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    x[mask == 0] = 1e3  # padding rows that would dominate H
+    seen = {}
+    real = gptq_mod.HessianAccumulator.add
+
+    def spy(self, rows, x_float=None):
+        seen.setdefault("rows", []).append(rows.reshape(-1, rows.shape[-1]).shape[0])
+        return real(self, rows, x_float)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gptq_mod.HessianAccumulator, "add", spy)
+    try:
+        layers, _ = quantize_model(Tok().eval(), Recipe(weights=QuantArgs(bits=4, granularity="channel"),
+                                                          algorithm="gptq"),
+                                   lambda: iter([{"input_ids": x, "attention_mask": mask}]), lambda m, b: m(**b))
+    finally:
+        mp.undo()
+    assert seen["rows"] == [8]  # 3 + 5 real tokens, not 10
+    assert "gptq" in layers["lin"]["config"]

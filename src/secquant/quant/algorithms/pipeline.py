@@ -140,15 +140,21 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
         acc = {n: HessianAccumulator() for n in stage}
         seen: set[str] = set()
         float_inputs: dict[str, torch.Tensor] = {}
+        mask: list[torch.Tensor | None] = [None]
+
+        def real_rows(x: torch.Tensor) -> torch.Tensor:
+            """The rows of real tokens: padding positions are not activations the model sees in use."""
+            m = mask[0]
+            return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
 
         def hook(mod, inp, name):
-            acc[name].add(inp[0].detach(), float_inputs.get(name))
+            acc[name].add(real_rows(inp[0].detach()), float_inputs.get(name))
             seen.add(name)
             if len(seen) == len(stage):
                 raise _StageDone
 
         def float_hook(mod, inp, name):
-            float_inputs[name] = inp[0].detach()
+            float_inputs[name] = real_rows(inp[0].detach())
             if len(float_inputs) == len(stage):
                 raise _StageDone
 
@@ -163,6 +169,8 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
                 for b in counted:
                     seen.clear()
                     float_inputs.clear()
+                    m = b.get("attention_mask") if isinstance(b, dict) else None
+                    mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
                     for m in (reference, model) if reference is not None else (model,):
                         try:
                             run_batch(m, b)
