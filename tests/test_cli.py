@@ -157,6 +157,14 @@ def test_inspect_json(cli, digits_artifact):
     assert len(obj["source"]["weights_sha256"]) == 64
 
 
+def test_inspect_shows_smoothing_and_rotation(cli, digits_artifact):
+    r = cli("inspect", digits_artifact("w4a16-gptq"), "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["layer"]: row for row in _one_json_object(r.stdout)["layers"]}
+    assert rows["classifier.1"]["w_transform"] == "smooth+hadamard128"  # 128 inputs: rotated in one block
+    assert rows["features.0"]["w_transform"] is None  # a convolution: neither
+
+
 def test_presets_command(cli):
     r = cli("presets")
     assert r.exit_code == 0

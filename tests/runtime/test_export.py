@@ -305,6 +305,13 @@ def test_old_opset_is_refused(digits_artifact, tmp_path):
 # builtin:minilm (one artifact per scheme, made once for this module)
 # ----------------------------------------------------------------------------------------------
 
+def _rotated_w4():
+    """w4a16 with Hadamard-rotated groups (the GPTQ presets' rotation, without GPTQ's cost)."""
+    from secquant.recipes import Rotation
+
+    return get_preset("w4a16").model_copy(update={"name": "w4a16-rot", "rotation": Rotation(block=128)})
+
+
 @pytest.fixture(scope="module")
 def minilm_onnx(minilm, tmp_path_factory):
     root = tmp_path_factory.mktemp("minilm-onnx")
@@ -312,7 +319,7 @@ def minilm_onnx(minilm, tmp_path_factory):
 
     def get(preset: str):
         if preset not in made:
-            recipe = _sym_token_recipe(True) if preset == "w8a8-dynamic-sym" else preset
+            recipe = {"w8a8-dynamic-sym": _sym_token_recipe(True), "w4a16-rot": _rotated_w4()}.get(preset, preset)
             qm = secquant.quantize(minilm, recipe, out=root / preset)
             export_onnx(root / preset)
             made[preset] = (root / preset, qm)
@@ -328,7 +335,7 @@ def sentences():
     return builtin_sentences()[0][:64]
 
 
-@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16"])
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16", "w4a16-rot"])
 def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
     d, qm = minilm_onnx(preset)
     sess = Session(d, threads=2)
@@ -336,7 +343,7 @@ def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
     ref = qm(**batch)
     got = sess.run(batch)
     cos = torch.nn.functional.cosine_similarity(got, ref)
-    if preset == "w4a16":
+    if preset.startswith("w4a16"):
         # float activations: measured max abs difference 2.3e-7, cosine 1 - 1e-7
         assert float((got - ref).abs().max()) <= 1e-5
         assert float(cos.min()) >= 0.99999
@@ -351,7 +358,7 @@ def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
     assert float(torch.nn.functional.cosine_similarity(one, got[3:4])) >= 0.995
 
 
-@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16"])
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16", "w4a16-rot"])
 def test_minilm_onnx_integer_ops_and_size(minilm_onnx, preset):
     d, _ = minilm_onnx(preset)
     model = onnx.load(str(d / "model.onnx"))
@@ -370,6 +377,15 @@ def test_minilm_onnx_integer_ops_and_size(minilm_onnx, preset):
     else:
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert len(nbits) == 36 and all(_attrs(n)["bits"] == 4 and _attrs(n)["block_size"] == 128 for n in nbits)
+        hadamards = [t for t in model.graph.initializer if t.name.startswith("secquant.hadamard")]
+        if preset == "w4a16-rot":  # one shared 128 x 128 matrix; every kernel reads a rotated input
+            assert [tuple(t.dims) for t in hadamards] == [(128, 128)]
+            producer = {o: n for n in model.graph.node for o in n.output}
+            for n in nbits:
+                back = producer[n.input[0]]  # Reshape back to x's shape <- MatMul(rows, Hadamard)
+                assert back.op_type == "Reshape" and producer[back.input[0]].input[1] == hadamards[0].name
+        else:
+            assert hadamards == []
     # the pooler is not part of the sentence embedding: traced out
     assert len(export_info(d).layers) == len(manifest["layers"]) - 1
     stats = _initializer_stats(model, {k: v for k, v in manifest["layers"].items() if "pooler" not in k})

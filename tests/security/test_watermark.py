@@ -215,6 +215,7 @@ def test_gptq_codes_are_marked_between_floor_and_ceil(digits):
     marked = copy.deepcopy(qm.module)
     rep = embed_watermark(marked, digits.module, key(3))
     assert rep.changed > 0 and verify_watermark(marked, key(3)).detected
+    assert marked.classifier[1].rotation_block == 128  # the preset's rotation: marks land on rotated codes too
     for name, m in int_layers(marked).items():
         before = int_layers(qm.module)[name].weight_codes().to(torch.int64)
         assert int((m.weight_codes().to(torch.int64) - before).abs().max()) <= 1

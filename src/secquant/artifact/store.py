@@ -176,6 +176,9 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
             "w_granularity": (f"group{w.group_size}" if w and w.granularity == "group" else (w.granularity if w else "float")),
             "w_symmetric": w.symmetric if w else None,
             "w_range": w.observer if w else None,
+            "w_transform": "+".join(filter(None, ["smooth" if e.config.get("smooth") else None,
+                                                  f"hadamard{e.config['rotation']}" if e.config.get("rotation")
+                                                  else None])) or None,
             "a_bits": a.bits if a else None,
             "a_mode": ("dynamic/" + a.granularity if a.dynamic else f"static/{a.observer}") if a else "float",
         })

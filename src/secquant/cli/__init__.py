@@ -143,11 +143,11 @@ def inspect(
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
     t.add_column("layer", overflow="fold", min_width=12)
-    for c in ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "a_bits", "a_mode"]:
+    cols = ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "w_transform", "a_bits", "a_mode"]
+    for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in
-                    ["layer", "type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "a_bits", "a_mode"]))
+        t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in ["layer", *cols]))
     out.print(t)
     if m.tuning:
         out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)

@@ -132,6 +132,23 @@ class GPTQ(Strict):
                                        "near the float weight, as a fraction of mean(diag H)")
 
 
+class Rotation(Strict):
+    """Randomized block-Hadamard rotation of each Linear layer's input space before its weight is
+    quantized: the layer stores Q(W R) and computes (x R) Q^T, exact in float, with R = D B (random
+    signs D, block-diagonal Hadamard B). Spreads weight outliers over their group (QuIP# / QuaRot
+    incoherence processing). Layers whose input width the block does not divide stay unrotated."""
+
+    block: int = Field(128, ge=2, le=4096, description="Hadamard block: a power of two; the weight "
+                       "group size keeps each rotated group within one original group")
+    seed: int = Field(0, ge=0, description="seed of the random signs")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Rotation":
+        if self.block & (self.block - 1):
+            raise ValueError(f"rotation.block must be a power of two, got {self.block}")
+        return self
+
+
 class Calibration(Strict):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -157,6 +174,7 @@ class Recipe(Strict):
     ignore: list[str] = Field(default_factory=list, description="module name patterns left in float")
     overrides: list[Override] = Field(default_factory=list)
     smoothing: Smoothing | None = None
+    rotation: Rotation | None = None
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")

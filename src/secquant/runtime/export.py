@@ -39,6 +39,10 @@ Which operators each scheme becomes, and why:
   points (3-bit codes are stored as 4-bit, 5..7-bit as 8-bit: the codes fit exactly; per-channel
   scales are one block scale repeated along the row). accuracy_level=0 keeps float activations
   (what the PyTorch model computes); 4 lets ORT quantize activations per block internally.
+- A rotated layer (recipe `rotation`, the GPTQ presets) first maps its input to x R: Mul by the
+  random signs, the rows viewed as [-1, block], MatMul by the block's Hadamard matrix and back to
+  the input's shape (Shape + Reshape); layers reading the same tensor share it. It then runs the
+  kernel above on its stored (rotated) integer weight.
 - Embedding tables: com.microsoft::GatherBlockQuantized on the integer table (never dequantized
   at export time).
 - Convolutions: DequantizeLinear on the integer kernel (per channel, or blocked on the
@@ -481,6 +485,9 @@ def _rewrite_linear(ctx: _Ctx, name: str, mod, x: str, y: str) -> LayerExport:
             em.cache[key] = em.op("Div", [x, em.const(f"{base}.smooth_scale", ss)], base)
         x = em.cache[key]
         parts.append("Div(smooth_scale)")
+    if mod.rotation_block is not None:
+        x, d = _rotation(em, x, mod.rotation_signs.detach().float().numpy(), mod.rotation_block, base)
+        parts.append(d)
     if _int8_kernel(mod):
         parts.append(_int8_linear(ctx, x, act, _weight_view(mod), bias, y, base, mod.in_features))
         return LayerExport(name, "Linear", " -> ".join(parts), "int8")
@@ -514,6 +521,22 @@ def _rewrite_linear(ctx: _Ctx, name: str, mod, x: str, y: str) -> LayerExport:
         note = "; ".join(filter(None, [note, f"{why}: integer weights dequantized at run time, float MatMul"]))
     em.bias_add(out, bias, base, y)
     return LayerExport(name, "Linear", " -> ".join(parts), kernel, weights, fallback, note)
+
+
+def _rotation(em: _Emitter, x: str, signs: np.ndarray, block: int, base: str) -> tuple[str, str]:
+    """x R = ((x * signs) as [-1, block] rows) @ Hadamard, back in x's shape; shared by the layers
+    (q, k, v) that rotate the same tensor alike."""
+    from ..quant.primitives.rotation import hadamard
+
+    key = ("rotate", x, signs.tobytes(), block)
+    if key not in em.cache:
+        flipped = em.op("Mul", [x, em.const(f"{base}.rotation_signs", signs)], base)
+        rows = em.op("Reshape", [flipped, em.scalar([-1, block], np.int64)], base)
+        if ("hadamard", block) not in em.cache:  # one initializer per block size
+            em.cache[("hadamard", block)] = em.const(f"secquant.hadamard{block}", hadamard(block).numpy())
+        mixed = em.op("MatMul", [rows, em.cache[("hadamard", block)]], base)
+        em.cache[key] = em.op("Reshape", [mixed, em.op("Shape", [x], base)], base)
+    return em.cache[key], f"Mul(rotation_signs) -> MatMul(Hadamard {block}, per block)"
 
 
 def _int8_linear(ctx: _Ctx, x: str, act, w: _W, bias, y: str, base: str, K: int) -> str:
@@ -635,7 +658,8 @@ def _plan_zero_point_rows(graph, layers: dict[str, nn.Module]) -> dict[tuple, in
         if node.domain != PLACEHOLDER_DOMAIN:
             continue
         mod = layers[_layer_name(node)]
-        if not (isinstance(mod, QuantLinear) and _int8_kernel(mod) and mod.smooth_scale is None):
+        if not (isinstance(mod, QuantLinear) and _int8_kernel(mod) and mod.smooth_scale is None
+                and mod.rotation_block is None):
             continue
         a = mod.input_quant.args
         w = _weight_view(mod)

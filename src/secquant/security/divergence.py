@@ -53,7 +53,7 @@ PLANT_RECIPE = Recipe(name="w4a16-channel-rtn",
 
 
 def _float_weight_2d(float_model: nn.Module, name: str, m: QuantizedWeightMixin) -> torch.Tensor:
-    """The float weight of layer `name` in the quantized layer's [rows, cols] space (smoothing folded in)."""
+    """The float weight of layer `name` in the quantized layer's [rows, cols] space (smoothing, rotation folded in)."""
     try:
         fm = float_model.get_submodule(name)
     except AttributeError:
@@ -66,9 +66,8 @@ def _float_weight_2d(float_model: nn.Module, name: str, m: QuantizedWeightMixin)
         raise SecquantError(f"layer {name!r}: float weight {tuple(w.shape)} does not match the quantized "
                             f"{tuple(m.weight_shape)}: pass the float model this artifact was quantized from")
     w2 = w.reshape(m.rows, m.cols)
-    smooth = getattr(m, "smooth_scale", None)
-    if smooth is not None:
-        w2 = w2 * smooth  # the quantized layer stores Q(W * s) and divides its input by s
+    if hasattr(m, "weight_space"):  # the quantized layer stores Q(W s R) and maps its input to (x / s) R
+        w2 = m.weight_space(w2)
     return w2
 
 
@@ -236,9 +235,9 @@ def plant_quantization_backdoor(float_model: nn.Module, recipe, x: torch.Tensor,
 
     wargs = recipe.weights
     if (wargs is None or wargs.format != "int" or wargs.observer != "minmax" or recipe.algorithm != "rtn"
-            or recipe.smoothing is not None or recipe.overrides):
+            or recipe.smoothing is not None or recipe.rotation is not None or recipe.overrides):
         raise SecquantError("the planted-backdoor builder needs a round-to-nearest recipe with min-max integer "
-                            "weights and no smoothing (e.g. w8a16, w8a8-dynamic, w4a4)")
+                            "weights and no smoothing or rotation (e.g. w8a16, w8a8-dynamic, w4a4)")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     y_mal = torch.where(y == source_class, torch.full_like(y, target_class), y)

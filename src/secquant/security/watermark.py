@@ -136,11 +136,11 @@ def int_layers(model: nn.Module) -> dict[str, QuantizedWeightMixin]:
 
 def _float_weight(mod: nn.Module, name: str) -> torch.Tensor:
     """The float weight a layer computes with, [out, ...] (a quantized layer's dequantized weight with its
-    smoothing undone; a Hugging Face Conv1D's [in, out] weight transposed)."""
+    smoothing and rotation undone; a Hugging Face Conv1D's [in, out] weight transposed)."""
     if isinstance(mod, QuantizedWeightMixin) and mod.weight_args is not None:
-        w = mod.dequantized_weight().reshape(mod.rows, mod.cols).float()
-        smooth = getattr(mod, "smooth_scale", None)
-        return w / smooth if smooth is not None else w
+        if hasattr(mod, "float_weight"):  # QuantLinear: smoothing / rotation
+            return mod.float_weight()
+        return mod.dequantized_weight().reshape(mod.rows, mod.cols).float()
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise WatermarkError(f"the model's {name!r} has no weight: pass the model this one was quantized from")
@@ -155,9 +155,8 @@ def _float_position(m: QuantizedWeightMixin, fmod: nn.Module, name: str) -> torc
         raise WatermarkError(f"the float model's {name!r} has shape {tuple(w.shape)}, the quantized layer "
                              f"{m.weight_shape}: pass the float model this one was quantized from")
     w = w.reshape(m.rows, m.cols)
-    smooth = getattr(m, "smooth_scale", None)
-    if smooth is not None:  # the codes quantize W * s (activation-aware smoothing)
-        w = w * smooth
+    if hasattr(m, "weight_space"):  # the codes quantize W * s, rotated (smoothing, rotation)
+        w = m.weight_space(w)
     gran = m.weight_args.granule()
     ones = torch.ones(m.rows, m.cols)
     zeros = torch.zeros_like(m.weight_scale)

@@ -113,3 +113,12 @@ def test_digits_qat_within_one_point_and_not_worse_than_ptq(digits_model, preset
         assert qat_acc > ptq_acc + 5.0
     if preset == "w2a8":
         assert ptq_acc < fp32 - 1.0  # 2-bit PTQ alone drops far more than a point
+
+
+def test_rotated_recipes_are_refused_for_retraining():
+    from secquant.errors import RecipeError
+    from secquant.recipes import Rotation
+
+    recipe = Recipe(weights=QuantArgs(bits=4, granularity="group", group_size=16), rotation=Rotation(block=16))
+    with pytest.raises(RecipeError, match="remove `rotation`"):
+        prepare_qat(nn.Sequential(nn.Linear(32, 4)), recipe)

@@ -376,3 +376,56 @@ def test_activation_only_layer_keeps_float_weight_and_rebuilds(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
         assert rel_err(q(x), lin(x)) < 0.02
+
+
+def _outlier_linear(cols=256, rows=64, seed=0):
+    """A Linear whose rows each carry a few large weights: what rotation is for."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cols, rows)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[torch.arange(rows), torch.randint(0, cols, (rows,), generator=g)] = 1.0
+    lin.weight.data.copy_(w)
+    return lin
+
+
+def test_rotated_linear_is_exact_in_float_and_rebuilds(tmp_path):
+    from secquant.recipes import Rotation
+
+    lin = _outlier_linear()
+    x = torch.randn(32, 256)
+    w4 = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=128)
+    plain = QuantLinear.from_float(lin, w4, None)
+    rot = QuantLinear.from_float(lin, w4, None, rotation=Rotation(block=128))
+    assert plain.rotation_block is None and rot.rotation_block == 128
+    assert rot.config()["rotation"] == 128 and "rotation" not in plain.config()
+    with torch.no_grad():
+        ref = lin(x)
+        err = {k: float((q(x) - ref).pow(2).mean()) for k, q in (("plain", plain), ("rot", rot))}
+        # the stored weight is Q(W R); the float weight it stands for comes back unrotated
+        torch.testing.assert_close(rot(x), x @ rot.float_weight().t() + lin.bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rot.weight_space(lin.weight).reshape(-1).norm(), lin.weight.norm())
+    assert err["rot"] < 0.5 * err["plain"], err  # outliers spread over their group: tighter ranges
+
+    save_file({k: v.contiguous() for k, v in rot.state_dict().items()}, str(tmp_path / "r.safetensors"))
+    fresh = build_empty(json.loads(json.dumps(rot.layer_info("Linear"))))
+    fresh.load_state_dict(load_file(str(tmp_path / "r.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), rot(x))
+
+
+def test_rotation_skips_layers_it_does_not_fit():
+    from secquant.recipes import Rotation
+
+    q = QuantLinear.from_float(nn.Linear(96, 8), wargs(4, "group", group_size=32), None, rotation=Rotation(block=64))
+    assert q.rotation_block is None and q.rotation_signs is None  # 64 does not divide 96: left unrotated
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantLinear(96, 8, True, wargs(4), None, rotation=64)
+
+
+def test_rotation_block_must_be_a_power_of_two():
+    from pydantic import ValidationError
+
+    from secquant.recipes import Rotation
+
+    with pytest.raises(ValidationError, match="power of two"):
+        Rotation(block=96)

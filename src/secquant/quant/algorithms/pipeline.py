@@ -12,7 +12,8 @@ from torch import nn
 
 from ...errors import CalibrationError
 from ...recipes.schema import Recipe
-from ..modules import quantize_module
+from ..modules import quantize_module, rotation_block_for
+from ..primitives import rotate, rotate_hessian, rotation_signs
 from .rtn import apply_recipe, calibrate, plan, set_submodule
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
@@ -60,9 +61,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
             w = model.get_submodule(name).weight.detach().float()
             if t == "Conv1D":
                 w = w.t()
-            scale, alpha = search_scale(w, absmean, rows, wargs, aargs, recipe.smoothing)
+            rot = _rotation_of(recipe, w.shape[1], wargs)
+            scale, alpha = search_scale(w, absmean, rows, wargs, aargs, recipe.smoothing, rot)
             clip = recipe.smoothing.clip and wargs is not None and recipe.algorithm != "gptq"  # GPTQ sets its own
-            w_range = search_clip(w * scale, rows / scale, wargs) if clip else None
+            w_range = search_clip(rot(w * scale), rot(rows / scale), wargs) if clip else None
             smooth[name] = LayerPrep(scale, alpha, w_range)
             tick(1)
         used = seen.samples
@@ -76,6 +78,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
         calibrate(model, seen, run_batch, progress("calibrating", n_total))
         used = max(used, seen.samples)
     return layers, used
+
+
+def _rotation_of(recipe: Recipe, cols: int, wargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x R for a Linear layer with `cols` inputs under the recipe's rotation (identity if none)."""
+    block = rotation_block_for(recipe.rotation, cols, wargs)
+    if block is None:
+        return lambda x: x
+    signs = rotation_signs(cols, recipe.rotation.seed)
+    return lambda x: rotate(x, signs, block)
 
 
 class _StageDone(Exception):
@@ -120,7 +131,8 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
     """Sequential GPTQ: each stage's Hessians come from inputs that already went through the
     quantized stages before it; memory is one H per layer of the stage (no stored activations).
 
-    With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s.
+    With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s; with a
+    rotation R, as W s R with the Hessian of (x/s) R.
     """
     from .gptq import HessianAccumulator, float_target, gptq_quantize
 
@@ -197,11 +209,17 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
                 w = w * prep.scale
                 H = H / (s[:, None] * s[None, :])
                 C = C / (s[:, None] * s[None, :]) if C is not None else None
+            block = rotation_block_for(recipe.rotation, w.shape[1], wargs)
+            if block is not None:  # quantize W R under the Hessian of x R
+                signs = rotation_signs(w.shape[1], recipe.rotation.seed)
+                w = rotate(w, signs, block)
+                H = rotate_hessian(H, signs, block)
+                C = rotate_hessian(C, signs, block) if C is not None else None
             if C is not None:
                 w = float_target(w, H, C, cfg.float_targets_ridge)
             q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
                                                block_size=cfg.block_size)
-            qmod = quantize_module(mod, t, wargs, aargs, prep)
+            qmod = quantize_module(mod, t, wargs, aargs, prep, recipe.rotation)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)

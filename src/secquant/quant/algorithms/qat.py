@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import RecipeError
 from ...recipes.schema import QuantArgs, Recipe
 from ..modules import ActQuant, make_observer, quantize_module
 from ..primitives import (
@@ -152,6 +153,9 @@ class QATLayer(nn.Module):
 
 def prepare_qat(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
     """Wrap every layer the recipe targets (in place); returns the plan."""
+    if recipe.rotation is not None:
+        raise RecipeError("quantization-aware retraining does not train rotated layers: remove `rotation` "
+                          "from the recipe (or quantize with it after training)")
     check_finite(model)
     todo = plan(model, recipe)
     for name, (t, w, a) in todo.items():

@@ -67,7 +67,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
         )
     infos = {}
     for name, (t, w, a) in todo.items():
-        q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name))
+        q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name), recipe.rotation)
         set_submodule(model, name, q)
         infos[name] = q.layer_info(t)
     return infos

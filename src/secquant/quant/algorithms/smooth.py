@@ -128,8 +128,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, max_rows: int
 
 @torch.no_grad()
 def search_scale(w: torch.Tensor, absmean: torch.Tensor, x: torch.Tensor, wargs: QuantArgs | None,
-                 aargs: QuantArgs | None, cfg: Smoothing) -> tuple[torch.Tensor, float]:
-    """Best per-input-channel scale for weight w [out, in] given sampled inputs x [rows, in]."""
+                 aargs: QuantArgs | None, cfg: Smoothing,
+                 rotate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """Best per-input-channel scale for weight w [out, in] given sampled inputs x [rows, in];
+    `rotate` (x -> x R) is the layer's input rotation, applied after the scale as the layer does."""
+    rotate = rotate or (lambda t: t)
     ref = x @ w.t()
     alphas = [cfg.alpha] if cfg.alpha is not None else torch.linspace(0, 1, cfg.grid).tolist()
     base = absmean.clamp(min=1e-5)
@@ -137,8 +140,8 @@ def search_scale(w: torch.Tensor, absmean: torch.Tensor, x: torch.Tensor, wargs:
     for a in alphas:
         s = base.pow(a)
         s = s / (s.max() * s.min()).sqrt()
-        wq = _rtn(w * s, wargs) if wargs is not None else w * s
-        err = float(((_act(x / s, aargs) @ wq.t() - ref) ** 2).mean())
+        wq = _rtn(rotate(w * s), wargs) if wargs is not None else rotate(w * s)
+        err = float(((_act(rotate(x / s), aargs) @ wq.t() - ref) ** 2).mean())
         if err < best[0]:
             best = (err, s, a)
     return best[1], best[2]

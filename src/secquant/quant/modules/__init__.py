@@ -6,7 +6,7 @@ from torch import nn
 
 from ...recipes.schema import QuantArgs
 from .activation import ActQuant, make_observer
-from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, rotation_block_for
 from .weight import QuantizedWeightMixin, qparam_shape
 
 QUANT_CLASSES = {"Linear": QuantLinear, "Conv1d": QuantConv1d, "Conv2d": QuantConv2d,
@@ -29,13 +29,14 @@ def float_layer_type(mod: nn.Module) -> str | None:
 
 
 def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, aargs: QuantArgs | None,
-                    prep=None) -> nn.Module:
-    """Quantized replacement of a float layer; `prep` (Linear only) carries searched scales and ranges."""
+                    prep=None, rotation=None) -> nn.Module:
+    """Quantized replacement of a float layer; `prep` (Linear only) carries searched scales and ranges,
+    `rotation` (Linear only) the recipe's input rotation."""
     cls = QuantLinear if source_type == "Conv1D" else QUANT_CLASSES[source_type]
     if cls is QuantEmbedding:
         return cls.from_float(mod, wargs)
     if cls is QuantLinear:
-        return cls.from_float(mod, wargs, aargs, prep)
+        return cls.from_float(mod, wargs, aargs, prep, rotation)
     return cls.from_float(mod, wargs, aargs)
 
 
@@ -48,7 +49,8 @@ def build_empty(info: dict) -> nn.Module:
     shape = tuple(w["shape"])
     cfg = info["config"]
     if t == "Linear":
-        q = QuantLinear(cfg["in_features"], cfg["out_features"], info["bias"], wargs, aargs, bool(cfg.get("smooth")))
+        q = QuantLinear(cfg["in_features"], cfg["out_features"], info["bias"], wargs, aargs, bool(cfg.get("smooth")),
+                        cfg.get("rotation"))
         q.smooth_alpha = cfg.get("smooth_alpha")
         return q
     if t in ("Conv1d", "Conv2d"):
@@ -62,4 +64,4 @@ def build_empty(info: dict) -> nn.Module:
 
 __all__ = ["ActQuant", "make_observer", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding",
            "QuantizedWeightMixin", "qparam_shape", "QUANT_CLASSES", "float_layer_type",
-           "quantize_module", "build_empty"]
+           "quantize_module", "build_empty", "rotation_block_for"]

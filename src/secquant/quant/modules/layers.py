@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...recipes.schema import QuantArgs
+from ..primitives import is_rotatable, rotate, rotation_signs, unrotate
 from .activation import ActQuant
 from .weight import QuantizedWeightMixin
 
@@ -42,12 +43,14 @@ class _QuantLayer(QuantizedWeightMixin, nn.Module):
 
 
 class QuantLinear(_QuantLayer):
-    """y = Q_a(x / s) @ Q_w(W * s)^T + b, with s the optional per-input-channel smoothing scale."""
+    """y = Q_a((x / s) R) @ Q_w(W s R)^T + b, with s the optional per-input-channel smoothing scale and
+    R the optional randomized block-Hadamard rotation (both exact in float)."""
 
     layer_type = "Linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 wargs: QuantArgs | None, aargs: QuantArgs | None, smooth: bool = False) -> None:
+                 wargs: QuantArgs | None, aargs: QuantArgs | None, smooth: bool = False,
+                 rotation: int | None = None) -> None:
         super().__init__((out_features, in_features), bias, wargs, aargs, out_features)
         self.in_features, self.out_features = in_features, out_features
         self.smooth_alpha: float | None = None
@@ -55,34 +58,78 @@ class QuantLinear(_QuantLayer):
             self.register_buffer("smooth_scale", torch.ones(in_features))
         else:
             self.smooth_scale = None
+        if rotation is not None and not is_rotatable(in_features, rotation):
+            raise ValueError(f"a rotation block of {rotation} does not divide {in_features} input features "
+                             "(it must be a power of two that does)")
+        self.rotation_block = rotation
+        if rotation is not None:
+            self.register_buffer("rotation_signs", torch.ones(in_features))
+        else:
+            self.rotation_signs = None
 
     @classmethod
-    def from_float(cls, mod: nn.Module, wargs, aargs, prep=None) -> "QuantLinear":
-        """`prep` (from the scale search) has .scale, .alpha and optional .w_range = (lo, hi) per granule."""
+    def from_float(cls, mod: nn.Module, wargs, aargs, prep=None, rotation=None) -> "QuantLinear":
+        """`prep` (from the scale search) has .scale, .alpha and optional .w_range = (lo, hi) per granule
+        (of the weight as stored: scaled and rotated); `rotation` is the recipe's Rotation or None."""
         if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2 style: weight is [in, out]
             w = mod.weight.detach().t()
         else:
             w = mod.weight.detach()
-        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs, smooth=prep is not None)
+        block = rotation_block_for(rotation, w.shape[1], wargs)
+        q = cls(w.shape[1], w.shape[0], mod.bias is not None, wargs, aargs, smooth=prep is not None, rotation=block)
         if prep is not None:
             q.smooth_scale.copy_(prep.scale)
             q.smooth_alpha = prep.alpha
-            w = w * prep.scale
-        q.set_weight(w, None if prep is None else prep.w_range)
+        if block is not None:
+            q.rotation_signs.copy_(rotation_signs(w.shape[1], rotation.seed))
+        q.set_weight(q.weight_space(w), None if prep is None else prep.w_range)
         if mod.bias is not None:
             q.bias.data.copy_(mod.bias.detach().float())
         return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_space(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as its stored weight expects it: x / s, then rotated."""
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
-        return F.linear(self._in(x), self.dequantized_weight(), self.bias)
+        if self.rotation_block is not None:
+            x = rotate(x, self.rotation_signs, self.rotation_block)
+        return x
+
+    def weight_space(self, w: torch.Tensor) -> torch.Tensor:
+        """A float weight [out, in] mapped to what the codes quantize: W s, then rotated."""
+        if self.smooth_scale is not None:
+            w = w * self.smooth_scale
+        if self.rotation_block is not None:
+            w = rotate(w, self.rotation_signs, self.rotation_block)
+        return w
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight [out, in] the layer computes with (rotation and smoothing undone)."""
+        w = self.dequantized_weight().reshape(self.rows, self.cols).float()
+        if self.rotation_block is not None:
+            w = unrotate(w, self.rotation_signs, self.rotation_block)
+        if self.smooth_scale is not None:
+            w = w / self.smooth_scale
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._in(self.input_space(x)), self.dequantized_weight(), self.bias)
 
     def config(self) -> dict:
         cfg = {"in_features": self.in_features, "out_features": self.out_features}
         if self.smooth_scale is not None:
             cfg.update(smooth=True, smooth_alpha=self.smooth_alpha)
+        if self.rotation_block is not None:
+            cfg.update(rotation=self.rotation_block)
         return cfg
+
+
+def rotation_block_for(rotation, cols: int, wargs: QuantArgs | None) -> int | None:
+    """The Hadamard block a Linear with `cols` inputs uses under the recipe's `rotation` (None: not rotated,
+    also when its weight stays in float or the block does not divide its width)."""
+    if rotation is None or wargs is None or not is_rotatable(cols, rotation.block):
+        return None
+    return rotation.block
 
 
 class _QuantConvNd(_QuantLayer):

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .modular import additive_shares, centered_lift, modular_add, modular_decode, modular_encode, reconstruct
     from .packing import pack, packed_nbytes, unpack
     from .ranges import choose_qparams, qrange
+    from .rotation import is_rotatable, rotate, rotate_hessian, rotation_signs, unrotate
 
 _EXPORTS = {
     **dict.fromkeys(["dequantize", "fake_quantize", "group_view", "quantize", "quantize_tensor", "reduce_range",
@@ -20,6 +21,7 @@ _EXPORTS = {
                      "reconstruct"], "modular"),
     **dict.fromkeys(["pack", "packed_nbytes", "unpack"], "packing"),
     **dict.fromkeys(["choose_qparams", "qrange"], "ranges"),
+    **dict.fromkeys(["is_rotatable", "rotate", "rotate_hessian", "rotation_signs", "unrotate"], "rotation"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = ["Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", *_EXPORTS]
