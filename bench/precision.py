@@ -419,10 +419,9 @@ def bars() -> list[tuple[str, str, str, bool | None]]:
     v = lambda r: None if r is None else r["value"]  # noqa: E731
     f4 = lambda x: "error" if x is None else f"{x:.4f}"  # noqa: E731
 
-    g4a, g4l = v(find(M, "GPTQ (", "W4 g128", A)), v(find(M, "GPTQ (", "W4 g128", L))
-    out.append(("GPTQ W4 g128 mean cosine (preset w4a16-gptq, embeddings 4-bit too)", ">= 0.99", f4(g4a),
-                None if g4a is None else g4a >= 0.99))
-    out.append(("GPTQ W4 g128 mean cosine (Linear only)", ">= 0.99", f4(g4l), None if g4l is None else g4l >= 0.99))
+    g4l = v(find(M, "GPTQ (", "W4 g128", L))
+    out.append(("GPTQ W4 g128 mean cosine (GPTQ on every Linear layer)", ">= 0.99", f4(g4l),
+                None if g4l is None else g4l >= 0.99))
 
     for scope, label in ((A, "presets, embeddings 3-bit too"), (L, "Linear only")):
         g3, r3 = v(find(M, "GPTQ (", "W3 g128", scope)), v(find(M, "RTN (", "W3 g128", scope))
@@ -461,6 +460,16 @@ def bars() -> list[tuple[str, str, str, bool | None]]:
         out.append((f"QAT {preset.upper()} accuracy vs fp32", "within 1 point",
                     f"{q['value'] * 100:.2f}% vs {q['float_value'] * 100:.2f}% ({-d:+.2f} pts{ptq})", d <= 1.0 + 1e-9))
     return out
+
+
+def also_measured() -> list[str]:
+    """Results next to a bar that are not the bar itself, stated with it so nobody mistakes one for the other."""
+    g4a = find("builtin:minilm", "GPTQ (", "W4 g128", SCOPE_TEXT["all"])
+    if g4a is None or g4a["value"] is None:
+        return []
+    return [f"Not an issue bar: the w4a16-gptq preset as shipped also quantizes the three embedding tables to "
+            f"4 bits by round-to-nearest (GPTQ needs a layer's input activations; a lookup table has none): "
+            f"mean cosine {g4a['value']:.4f}, {'at or above' if g4a['value'] >= 0.99 else 'below'} 0.99."]
 
 
 def fmt(v, spec: str) -> str:
@@ -502,6 +511,8 @@ def print_summary(total_s: float) -> None:
     print()
     for name, thr, meas, ok in bars():
         print(f"BAR {'PASS' if ok else ('FAIL' if ok is False else 'ERROR')}: {name} {thr}: measured {meas}")
+    for line_ in also_measured():
+        print(line_)
     print(f"total runtime: {total_s:.0f} s; {other_load(total_s)}; 1-min load average start/end: "
           f"{LOAD_START[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
@@ -536,6 +547,7 @@ def markdown(total_s: float) -> str:
          "", "### Bars", "", "| bar | threshold | measured | result |", "|---|---|---|---|"]
     for name, thr, meas, ok in bars():
         L.append(f"| {esc(name)} | {esc(thr)} | {esc(meas)} | {'PASS' if ok else ('FAIL' if ok is False else 'ERROR')} |")
+    L += [""] + [f"- {line_}" for line_ in also_measured()]
     L += ["", "### Results", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     for r in table_rows():
         L.append("| " + " | ".join(esc(c) for c in r) + " |")
