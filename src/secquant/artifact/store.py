@@ -163,6 +163,13 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
     return LoadedArtifact(root, manifest, d, handle)
 
 
+def _transform(config: dict[str, Any]) -> str | None:
+    """What a layer applies to its input before the stored weight: smoothing, rotation (None: nothing)."""
+    parts = (["smooth"] if config.get("smooth") else []) + (
+        [f"hadamard{config['rotation']}"] if config.get("rotation") else [])
+    return "+".join(parts) or None
+
+
 def describe(manifest: Manifest) -> list[dict[str, Any]]:
     """One row per quantized layer for `secquant inspect`."""
     rows = []
@@ -176,9 +183,7 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
             "w_granularity": (f"group{w.group_size}" if w and w.granularity == "group" else (w.granularity if w else "float")),
             "w_symmetric": w.symmetric if w else None,
             "w_range": w.observer if w else None,
-            "w_transform": "+".join(filter(None, ["smooth" if e.config.get("smooth") else None,
-                                                  f"hadamard{e.config['rotation']}" if e.config.get("rotation")
-                                                  else None])) or None,
+            "w_transform": _transform(e.config),
             "a_bits": a.bits if a else None,
             "a_mode": ("dynamic/" + a.granularity if a.dynamic else f"static/{a.observer}") if a else "float",
         })

@@ -145,7 +145,8 @@ class Rotation(Strict):
     @model_validator(mode="after")
     def _check(self) -> "Rotation":
         if self.block & (self.block - 1):
-            raise ValueError(f"rotation.block must be a power of two, got {self.block}")
+            raise ValueError(f"rotation.block must be a power of two (the weight group size, e.g. 64 or 128), "
+                             f"got {self.block}")
         return self
 
 

@@ -65,10 +65,7 @@ def _float_weight_2d(float_model: nn.Module, name: str, m: QuantizedWeightMixin)
     if tuple(w.shape) != tuple(m.weight_shape):
         raise SecquantError(f"layer {name!r}: float weight {tuple(w.shape)} does not match the quantized "
                             f"{tuple(m.weight_shape)}: pass the float model this artifact was quantized from")
-    w2 = w.reshape(m.rows, m.cols)
-    if hasattr(m, "weight_space"):  # the quantized layer stores Q(W s R) and maps its input to (x / s) R
-        w2 = m.weight_space(w2)
-    return w2
+    return m.weight_space(w.reshape(m.rows, m.cols))  # the layer stores Q(W s R) and reads (x / s) R
 
 
 def _keyed_generator(key: bytes, label: str) -> torch.Generator:

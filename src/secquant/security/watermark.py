@@ -138,9 +138,7 @@ def _float_weight(mod: nn.Module, name: str) -> torch.Tensor:
     """The float weight a layer computes with, [out, ...] (a quantized layer's dequantized weight with its
     smoothing and rotation undone; a Hugging Face Conv1D's [in, out] weight transposed)."""
     if isinstance(mod, QuantizedWeightMixin) and mod.weight_args is not None:
-        if hasattr(mod, "float_weight"):  # QuantLinear: smoothing / rotation
-            return mod.float_weight()
-        return mod.dequantized_weight().reshape(mod.rows, mod.cols).float()
+        return mod.float_weight()
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise WatermarkError(f"the model's {name!r} has no weight: pass the model this one was quantized from")
@@ -154,9 +152,7 @@ def _float_position(m: QuantizedWeightMixin, fmod: nn.Module, name: str) -> torc
     if w.numel() != m.rows * m.cols:
         raise WatermarkError(f"the float model's {name!r} has shape {tuple(w.shape)}, the quantized layer "
                              f"{m.weight_shape}: pass the float model this one was quantized from")
-    w = w.reshape(m.rows, m.cols)
-    if hasattr(m, "weight_space"):  # the codes quantize W * s, rotated (smoothing, rotation)
-        w = m.weight_space(w)
+    w = m.weight_space(w.reshape(m.rows, m.cols))  # the codes quantize W s R (smoothing, rotation)
     gran = m.weight_args.granule()
     ones = torch.ones(m.rows, m.cols)
     zeros = torch.zeros_like(m.weight_scale)

@@ -13,7 +13,7 @@ from torch import nn
 from ...errors import CalibrationError
 from ...recipes.schema import Recipe
 from ..modules import quantize_module, rotation_block_for
-from ..primitives import rotate, rotate_hessian, rotation_signs
+from ..primitives import rotate, rotation_signs
 from .rtn import apply_recipe, calibrate, plan, set_submodule
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
@@ -202,24 +202,16 @@ def _gptq(model: nn.Module, recipe: Recipe, batches, run_batch, progress, n_tota
                 raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
             w = mod.weight.detach().float()
             w = w.t() if t == "Conv1D" else w
-            H, C = acc[name].H, acc[name].C
-            prep = smooth.get(name)
-            if prep is not None:
-                s = prep.scale.double()
-                w = w * prep.scale
-                H = H / (s[:, None] * s[None, :])
-                C = C / (s[:, None] * s[None, :]) if C is not None else None
-            block = rotation_block_for(recipe.rotation, w.shape[1], wargs)
-            if block is not None:  # quantize W R under the Hessian of x R
-                signs = rotation_signs(w.shape[1], recipe.rotation.seed)
-                w = rotate(w, signs, block)
-                H = rotate_hessian(H, signs, block)
-                C = rotate_hessian(C, signs, block) if C is not None else None
+            # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
+            # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
+            qmod = quantize_module(mod, t, wargs, aargs, smooth.get(name), recipe.rotation)
+            w = qmod.weight_space(w)
+            H = qmod.input_gram(acc[name].H)
+            C = qmod.input_gram(acc[name].C) if acc[name].C is not None else None
             if C is not None:
                 w = float_target(w, H, C, cfg.float_targets_ridge)
             q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
                                                block_size=cfg.block_size)
-            qmod = quantize_module(mod, t, wargs, aargs, prep, recipe.rotation)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...recipes.schema import QuantArgs
-from ..primitives import is_rotatable, rotate, rotation_signs, unrotate
+from ..primitives import is_rotatable, rotate, rotate_hessian, rotation_signs, unrotate
 from .activation import ActQuant
 from .weight import QuantizedWeightMixin
 
@@ -103,9 +103,19 @@ class QuantLinear(_QuantLayer):
             w = rotate(w, self.rotation_signs, self.rotation_block)
         return w
 
+    def input_gram(self, G: torch.Tensor) -> torch.Tensor:
+        """A Gram matrix X^T Y of raw inputs [in, in] (a GPTQ Hessian) in the space the stored weight
+        reads: (X / s R)^T (Y / s R)."""
+        if self.smooth_scale is not None:
+            s = self.smooth_scale.to(G.dtype)
+            G = G / (s[:, None] * s[None, :])
+        if self.rotation_block is not None:
+            G = rotate_hessian(G, self.rotation_signs, self.rotation_block)
+        return G
+
     def float_weight(self) -> torch.Tensor:
         """The float weight [out, in] the layer computes with (rotation and smoothing undone)."""
-        w = self.dequantized_weight().reshape(self.rows, self.cols).float()
+        w = super().float_weight()
         if self.rotation_block is not None:
             w = unrotate(w, self.rotation_signs, self.rotation_block)
         if self.smooth_scale is not None:

@@ -204,6 +204,15 @@ class QuantizedWeightMixin:
             self._w_cache = deq.reshape(self.weight_shape)
         return self._w_cache
 
+    def weight_space(self, w: torch.Tensor) -> torch.Tensor:
+        """A float weight [rows, cols] mapped to what the codes quantize (identity here; QuantLinear
+        folds in its smoothing scale and rotation)."""
+        return w
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight [rows, cols] the layer computes with (QuantLinear undoes smoothing and rotation)."""
+        return self.dequantized_weight().reshape(self.rows, self.cols).float()
+
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         self._w_cache = None
         return super()._load_from_state_dict(*args, **kwargs)

@@ -38,22 +38,23 @@ def rotation_signs(cols: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (cols,), generator=gen).float() * 2 - 1
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """x R over the last dimension (inputs, or the rows of a [rows, cols] weight)."""
+def _mix(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x B: the block-diagonal Hadamard over the last dimension."""
     cols = x.shape[-1]
     if not is_rotatable(cols, block):
         raise ValueError(f"cannot rotate {cols} columns in blocks of {block}")
     h = hadamard(block).to(dtype=x.dtype, device=x.device)
-    y = (x * signs.to(x.dtype)).reshape(*x.shape[:-1], cols // block, block) @ h
-    return y.reshape(x.shape)
+    return (x.reshape(*x.shape[:-1], cols // block, block) @ h).reshape(x.shape)
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """x R = (x D) B over the last dimension (inputs, or the rows of a [rows, cols] weight)."""
+    return _mix(x * signs.to(x.dtype), block)
 
 
 def unrotate(y: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """y R^T: undoes `rotate` (B is symmetric and orthogonal, D its own inverse)."""
-    cols = y.shape[-1]
-    h = hadamard(block).to(dtype=y.dtype, device=y.device)
-    x = (y.reshape(*y.shape[:-1], cols // block, block) @ h).reshape(y.shape)
-    return x * signs.to(y.dtype)
+    """y R^T = (y B) D: undoes `rotate` (B is symmetric and orthogonal, D its own inverse)."""
+    return _mix(y, block) * signs.to(y.dtype)
 
 
 def rotate_hessian(H: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
