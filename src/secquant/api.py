@@ -24,7 +24,7 @@ from .artifact import (
 from .artifact.store import build_manifest, describe
 from .errors import ArtifactError, CalibrationError, ModelError, SecquantError
 from .fidelity import compare, float_size_bytes
-from .models import ModelHandle, TensorClassifierAdapter, load_model
+from .models import BUILTINS, ModelHandle, TensorClassifierAdapter, load_model
 from .quant.algorithms import quantize_model
 from .recipes import Recipe, get_preset, load_recipe
 
@@ -264,18 +264,40 @@ def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> Q
 
 
 def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, weights: str | None = None) -> nn.Module:
-    """The float model to compare against: given, or re-created from the manifest's source spec."""
+    """The float model to compare against, checked against the source hash the manifest records.
+
+    Nothing a manifest names is imported or called: an artifact made from a built-in is compared with
+    secquant's own copy, looked up in a fixed table (BUILTINS); any other source (a Hugging Face
+    directory, a factory, a Python module) must be named by the caller (`against=`, CLI `--against`,
+    with `--weights` for a factory), and a float model whose weights differ from the ones the artifact
+    was made from is refused.
+    """
+    src = qm.manifest.model.spec
     if isinstance(against, nn.Module):
-        return against.eval()
-    spec = against or qm.manifest.model.spec
-    if spec.startswith("python:"):
-        raise ModelError("this artifact came from a Python module: pass the float model with --against / against=")
-    ref = load_model(spec, weights)
-    got = state_dict_sha256(ref.module.state_dict())
-    if against is None and got != qm.manifest.source.weights_sha256:
-        raise ModelError(f"{spec} no longer matches the weights this artifact was made from "
-                         "(source hash differs): pass --against MODEL explicitly")
-    return ref.module
+        ref, named = against.eval(), "the given float module"
+    elif against is not None:
+        ref, named = load_model(str(against), weights).module, str(against)
+    elif src in BUILTINS and weights is None:
+        ref, named = BUILTINS[src]().module, src
+    else:
+        how = ("--against PACKAGE.MODULE:FACTORY --weights FILE (the factory and float weights it was made from)"
+               if qm.manifest.model.rebuild.get("loader") == "factory" else "--against MODEL")
+        raise ModelError(f"this artifact was quantized from {_shown(src)}, which is not a built-in: secquant never "
+                         f"imports or opens what a manifest names, so name the float model yourself: {how} "
+                         "(API: against=)")
+    if state_dict_sha256(ref.state_dict()) != qm.manifest.source.weights_sha256:
+        hint = " (did you forget --weights?)" if against is not None and not isinstance(against, nn.Module) \
+            and weights is None and not str(against).startswith("builtin:") else ""
+        raise ModelError(f"{named} is not the float model this artifact was quantized from (its weights hash "
+                         f"differs from the manifest's source.weights_sha256){hint}: pass the model it was made "
+                         "from with --against")
+    return ref
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """A manifest string fit for a message: quoted, printable, bounded."""
+    t = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(t if len(t) <= limit else t[:limit] + "...")
 
 
 def evaluate(qm: QuantizedModel, against: str | nn.Module | None = None, data: str | Path | None = None,

@@ -62,6 +62,12 @@ class PrivacyLedger(Strict):
     entries: list[dict[str, Any]] = Field(default_factory=list)
 
 
+# What an artifact may hold: weights, JSON, tokenizer/vocabulary files and ONNX, i.e. data formats only.
+# A file Python could import or a loader could execute (.py, .pyc, .so, .pth, ...) has no business in an
+# artifact, whatever its manifest says: refusing it keeps a shipped `payload.py` off every sys.path.
+DATA_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".onnx", ".onnx.data")
+
+
 def safe_relpath(name: str) -> str:
     """A file name inside the artifact: relative, POSIX, no '..', no absolute or drive paths."""
     p = PurePosixPath(name)
@@ -93,6 +99,8 @@ class Manifest(Strict):
     def _safe_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name, digest in v.items():
             safe_relpath(name)
+            if not name.endswith(DATA_SUFFIXES):
+                raise ValueError(f"file {name!r}: an artifact holds only data files ({', '.join(DATA_SUFFIXES)})")
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"file {name!r}: sha256 must be 64 lowercase hex digits")
         return v

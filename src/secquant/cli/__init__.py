@@ -105,10 +105,14 @@ def quantize(
 @user_errors
 def eval_(
     artifact: Path = typer.Argument(..., help="artifact directory"),
-    against: Optional[str] = typer.Option(None, "--against", help="float model to compare with (default: the artifact's source)"),
+    against: Optional[str] = typer.Option(None, "--against", help="float model to compare with: needed unless the "
+                                                                  "artifact was made from a built-in (nothing a "
+                                                                  "manifest names is ever imported or opened)"),
     data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: the model's built-in held-out data)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --against model"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="float weights for a factory model (--factory or "
+                                                                   "--against)"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names "
+                                                                  "(also the float reference, with --weights)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     runtime: str = typer.Option("torch", "--runtime", help="torch (eager PyTorch) or onnx (ONNX Runtime; exports "
                                                            "model.onnx into the artifact if missing)"),
@@ -119,7 +123,7 @@ def eval_(
 
     qm = load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
     with RichProgress() as prog:
-        res = evaluate(qm, against=against, data=data, weights=str(weights) if weights else None,
+        res = evaluate(qm, against=against or factory, data=data, weights=str(weights) if weights else None,
                        batch_size=batch_size, progress=prog, runtime=runtime, threads=threads)
     sys.stdout.write(json.dumps(res) + "\n")
 
