@@ -18,7 +18,14 @@ def check_files(d: Path, manifest: Manifest, digests: Mapping[str, str] | None =
     """
     if WEIGHTS_NAME not in manifest.files:
         raise ArtifactError(f"{d}: the manifest does not list {WEIGHTS_NAME}")
-    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    present = set()
+    for p in d.rglob("*"):
+        if p.is_symlink() or not (p.is_dir() or p.is_file()):  # an artifact holds its own regular files only
+            raise ArtifactError(f"{p} is a link or a special file: an artifact holds regular files only "
+                                "(re-save the artifact)")
+        if p.is_file():
+            present.add(p.relative_to(d).as_posix())
+    present -= {MANIFEST_NAME}
     listed = set(manifest.files)
     if missing := sorted(listed - present):
         raise ArtifactError(f"{d}: files listed in the manifest are missing: {', '.join(missing)}")

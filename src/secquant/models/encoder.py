@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, UnsafeInputError
 from .base import Adapter, ModelHandle
 from .checkpoint import load_state_dict
 from .data import read_texts
@@ -94,8 +95,8 @@ def build_encoder_arch(model_dir: Path, pooling: str, normalize: bool) -> Senten
 
 def _weights_file(model_dir: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            return model_dir / name
+        if (p := model_file(model_dir, name)) is not None:
+            return p
     raise ModelError(f"{model_dir} has no model.safetensors (or weights-only pytorch_model.bin)")
 
 
@@ -155,22 +156,54 @@ class EncoderAdapter(Adapter):
         return ((b, None) for b in self._batches(texts, batch_size))
 
 
+def _allowed_roots(model_dir: Path) -> list[Path]:
+    """Where a model directory's files may really live: the directory itself, and for a Hugging Face cache
+    snapshot (`models--org--name/snapshots/REV`, whose files are links) that repository's blob store."""
+    d = model_dir.resolve()
+    roots = [d]
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        roots.append(d.parent.parent / "blobs")
+    return roots
+
+
+def model_file(model_dir: Path, name: str) -> Path | None:
+    """`model_dir/name` if it exists as a regular file that resolves inside the model directory (or its Hugging
+    Face blob store); None if absent. A link out of the directory, or a device, FIFO or directory in its place, is
+    refused by name: a third-party repository must not make secquant read, copy, sign and seal other files
+    of this machine."""
+    p = model_dir / name
+    if not p.exists() and not p.is_symlink():
+        return None
+    try:
+        real = p.resolve(strict=True)
+        regular = stat.S_ISREG(real.stat().st_mode)
+    except (OSError, RuntimeError):  # a dangling link or a link loop
+        raise UnsafeInputError(f"{p} is a broken or looping link: remove it from the model directory") from None
+    if not regular or not any(real.is_relative_to(r) for r in _allowed_roots(model_dir)):
+        what = "a link to a file outside the model directory" if regular else "not a regular file"
+        raise UnsafeInputError(f"{p} is {what} ({real}): refusing to read it; copy the real file into the model "
+                               "directory if it belongs to the model")
+    return p
+
+
 def arch_files_of(model_dir: Path) -> dict[str, Path]:
-    return {name: model_dir / name for name in ARCH_FILES if (model_dir / name).is_file()}
+    """The architecture and tokenizer files present in `model_dir` (checked with `model_file`)."""
+    return {name: p for name in ARCH_FILES if (p := model_file(model_dir, name)) is not None}
 
 
 def load_encoder_dir(model_dir: str | Path, spec: str | None = None) -> ModelHandle:
     d = Path(model_dir)
-    if not (d / "config.json").is_file():
+    files = arch_files_of(d)  # every file secquant will read or copy, checked before any is read
+    if "config.json" not in files:
         raise ModelError(f"{d} is not a Hugging Face model directory (no config.json)")
+    wfile = _weights_file(d)
     pooling, normalize, max_len = _pooling_of(d)
     enc = build_encoder_arch(d, pooling, normalize)
-    wfile = _weights_file(d)
     load_float_weights(enc, load_state_dict(wfile), str(wfile))
     return ModelHandle(
         module=enc.eval(), kind="encoder", spec=spec or str(d),
         rebuild={"loader": "hf-encoder", "pooling": pooling, "normalize": normalize, "max_length": max_len},
-        adapter=EncoderAdapter(d, max_len), arch_files=arch_files_of(d),
+        adapter=EncoderAdapter(d, max_len), arch_files=files,
     )
 
 
