@@ -75,6 +75,44 @@ def _transformer_optimize(model_bytes: bytes, config: dict[str, Any]):
             lg.setLevel(lv)
 
 
+def _tensors(graph):
+    """Every TensorProto an ONNX graph holds: initializers, sparse initializers, Constant-style attributes,
+    and the same inside subgraphs (If/Loop/Scan bodies), at any depth."""
+    for t in graph.initializer:
+        yield t
+    for st in graph.sparse_initializer:
+        yield st.values
+        yield st.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
+def check_external_data(model, allowed: set[str]) -> None:
+    """Refuse an ONNX model any of whose tensors reads external data from a file other than `allowed`.
+
+    ONNX Runtime resolves an external data location against the model's directory, or against the process's
+    working directory when the model is given as bytes: a model.onnx naming `SECRET.txt` or
+    `../../etc/shadow` would feed a file outside every hash into the weights. The only external data an
+    artifact may use is its own, hashed `model.onnx.data`."""
+    from onnx import TensorProto
+
+    for t in _tensors(model.graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in t.external_data}.get("location", "")
+        if where not in allowed:
+            raise ArtifactError(f"{ONNX_NAME}: tensor {t.name[:80]!r} reads external data from "
+                                f"{where[:120]!r}, which is not this artifact's own hashed "
+                                f"{ONNX_NAME}.data: refusing to run it (re-export the artifact)")
+
+
 class Session:
     """ONNX Runtime inference on CPU for a secquant artifact (exported on first use).
 
@@ -124,14 +162,21 @@ class Session:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         self._adapter = None
-        external = (self.path / (ONNX_NAME + ".data")).exists()
+        import onnx
+
+        data_name = ONNX_NAME + ".data"
+        external = data_name in manifest.files  # listed, hence present and hashed by verify_artifact_dir
+        model_bytes = onnx_path.read_bytes()
+        if hashlib.sha256(model_bytes).hexdigest() != manifest.files[ONNX_NAME]:
+            raise ArtifactError(f"{onnx_path}: content does not match the manifest's sha256 (modified or corrupted)")
+        try:
+            proto = onnx.load_model_from_string(model_bytes)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ArtifactError(f"{onnx_path} is not a valid ONNX model: {str(e)[:200]}") from None
+        check_external_data(proto, {data_name} if external else set())
         if external:  # ORT reads the tensors from the (verified) data file next to the model
             self._sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         else:  # run exactly the bytes whose hash matches the manifest
-            model_bytes = onnx_path.read_bytes()
-            if hashlib.sha256(model_bytes).hexdigest() != manifest.files[ONNX_NAME]:
-                raise ArtifactError(f"{onnx_path}: content does not match the manifest's sha256 "
-                                    "(modified or corrupted)")
             self._sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_name = self._sess.get_outputs()[0].name
