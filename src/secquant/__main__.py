@@ -1,5 +1,6 @@
 """`python -m secquant`: the same CLI as the `secquant` console script."""
 
-from .cli import main
+if __name__ == "__main__":
+    from .cli import main
 
-main()
+    main()

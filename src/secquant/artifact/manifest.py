@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "secquant.json"
 WEIGHTS_NAME = "model.safetensors"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # a real manifest nests about 6 deep
 
 
 class Strict(BaseModel):
@@ -25,7 +26,7 @@ class Strict(BaseModel):
 
 
 class WeightEntry(Strict):
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=1, le=2**31)]] = Field(min_length=1, max_length=5)
     args: QuantArgs | None
 
 
@@ -109,6 +110,17 @@ class Manifest(Strict):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
 
 
+def json_depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (iterative: a hostile depth cannot exhaust the stack here)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def read_manifest(artifact_dir: Path) -> Manifest:
     path = artifact_dir / MANIFEST_NAME
     if not path.is_file():
@@ -118,10 +130,14 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         raise ArtifactError(f"{path} is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit: refusing to parse it")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers over Python's digit limit
+        raise ArtifactError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} nests JSON deeper than Python can parse: refusing it") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} must hold a JSON object")
+    if (depth := json_depth(data)) > MAX_JSON_DEPTH:
+        raise ArtifactError(f"{path} nests JSON {depth} levels deep (at most {MAX_JSON_DEPTH}): refusing it")
     if data.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format is {data.get('format')!r}, expected {FORMAT!r}")
     if data.get("format_version") != FORMAT_VERSION:

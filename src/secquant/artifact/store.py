@@ -7,6 +7,7 @@ and every tensor's name and shape before the weights are used.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,25 @@ class LoadedArtifact:
     handle: ModelHandle
 
 
+# A float architecture rebuilt from an artifact's config may hold at most this many bytes per byte of the
+# artifact's weights file (2-bit codes are 16x smaller than fp32), so a config cannot ask for terabytes.
+MAX_FLOAT_BYTES_PER_WEIGHT_BYTE = 32
+MAX_SAMPLE_ELEMENTS = 2**24
+
+
+def _sample_shape(rb: dict[str, Any]) -> tuple[int, ...] | None:
+    """The per-sample input shape a manifest records, bounded (the server allocates canaries from it)."""
+    shape = rb.get("sample_shape")
+    if shape is None:
+        return None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 2**20 for n in shape) or \
+            math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise ArtifactError(f"the manifest's sample_shape {str(shape)[:80]} is not a plausible input shape "
+                            f"(1 to 8 positive sizes, at most {MAX_SAMPLE_ELEMENTS} elements)")
+    return tuple(shape)
+
+
 def _float_arch(d: Path, manifest: Manifest, model: nn.Module | None, factory: str | None) -> ModelHandle:
     from ..models.digits import SAMPLE_SHAPE, DigitsCNN, TensorClassifierAdapter, splits
     from ..models.encoder import EncoderAdapter, arch_files_of, build_encoder_arch
@@ -95,27 +115,29 @@ def _float_arch(d: Path, manifest: Manifest, model: nn.Module | None, factory: s
     loader = rb.get("loader")
     spec = manifest.model.spec
     if model is not None:
-        adapter = TensorClassifierAdapter(tuple(rb["sample_shape"]) if rb.get("sample_shape") else None)
-        return ModelHandle(model, manifest.model.kind, spec, rb, adapter)
+        return ModelHandle(model, manifest.model.kind, spec, rb, TensorClassifierAdapter(_sample_shape(rb)))
     if loader == "builtin" and rb.get("name") == "digits":
         return ModelHandle(DigitsCNN().eval(), "classifier", spec, rb, TensorClassifierAdapter(SAMPLE_SHAPE, splits()))
     if loader == "hf-encoder":
-        enc = build_encoder_arch(d, rb.get("pooling", "mean"), bool(rb.get("normalize", False)))
-        return ModelHandle(enc, "encoder", spec, rb, EncoderAdapter(d, int(rb.get("max_length", 128))), arch_files_of(d))
+        max_bytes = MAX_FLOAT_BYTES_PER_WEIGHT_BYTE * (d / WEIGHTS_NAME).stat().st_size
+        enc = build_encoder_arch(d, rb.get("pooling", "mean"), bool(rb.get("normalize", False)), max_bytes=max_bytes)
+        max_length = rb.get("max_length", 128)
+        if not isinstance(max_length, int) or not 1 <= max_length <= 2**20:
+            raise ArtifactError(f"the manifest's max_length {str(max_length)[:40]} is not a sequence length")
+        return ModelHandle(enc, "encoder", spec, rb, EncoderAdapter(d, max_length), arch_files_of(d))
     if loader == "factory":
         if factory != rb.get("factory"):
             raise ArtifactError(
-                f"this artifact is rebuilt by calling {rb.get('factory')!r}; secquant runs no code named by a file "
-                f"unless you confirm it: pass factory={rb.get('factory')!r} (CLI: --factory)"
+                f"this artifact is rebuilt by calling {str(rb.get('factory'))[:120]!r}; secquant runs no code named "
+                "by a file unless you confirm it: pass factory=... with that name (CLI: --factory)"
             )
         from ..models.factory import call_factory
         m = call_factory(factory)
-        adapter = TensorClassifierAdapter(tuple(rb["sample_shape"]) if rb.get("sample_shape") else None)
-        return ModelHandle(m.eval(), "classifier", spec, rb, adapter)
+        return ModelHandle(m.eval(), "classifier", spec, rb, TensorClassifierAdapter(_sample_shape(rb)))
     if loader == "module":
         raise ArtifactError("this artifact was made from a Python nn.Module: pass model=<an instance of the same "
                             "architecture> to secquant.load")
-    raise ArtifactError(f"unknown model loader {loader!r} in the manifest")
+    raise ArtifactError(f"unknown model loader {str(loader)[:40]!r} in the manifest")
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -133,16 +155,49 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
     root = handle.module
     for name, entry in manifest.layers.items():
         try:
-            root.get_submodule(name)
+            float_layer = root.get_submodule(name)
         except AttributeError:
-            raise ArtifactError(f"manifest layer {name!r} does not exist in the rebuilt architecture") from None
+            raise ArtifactError(f"manifest layer {name[:120]!r} does not exist in the rebuilt architecture") from None
+        _check_fits(name, entry, float_layer)
         try:
             q = build_empty(entry.model_dump())
         except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactError(f"manifest layer {name!r} cannot be rebuilt: {e}") from None
+            raise ArtifactError(f"manifest layer {name!r} cannot be rebuilt: {str(e)[:200]}") from None
         _set_submodule(root, name, q)
-    expected = root.state_dict()
-    with safe_open(str(d / WEIGHTS_NAME), "pt") as f:
+    try:
+        sd = _read_weights(d / WEIGHTS_NAME, root.state_dict())
+    except ArtifactError:
+        raise
+    except Exception as e:  # safetensors' own errors for a malformed header or offsets
+        raise ArtifactError(f"{d / WEIGHTS_NAME} is not a readable safetensors file: {str(e)[:200]}") from None
+    root.load_state_dict(sd, strict=True)
+    root.eval()
+    return LoadedArtifact(root, manifest, d, handle)
+
+
+def _check_fits(name: str, entry, layer: nn.Module) -> None:
+    """The manifest's entry must describe the float layer it replaces: its kind, weight shape, bias, and the
+    sizes that shape the quantized layer's buffers. Every allocation is then bounded by the architecture,
+    not by what a manifest asks for."""
+    from ..quant.modules import float_layer_type
+
+    kind = float_layer_type(layer)
+    if kind is None or kind != entry.source_type or entry.type != ("Linear" if kind == "Conv1D" else kind):
+        raise ArtifactError(f"manifest layer {name!r} says {entry.source_type} -> {entry.type}, but the architecture "
+                            f"has a {type(layer).__name__} there")
+    w = layer.weight
+    shape = [int(w.shape[1]), int(w.shape[0])] if kind == "Conv1D" else [int(n) for n in w.shape]
+    sizes = {"in_features": shape[1], "out_features": shape[0]} if entry.type == "Linear" else \
+        {"num_embeddings": shape[0], "embedding_dim": shape[1]} if entry.type == "Embedding" else {}
+    has_bias = getattr(layer, "bias", None) is not None
+    if entry.weight.shape != shape or entry.bias != has_bias or any(entry.config.get(k) != v for k, v in sizes.items()):
+        raise ArtifactError(f"manifest layer {name!r} does not match the architecture (weight {shape}, bias "
+                            f"{has_bias}): the manifest and the model differ")
+
+
+def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Exactly the tensors `expected` names, each with its expected dtype and shape."""
+    with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
         if missing := sorted(set(expected) - keys):
             raise ArtifactError(f"{WEIGHTS_NAME} lacks tensors the manifest requires: {', '.join(missing[:5])}"
@@ -158,9 +213,7 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
                     f"{expected[k].dtype} {tuple(expected[k].shape)}"
                 )
             sd[k] = t
-    root.load_state_dict(sd, strict=True)
-    root.eval()
-    return LoadedArtifact(root, manifest, d, handle)
+    return sd
 
 
 def _transform(config: dict[str, Any]) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,17 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
+MAX_ERROR_CHARS = 400
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")  # ANSI sequences, C0, DEL, C1
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """A message fit for a terminal: no control characters or escape sequences (a file name or manifest
+    field can carry them), one line, at most `limit` characters."""
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def user_errors(fn):
     """Turn SecquantError into `error: ...` on stderr and exit code 2."""
 
@@ -32,7 +44,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SecquantError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")

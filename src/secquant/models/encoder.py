@@ -81,16 +81,34 @@ def _pooling_of(model_dir: Path) -> tuple[str, bool, int]:
     return pooling, normalize, max_len
 
 
-def build_encoder_arch(model_dir: Path, pooling: str, normalize: bool) -> SentenceEncoder:
-    """The float architecture from config.json, randomly initialized (weights come later)."""
+def build_encoder_arch(model_dir: Path, pooling: str, normalize: bool, max_bytes: int | None = None) -> SentenceEncoder:
+    """The float architecture from config.json, randomly initialized (weights come later). With `max_bytes`,
+    it is first built on the meta device (no memory) and refused if its tensors would take more than that."""
     from transformers import AutoConfig, AutoModel
 
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
-        raise ModelError(f"{model_dir}: cannot read config.json as a Hugging Face config: {e}") from None
-    transformer = AutoModel.from_config(config)
+        raise ModelError(f"{model_dir}: cannot read config.json as a Hugging Face config: {_first_line(e)}") from None
+    try:
+        if max_bytes is not None:
+            with torch.device("meta"):
+                probe = AutoModel.from_config(config, trust_remote_code=False)
+            need = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+            if need > max_bytes:
+                raise ModelError(f"{model_dir}/config.json describes a model of {need} bytes, far more than its "
+                                 f"weights file could hold (at most {max_bytes}): refusing to allocate it")
+        transformer = AutoModel.from_config(config, trust_remote_code=False)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{model_dir}: cannot build the model config.json describes: {_first_line(e)}") from None
     return SentenceEncoder(transformer, pooling, normalize).eval()
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _weights_file(model_dir: Path) -> Path:
@@ -128,9 +146,9 @@ class EncoderAdapter(Adapter):
         self.model_dir = model_dir
         self.max_length = max_length
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
         except Exception as e:
-            raise ModelError(f"{model_dir}: cannot load the tokenizer offline: {e}") from None
+            raise ModelError(f"{model_dir}: cannot load the tokenizer offline: {_first_line(e)}") from None
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
