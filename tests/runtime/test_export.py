@@ -336,7 +336,7 @@ def sentences():
 
 
 @pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8-dynamic-sym", "w4a16", "w4a16-rot"])
-def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
+def test_minilm_onnx_reproduces_pytorch(minilm_onnx, minilm, sentences, preset):
     d, qm = minilm_onnx(preset)
     sess = Session(d, threads=2)
     batch = qm.handle.adapter.encode(sentences)
@@ -348,10 +348,20 @@ def test_minilm_onnx_reproduces_pytorch(minilm_onnx, sentences, preset):
         assert float((got - ref).abs().max()) <= 1e-5
         assert float(cos.min()) >= 0.99999
     else:
-        # per-token int8 activations, computed exactly in integers, but rounding flips cascade
-        # (see the module docstring): measured mean 0.9996, worst 0.9985
+        # per-token int8 activations, computed exactly in integers, but rounding flips cascade (see the
+        # module docstring): measured mean 0.9996, worst 0.9985 with transformers 4.x; with transformers
+        # 5.x's attention graph the float glue differs by a few ulps more and the symmetric scheme's worst
+        # sentence ("Great product, would buy again!", 9 tokens) measured 0.9940 to PyTorch while both
+        # were equally far from fp32 (0.9917 ORT, 0.9912 PyTorch): two draws of the same rounding noise.
+        # So the bar is fidelity to the float model: ORT's quantized model is as faithful as PyTorch's.
         assert float(cos.mean()) >= 0.999
-        assert float(cos.min()) >= 0.995
+        assert float(cos.min()) >= 0.99
+        with torch.no_grad():
+            fp = minilm.run(minilm.module, batch)
+        to_fp_ort = torch.nn.functional.cosine_similarity(got, fp)
+        to_fp_torch = torch.nn.functional.cosine_similarity(ref, fp)
+        assert float(to_fp_ort.mean()) >= float(to_fp_torch.mean()) - 5e-4
+        assert float((to_fp_ort - to_fp_torch).abs().max()) <= 5e-3
     # dynamic batch and sequence axes; raw text through the artifact's own tokenizer
     one = sess.encode([sentences[3]])
     assert one.shape == (1, 384)
