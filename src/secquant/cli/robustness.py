@@ -72,12 +72,19 @@ def _inputs(handle, data: Path | None) -> tuple[torch.Tensor, torch.Tensor | Non
     return torch.cat(xs).float(), labels
 
 
-def _load_quantized(path: Path, factory: str | None):
+def _load_quantized(path: Path, factory: str | None, float_handle=None, float_spec: str = ""):
+    """The artifact at `path`; with `float_handle`, refused unless it was quantized from exactly that float model."""
     from ..api import load
+    from ..artifact import state_dict_sha256
 
     if path.is_file():
         raise SecquantError(f"{path} is a sealed file: open it first (`secquant open`) and audit the directory")
-    return load(path, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
+    qm = load(path, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
+    if float_handle is not None and \
+            state_dict_sha256(float_handle.module.state_dict()) != qm.manifest.source.weights_sha256:
+        raise SecquantError(f"{float_spec} is not the float model {path} was quantized from (source weights hash "
+                            "differs): pass the exact float model (and --weights)")
+    return qm
 
 
 def _load_float(spec: str, weights: Path | None):
@@ -170,7 +177,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         handle = _load_float(float_model, weights)
         models = {"fp32": handle.module.eval()}
         for d in quantized:
-            qm = _load_quantized(d, factory)
+            qm = _load_quantized(d, factory, handle, float_model)
             name = qm.manifest.recipe.name
             if name in models:
                 name = f"{name} ({d.name})"
@@ -266,15 +273,11 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
         Exit code 0: not flagged; 3: flagged; 2: error.
         """
-        from ..artifact import state_dict_sha256
         from ..security.divergence import divergence_test, keyed_randomized_rounding, predictions
 
         _check_out(out_dir, overwrite)
         handle = _load_float(float_model, weights)
-        qm = _load_quantized(quantized, factory)
-        if state_dict_sha256(handle.module.state_dict()) != qm.manifest.source.weights_sha256:
-            raise SecquantError(f"{float_model} is not the float model {quantized} was quantized from (source "
-                                "weights hash differs): pass the exact float model (and --weights)")
+        qm = _load_quantized(quantized, factory, handle, float_model)
         with plaintext_path(probe, identity) as plain:
             x, y = _inputs(handle, plain)
         with RichProgress() as prog:

@@ -149,3 +149,23 @@ def test_explicit_against_must_be_the_source(digits_artifact, tmp_path):
     with pytest.raises(ModelError, match="not the float model"):
         secquant.evaluate(qm, against="tiny_factory:tiny", weights=str(tmp_path / "w.safetensors"))
     assert torch.isfinite(torch.tensor(secquant.evaluate(qm, against="builtin:digits")["value"]))
+
+
+def test_audits_refuse_a_float_model_that_is_not_the_source(tmp_path, cli, assert_user_error):
+    """robustness and divergence audits compare an artifact with the float model the user names: it must be
+    the one the artifact was made from."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tiny_factory import tiny
+
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        save_file({k: v.contiguous() for k, v in tiny().state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+    art = tmp_path / "art"
+    secquant.quantize("tiny_factory:tiny", "w8a16", weights=str(tmp_path / "a.safetensors"), out=art)
+    common = ["--float", "tiny_factory:tiny", "--weights", tmp_path / "b.safetensors", "--quantized", art,
+              "--factory", "tiny_factory:tiny"]
+    for cmd in (["audit", "robustness", *common, "--data", tmp_path / "none.safetensors"],
+                ["audit", "divergence", *common]):
+        assert_user_error(cli(*cmd), contains=("not the float model",))
