@@ -10,15 +10,15 @@ directions stream through a pipe, so memory does not grow with the model size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pyrage
 
@@ -29,9 +29,7 @@ from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from ..errors import ArtifactError, OutputExistsError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
 from .keys import load_identities, load_recipients
-
-SIG_NAME = "model.sig"
-ART_DIR = "artifact"
+from .sealed_tar import ART_DIR, SIG_NAME, HostileTar, extract_sealed_tar, max_plaintext_bytes
 
 
 class SealError(SecquantError):
@@ -202,69 +200,50 @@ class _Decrypting:
                             "identity, or its bytes were modified")
 
 
-def _safe_member(m: tarfile.TarInfo) -> bool:
-    p = PurePosixPath(m.name)
-    if not m.isfile() or p.is_absolute() or ".." in p.parts:
-        return False
-    return m.name == SIG_NAME or (len(p.parts) >= 2 and p.parts[0] == ART_DIR)
-
-
-def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> str | None:
-    """Write regular-file member `m` (already judged safe) under `root` as a new private file and
-    return its sha256, or None if that file exists already. Done by hand instead of
-    `tar.extract` to hash while writing (the artifact check then needs no second read)."""
-    dst = root / m.name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    src = tar.extractfile(m)
-    try:
-        out = open(dst, "xb")  # noqa: SIM115 - closed below
-    except FileExistsError:
-        return None
-    with out:
-        while block := src.read(_BUF):
-            h.update(block)
-            out.write(block)
-    return h.hexdigest()
-
-
 def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path, out: str | Path,
                 identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
-    """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`."""
+    """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`.
+
+    Until the signature verified, the decrypted tar is treated as hostile
+    (security.sealed_tar): at most as many bytes as the ciphertext can hold are written, and
+    only regular files with safe names."""
     src = Path(sealed)
     if not src.is_file():
         raise SealError(f"sealed file {src} does not exist")
     ids = load_identities(identity, identity_passphrase)
+    budget = max_plaintext_bytes(src)
     # Stage next to `out` (not in the system temp dir, often on disk): a caller that opens into a
     # memory-backed directory (secquant.load, the server) keeps the plaintext off disk throughout.
     with atomic_dir(Path(out), overwrite) as final, \
             tempfile.TemporaryDirectory(prefix=".secquant-open-", dir=Path(out).parent) as td:
         work = Path(td)
         dec = _Decrypting(src, ids, identity)
-        bad: list[str] = []
+        refusal = malformed = None
         digests: dict[str, str] = {}
         try:
-            with tarfile.open(fileobj=dec.reader, mode="r|", bufsize=_BUF) as tar:
-                for m in tar:
-                    if not _safe_member(m):
-                        bad.append(m.name)
-                    elif (name := _extract(tar, m, work)) is None:
-                        bad.append(m.name)  # a second entry with the same name
-                    elif m.name != SIG_NAME:
-                        digests[PurePosixPath(m.name).relative_to(ART_DIR).as_posix()] = name
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # the decryptor's error (finish) says why
-        dec.finish()
-        if bad:
-            raise SealError(f"{src} holds unexpected entries ({', '.join(bad[:3])}): refusing it")
+            digests = extract_sealed_tar(dec.reader, work, budget)
+        except HostileTar as e:
+            refusal = str(e)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SecquantError(f"no space left to open {src} next to {out}") from None
+            malformed = str(e) or type(e).__name__  # a short stream: the decryptor's error (finish) says why
+        except Exception as e:  # noqa: BLE001 - tarfile raises TarError, ValueError, ... on a malformed archive
+            malformed = str(e) or type(e).__name__
+        dec.finish()  # a decryption failure (wrong identity, modified bytes) is the first thing to report
+        if refusal:
+            raise SealError(f"{src} holds unexpected entries: {refusal}; refusing it before checking any signature")
+        if malformed:
+            raise SealError(f"{src} does not hold a valid sealed model (malformed archive: {malformed[:200]})")
         if not (work / SIG_NAME).is_file():
             raise SealError(f"{src} carries no signature ({SIG_NAME}): refusing an unsigned model")
         art = work / ART_DIR
         if not art.is_dir():
             raise SealError(f"{src} holds no artifact")
         _verify(art, work / SIG_NAME, Path(verify_key))
-        try:
-            verify_artifact_dir(art, digests)  # the hashes taken while extracting: no second read
+        prefix = f"{ART_DIR}/"
+        try:  # the hashes taken while extracting: no second read
+            verify_artifact_dir(art, {k[len(prefix):]: v for k, v in digests.items() if k.startswith(prefix)})
         except ArtifactError as e:
             raise SealError(f"the signed artifact is inconsistent: {e}") from None
         for p in art.iterdir():
