@@ -189,6 +189,18 @@ def qat(
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+MIN_RELEASE_HELP = ("refuse a sealed model whose signed release number is below this (or that has none): "
+                    "no rollback to an older release")
+
+
+def describe_release(opened) -> str:
+    """'release N (sealed T)' for an opened artifact directory or a loaded model (QuantizedModel)."""
+    from ..security import read_release
+
+    rel = read_release(opened) if isinstance(opened, (str, Path)) else getattr(opened, "release", None)
+    return rel.describe() if rel is not None else "no release number"
+
+
 def _passphrase(ask: bool, confirm: bool = False) -> str | None:
     """From $SECQUANT_PASSPHRASE, or prompted (hidden) when asked for."""
     env = os.environ.get("SECQUANT_PASSPHRASE")
@@ -224,12 +236,18 @@ def seal(
     out: Path = typer.Option(..., "--out", "-o", help="sealed file to write"),
     passphrase: bool = typer.Option(False, "--passphrase", help="the signing key is passphrase-protected"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    release: Optional[int] = typer.Option(None, "--release", min=0, help="release number, signed with the model "
+                                          "(default: the UTC time in seconds); receivers refuse older ones with "
+                                          "--min-release"),
 ) -> None:
     """Sign the artifact (OpenSSF model-signing) and encrypt it to the recipients (age)."""
     from ..security import seal as _seal
+    from ..security.release import new_release
 
-    _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite)
-    err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
+    number = new_release(release).release  # the default (UTC seconds) fixed here, to be reported
+    _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite, release=number)
+    err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s), release {number}", highlight=False,
+              soft_wrap=True)
 
 
 @app.command("open")
@@ -241,12 +259,13 @@ def open_(
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
     passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
 ) -> None:
     """Decrypt a sealed model, verify its signature and hashes, and write the artifact directory."""
     from ..security import open_sealed
 
-    open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite)
-    err.print(f"opened and verified {sealed} -> {out}", highlight=False, soft_wrap=True)
+    open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite, min_release=min_release)
+    err.print(f"opened and verified {sealed} -> {out} ({describe_release(out)})", highlight=False, soft_wrap=True)
 
 
 @app.command()

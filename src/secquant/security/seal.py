@@ -1,6 +1,7 @@
 """Sealing: sign the artifact directory (OpenSSF model-signing, key method), then encrypt a tar
 stream of it to named age recipients. Opening decrypts, and verifies the signature and the
-artifact's own hashes before anything leaves a private temporary directory.
+artifact's own hashes before anything leaves a private temporary directory. The signed artifact
+carries a release record (security.release) that a receiver can hold to a minimum.
 
 Standard formats only: the sealed file decrypts with the `age` tool, the signature
 (`model.sig` inside, a Sigstore bundle) verifies with `model_signing verify key`. Both
@@ -29,6 +30,7 @@ from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from ..errors import ArtifactError, OutputExistsError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
 from .keys import load_identities, load_recipients
+from .release import RELEASE_NAME, MAX_RELEASE, Release, check_release, new_release, read_release, write_release
 from .sealed_tar import ART_DIR, SIG_NAME, HostileTar, extract_sealed_tar, max_plaintext_bytes
 
 
@@ -79,16 +81,16 @@ def _wide_pipe() -> tuple[int, int]:
     return r, w
 
 
-def _stage_with_integrity(src: Path, stage: Path) -> None:
+def _stage_with_integrity(src: Path, stage: Path, release: Release) -> None:
     """`stage` = the artifact in `src`, checked against its manifest, plus a fresh integrity record
-    (new random key) listed in its manifest. Files are hard-linked where possible (no copy of the
-    weights), else copied. Hashing the source (the check) and computing the record both read every
-    weight byte and release the GIL: they run side by side."""
+    (new random key) and the release record, both listed in its manifest. Files are hard-linked
+    where possible (no copy of the weights), else copied. Hashing the source (the check) and
+    computing the record both read every weight byte and release the GIL: they run side by side."""
     manifest = read_manifest(src)
     stage.mkdir()
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
-        if not p.is_file() or rel.as_posix() in (MANIFEST_NAME, INTEGRITY_NAME):
+        if not p.is_file() or rel.as_posix() in (MANIFEST_NAME, INTEGRITY_NAME, RELEASE_NAME):
             continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -104,15 +106,17 @@ def _stage_with_integrity(src: Path, stage: Path) -> None:
     # longer matches the signature, and open refuses it
     files = dict(manifest.files)
     files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
+    files[RELEASE_NAME] = file_sha256(write_release(stage, release))
     (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
 
 
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
-         sign_key_passphrase: str | None = None, overwrite: bool = False) -> Path:
+         sign_key_passphrase: str | None = None, overwrite: bool = False, release: int | None = None) -> Path:
     """Sign and encrypt an artifact directory into one age file readable by `recipients` only.
 
     The sealed artifact also carries `integrity.safetensors`: keyed checksums of the packed
-    weights under a fresh random key (see security.checksums), covered by the signature.
+    weights under a fresh random key (see security.checksums), and `release.json`: `release`
+    (default: the UTC time in seconds), both covered by the signature.
     The artifact's hashes are checked while the record is computed (two threads over the same
     bytes); then model-signing hashes and signs while the tar stream is already being encrypted,
     and the signature goes last in the tar. Nothing here imports torch.
@@ -121,12 +125,13 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
     if not src.is_dir():
         raise ArtifactError(f"{src} is not an artifact directory")
     recips = load_recipients(list(recipients))
+    rel = new_release(release)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     signer = _signer(Path(sign_key), sign_key_passphrase)
     with _staging_area(src) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
         d = Path(stage_root) / "artifact"
-        _stage_with_integrity(src, d)
+        _stage_with_integrity(src, d, rel)
         files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -201,13 +206,18 @@ class _Decrypting:
 
 
 def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path, out: str | Path,
-                identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
+                identity_passphrase: str | None = None, overwrite: bool = False,
+                min_release: int | None = None) -> Path:
     """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`.
 
-    Until the signature verified, the decrypted tar is treated as hostile
+    `min_release`: refuse a model whose signed release record (security.release) is older, or
+    that carries none. Until the signature verified, the decrypted tar is treated as hostile
     (security.sealed_tar): at most as many bytes as the ciphertext can hold are written, and
     only regular files with safe names."""
     src = Path(sealed)
+    if min_release is not None and (isinstance(min_release, bool) or not isinstance(min_release, int)
+                                    or not 0 <= min_release <= MAX_RELEASE):
+        raise SecquantError(f"min_release {min_release!r}: give a whole number from 0 to {MAX_RELEASE}")
     if not src.is_file():
         raise SealError(f"sealed file {src} does not exist")
     ids = load_identities(identity, identity_passphrase)
@@ -246,6 +256,7 @@ def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path
             verify_artifact_dir(art, {k[len(prefix):]: v for k, v in digests.items() if k.startswith(prefix)})
         except ArtifactError as e:
             raise SealError(f"the signed artifact is inconsistent: {e}") from None
+        check_release(read_release(art), min_release, str(src))
         for p in art.iterdir():
             shutil.move(str(p), final / p.name)
     return Path(out)
