@@ -214,12 +214,22 @@ def _passphrase(ask: bool, confirm: bool = False) -> str | None:
 @app.command()
 @user_errors
 def keygen(
-    out: Path = typer.Option(..., "--out", "-o", help="key name prefix: writes NAME.key, NAME.pub, NAME.sign.key, NAME.sign.pub"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="key name prefix: writes NAME.key, NAME.pub, NAME.sign.key, NAME.sign.pub"),
     passphrase: bool = typer.Option(False, "--passphrase", help="protect the private keys with a passphrase (prompted, or $SECQUANT_PASSPHRASE)"),
+    reprotect: Optional[Path] = typer.Option(None, "--reprotect", help="instead: re-encrypt this existing signing key "
+                                             "(NAME.sign.key) in place with scrypt, at its identity's cost"),
 ) -> None:
     """Create an age X25519 identity (decryption) and a P-256 signing key pair (model-signing)."""
     from ..security import keygen as _keygen
+    from ..security import reprotect_sign_key
 
+    if (out is None) == (reprotect is None):
+        raise SecquantError("give --out NAME to create keys, or --reprotect NAME.sign.key to re-protect one")
+    if reprotect is not None:
+        prot = reprotect_sign_key(reprotect, _passphrase(True, confirm=True))
+        err.print(f"re-protected {reprotect} with scrypt (N=2^{prot.log_n}, r={prot.r}, p={prot.p}); its public key "
+                  "is unchanged", highlight=False, soft_wrap=True)
+        return
     files = _keygen(out, _passphrase(passphrase, confirm=True))
     recipient = files.recipient.read_text().strip()
     err.print(f"wrote {files.identity} and {files.sign_key} (mode 0600), {files.recipient}, {files.verify_key}",

@@ -29,7 +29,7 @@ from ..artifact.hashing import file_sha256
 from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from ..errors import ArtifactError, OutputExistsError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
-from .keys import load_identities, load_recipients
+from .keys import check_sign_key, load_identities, load_recipients
 from .release import RELEASE_NAME, MAX_RELEASE, Release, check_release, new_release, read_release, write_release
 from .sealed_tar import ART_DIR, SIG_NAME, HostileTar, extract_sealed_tar, max_plaintext_bytes
 
@@ -42,6 +42,7 @@ def _signer(sign_key: Path, passphrase: str | None):
     """A model-signing configuration holding the loaded key: a wrong key or passphrase fails here, early."""
     from model_signing import signing
 
+    check_sign_key(sign_key)
     try:
         return signing.Config().use_elliptic_key_signer(
             private_key=sign_key, password=passphrase.encode() if passphrase else None)
