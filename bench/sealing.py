@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Sealing benchmark: (a) random single-byte corruptions of a sealed builtin:minilm w8a8 artifact
 are all refused with a clear SealError; (b) seal and open throughput and peak memory of sealing
-on a synthetic ~1 GB artifact.
+on a synthetic ~1 GB artifact; (c) what one passphrase guess costs against each private key file
+that `keygen --passphrase` writes (issue 13 item 7: the signing key must not be the cheap way in).
 
 Run from the repository root:
 
-    .venv/bin/python bench/sealing.py [--corruptions 1000] [--size-mb 1024] [--quick]
+    .venv/bin/python bench/sealing.py [--corruptions 1000] [--size-mb 1024] [--guesses 3] [--quick]
 
 Prints one JSON line per result and writes bench/results_sealing.md. Bars (issue, item 7):
 every corruption refused with a clear error and no traceback; seal and open >= 200 MB/s;
@@ -200,9 +201,53 @@ def throughput_bench(work: Path, size_mb: int, keys, repeats: int) -> list[dict]
     return rows
 
 
+# --------------------------------------------------------------------------- (c) passphrase guesses
+
+def kdf_bench(work: Path, guesses: int) -> dict:
+    """Seconds per wrong passphrase against the age identity (pyrage) and the signing key (cryptography's
+    loader, what model-signing runs), and against a signing key as keygen wrote it before (PBKDF2)."""
+    import pyrage
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from secquant.security import keygen
+    from secquant.security.keys import age_scrypt_log_n
+    from secquant.security.pkcs8_scrypt import key_protection
+
+    t0 = time.perf_counter()
+    k = keygen(work / "kdf", passphrase="the right one")
+    t_keygen = time.perf_counter() - t0
+    ident, sign = k.identity.read_bytes(), k.sign_key.read_bytes()
+    old = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"the right one"))
+
+    def per_guess(fn, n: int) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            try:
+                fn(f"wrong guess {i}")
+            except Exception:  # noqa: BLE001 - a wrong passphrase is what is timed
+                pass
+            else:
+                raise SystemExit("a wrong passphrase was accepted")
+        return (time.perf_counter() - t) / n
+
+    t_ident = per_guess(lambda pw: pyrage.passphrase.decrypt(ident, pw), guesses)
+    t_sign = per_guess(lambda pw: serialization.load_pem_private_key(sign, pw.encode()), guesses)
+    t_old = per_guess(lambda pw: serialization.load_pem_private_key(old, pw.encode()), 200)
+    prot = key_protection(sign)
+    return emit(bench="passphrase-guess", identity_scrypt_log_n=age_scrypt_log_n(ident),
+                sign_key_kdf=prot.kdf, sign_key_scrypt_log_n=prot.log_n, guesses=guesses,
+                identity_s_per_guess=round(t_ident, 3), sign_key_s_per_guess=round(t_sign, 3),
+                old_pbkdf2_sign_key_ms_per_guess=round(1000 * t_old, 2), keygen_s=round(t_keygen, 1),
+                sign_over_identity=round(t_sign / t_ident, 2), old_speedup_for_attacker=round(t_sign / t_old),
+                passed=prot.kdf == "scrypt" and prot.log_n == age_scrypt_log_n(ident))
+
+
 # --------------------------------------------------------------------------- report
 
-def write_report(cmd: str, corr: dict | None, big: list[dict], base_mb: int | None) -> None:
+def write_report(cmd: str, corr: dict | None, big: list[dict], base_mb: int | None, kdf: dict | None) -> None:
     cpu = platform.processor() or platform.machine()
     try:
         model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -244,6 +289,19 @@ def write_report(cmd: str, corr: dict | None, big: list[dict], base_mb: int | No
                   f"- seal >= {BAR_MBPS:.0f} MB/s: **{'PASS' if worst_s >= BAR_MBPS else 'FAIL'}** (slowest run {worst_s} MB/s)",
                   f"- open >= {BAR_MBPS:.0f} MB/s: **{'PASS' if worst_o >= BAR_MBPS else 'FAIL'}** (slowest run {worst_o} MB/s)",
                   f"- seal peak RSS < {BAR_PEAK_MB:.0f} MB: **{'PASS' if peak < BAR_PEAK_MB else 'FAIL'}** (worst {peak} MB)", ""]
+    if kdf:
+        lines += ["### One passphrase guess against each private key (`keygen --passphrase`)", "",
+                  "| key file | KDF | seconds per wrong guess |", "|---|---|---|",
+                  f"| NAME.key (age identity, pyrage) | scrypt N=2^{kdf['identity_scrypt_log_n']}, r=8, p=1 | "
+                  f"{kdf['identity_s_per_guess']} |",
+                  f"| NAME.sign.key (PKCS#8, cryptography's loader as model-signing calls it) | {kdf['sign_key_kdf']} "
+                  f"N=2^{kdf['sign_key_scrypt_log_n']}, r=8, p=1 | {kdf['sign_key_s_per_guess']} |",
+                  f"| NAME.sign.key as keygen wrote it before | PBKDF2-HMAC-SHA256, 2048 iterations | "
+                  f"{kdf['old_pbkdf2_sign_key_ms_per_guess'] / 1000:.5f} |", "",
+                  f"- {kdf['guesses']} guesses each (200 for PBKDF2); signing key / identity time per guess: "
+                  f"{kdf['sign_over_identity']}; the old PBKDF2 key was {kdf['old_speedup_for_attacker']}x cheaper "
+                  f"to guess than the scrypt one; keygen --passphrase took {kdf['keygen_s']} s",
+                  f"- same KDF and work factor for both files: **{'PASS' if kdf['passed'] else 'FAIL'}**", ""]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -254,6 +312,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-corruptions", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--guesses", type=int, default=3, help="wrong passphrases timed per scrypt-protected key")
+    ap.add_argument("--skip-kdf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 corruptions, 64 MB, 1 repeat")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed after)")
     a = ap.parse_args()
@@ -268,7 +328,8 @@ def main() -> None:
         keys = keygen(work / "bench")
         corr = None if a.skip_corruptions else corruption_bench(work, a.corruptions, keys)
         big = [] if a.skip_big else throughput_bench(work, a.size_mb, keys, a.repeats)
-        write_report(" ".join(["python", "bench/sealing.py", *sys.argv[1:]]), corr, big, BASELINE.get("mb"))
+        kdf = None if a.skip_kdf else kdf_bench(work, 1 if a.quick else a.guesses)
+        write_report(" ".join(["python", "bench/sealing.py", *sys.argv[1:]]), corr, big, BASELINE.get("mb"), kdf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

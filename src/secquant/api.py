@@ -40,6 +40,7 @@ class QuantizedModel:
     handle: ModelHandle
     path: Path | None = None
     integrity: Any = None  # security.integrity.IntegrityGuard when the artifact carries a record
+    release: Any = None  # security.release.Release of a sealed model (its signed release number), else None
 
     def check_integrity(self, repair: bool = False) -> list:
         """Corrupted weight groups found by the integrity record's keyed checksums ([] when intact);
@@ -207,18 +208,24 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
 
 def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
          identity: str | Path | None = None, verify_key: str | Path | None = None,
-         passphrase: str | None = None, allow_unsealed: bool = False) -> QuantizedModel:
+         passphrase: str | None = None, allow_unsealed: bool = False,
+         min_release: int | None = None) -> QuantizedModel:
     """Rebuild a quantized model from a sealed file or, with `allow_unsealed=True`, a plain
     artifact directory (no pickle; hashes verified first).
 
     A sealed file needs `identity` (age key) and `verify_key` (signer's public key); it is
     decrypted and verified in a private directory on a memory-backed file system (/dev/shm),
-    loaded, and the plaintext removed: it never reaches a disk. A plain directory carries no
-    signature, so loading one is an explicit choice of the caller.
+    loaded, and the plaintext removed: it never reaches a disk. `min_release=N` refuses a sealed
+    model whose signed release number is below N (a rollback); the model's release is in
+    `qm.release`. A plain directory carries no signature, so loading one is an explicit choice
+    of the caller.
     """
     p = Path(path)
     if p.is_file():
-        return _load_sealed(p, identity, verify_key, passphrase, model, factory)
+        return _load_sealed(p, identity, verify_key, passphrase, model, factory, min_release)
+    if min_release is not None:
+        raise SecquantError(f"{p} is a plain artifact directory: its release number is not signed, so min_release "
+                            "(--min-release) applies to sealed files only")
     if not allow_unsealed:
         raise SecquantError(f"{p} is a plain, unsealed artifact directory (no signature to verify): pass "
                             "allow_unsealed=True to load it anyway, or seal it (`secquant seal`) and load the "
@@ -241,11 +248,11 @@ def _integrity_guard(la: LoadedArtifact):
     return guard
 
 
-def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> QuantizedModel:
+def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory, min_release=None) -> QuantizedModel:
     import shutil
     import tempfile
 
-    from .security import open_sealed
+    from .security import open_sealed, read_release
 
     if identity is None or verify_key is None:
         raise SecquantError(f"{p} is a file, so it is opened as a sealed model: give the age identity and the "
@@ -256,9 +263,10 @@ def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory) -> Q
                             "write a verified artifact directory, then load that")
     work = Path(tempfile.mkdtemp(prefix="secquant-", dir=shm))  # mode 0700
     try:
-        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase)
+        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase,
+                          min_release=min_release)
         la = load_artifact(art, model=model, factory=factory)
-        return QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la))
+        return QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la), read_release(art))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -205,6 +205,18 @@ def qat(
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+MIN_RELEASE_HELP = ("refuse a sealed model whose signed release number is below this (or that has none): "
+                    "no rollback to an older release")
+
+
+def describe_release(opened) -> str:
+    """'release N (sealed T)' for an opened artifact directory or a loaded model (QuantizedModel)."""
+    from ..security import read_release
+
+    rel = read_release(opened) if isinstance(opened, (str, Path)) else getattr(opened, "release", None)
+    return rel.describe() if rel is not None else "no release number"
+
+
 def _passphrase(ask: bool, confirm: bool = False) -> str | None:
     """From $SECQUANT_PASSPHRASE, or prompted (hidden) when asked for."""
     env = os.environ.get("SECQUANT_PASSPHRASE")
@@ -218,12 +230,22 @@ def _passphrase(ask: bool, confirm: bool = False) -> str | None:
 @app.command()
 @user_errors
 def keygen(
-    out: Path = typer.Option(..., "--out", "-o", help="key name prefix: writes NAME.key, NAME.pub, NAME.sign.key, NAME.sign.pub"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="key name prefix: writes NAME.key, NAME.pub, NAME.sign.key, NAME.sign.pub"),
     passphrase: bool = typer.Option(False, "--passphrase", help="protect the private keys with a passphrase (prompted, or $SECQUANT_PASSPHRASE)"),
+    reprotect: Optional[Path] = typer.Option(None, "--reprotect", help="instead: re-encrypt this existing signing key "
+                                             "(NAME.sign.key) in place with scrypt, at its identity's cost"),
 ) -> None:
     """Create an age X25519 identity (decryption) and a P-256 signing key pair (model-signing)."""
     from ..security import keygen as _keygen
+    from ..security import reprotect_sign_key
 
+    if (out is None) == (reprotect is None):
+        raise SecquantError("give --out NAME to create keys, or --reprotect NAME.sign.key to re-protect one")
+    if reprotect is not None:
+        prot = reprotect_sign_key(reprotect, _passphrase(True, confirm=True))
+        err.print(f"re-protected {reprotect} with scrypt (N=2^{prot.log_n}, r={prot.r}, p={prot.p}); its public key "
+                  "is unchanged", highlight=False, soft_wrap=True)
+        return
     files = _keygen(out, _passphrase(passphrase, confirm=True))
     recipient = files.recipient.read_text().strip()
     err.print(f"wrote {files.identity} and {files.sign_key} (mode 0600), {files.recipient}, {files.verify_key}",
@@ -240,12 +262,18 @@ def seal(
     out: Path = typer.Option(..., "--out", "-o", help="sealed file to write"),
     passphrase: bool = typer.Option(False, "--passphrase", help="the signing key is passphrase-protected"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    release: Optional[int] = typer.Option(None, "--release", min=0, help="release number, signed with the model "
+                                          "(default: the UTC time in seconds); receivers refuse older ones with "
+                                          "--min-release"),
 ) -> None:
     """Sign the artifact (OpenSSF model-signing) and encrypt it to the recipients (age)."""
     from ..security import seal as _seal
+    from ..security.release import new_release
 
-    _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite)
-    err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s)", highlight=False, soft_wrap=True)
+    number = new_release(release).release  # the default (UTC seconds) fixed here, to be reported
+    _seal(artifact, to, sign_key, out, _passphrase(passphrase), overwrite, release=number)
+    err.print(f"sealed {artifact} -> {out} for {len(to)} recipient(s), release {number}", highlight=False,
+              soft_wrap=True)
 
 
 @app.command("open")
@@ -257,12 +285,13 @@ def open_(
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to create"),
     passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
 ) -> None:
     """Decrypt a sealed model, verify its signature and hashes, and write the artifact directory."""
     from ..security import open_sealed
 
-    open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite)
-    err.print(f"opened and verified {sealed} -> {out}", highlight=False, soft_wrap=True)
+    open_sealed(sealed, identity, verify_key, out, _passphrase(passphrase), overwrite, min_release=min_release)
+    err.print(f"opened and verified {sealed} -> {out} ({describe_release(out)})", highlight=False, soft_wrap=True)
 
 
 @app.command()

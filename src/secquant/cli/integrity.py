@@ -11,7 +11,7 @@ import typer
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     """Add `secquant integrity` to the main app."""
-    from . import _passphrase, err, user_errors
+    from . import MIN_RELEASE_HELP, _passphrase, describe_release, err, user_errors
 
     @app.command()
     @user_errors
@@ -20,6 +20,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         identity: Optional[Path] = typer.Option(None, "--identity", help="age identity (sealed files)"),
         verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
         ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
+        min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
     ) -> None:
         """Check every quantized weight group against the keyed checksums sealed with the model; print JSON."""
         from ..api import load
@@ -28,10 +29,12 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         if not model.exists():
             raise SecquantError(f"{model} does not exist")
         qm = load(model, identity=identity, verify_key=verify_key, passphrase=_passphrase(ask_passphrase),
-                  allow_unsealed=True)  # loading checks the record and refuses a mismatch
+                  allow_unsealed=True, min_release=min_release)  # loading checks the record, refuses a mismatch
         found = qm.check_integrity()
         g = qm.integrity
         res = {"model": str(model), "intact": not found, "layers": len(g.layers),
-               "groups": g.groups, "group_bytes": g.group_bytes}
+               "groups": g.groups, "group_bytes": g.group_bytes,
+               "release": qm.release.release if qm.release is not None else None}
         typer.echo(json.dumps(res))
-        err.print(f"intact: every weight group of {len(g.layers)} layers matches the sealed checksums")
+        err.print(f"intact: every weight group of {len(g.layers)} layers matches the sealed checksums"
+                  + (f"; {describe_release(qm)}" if model.is_file() else ""), highlight=False, soft_wrap=True)

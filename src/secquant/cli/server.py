@@ -22,7 +22,7 @@ def _db_option():
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     """Add `secquant serve` and the `secquant server` group to the main app."""
-    from . import _passphrase, err, out, user_errors
+    from . import MIN_RELEASE_HELP, _passphrase, describe_release, err, out, user_errors
 
     server = typer.Typer(no_args_is_help=True, help="Manage the inference server: API clients, budgets, audit log.")
     app.add_typer(server, name="server")
@@ -59,6 +59,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="serve HTTPS with this PEM "
                                                     "certificate (API keys travel in headers)"),
         ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="the certificate's PEM private key"),
+        min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
     ) -> None:
         """Serve a sealed model to authenticated clients (FastAPI + uvicorn).
 
@@ -79,7 +80,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 raise SecquantError(f"{f} does not exist")
         store = _store(db)
         model = open_served(sealed, identity, verify_key, passphrase=_passphrase(passphrase), backend=backend,
-                            threads=threads, factory=factory)
+                            threads=threads, factory=factory, min_release=min_release)
         cfg = ServerConfig(top_k=top_k, round_digits=round_digits, max_batch=max_batch,
                            integrity_interval=integrity_interval)
         web = create_app(model, store, cfg)
@@ -94,7 +95,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         if scheme == "http" and not loopback:
             err.print(f"warning: serving plain HTTP on {host}: API keys cross the network in clear; use "
                       "--ssl-certfile/--ssl-keyfile or a TLS-terminating proxy", highlight=False, soft_wrap=True)
-        err.print(f"serving {model.spec} ({model.recipe}, {model.backend} backend) on {scheme}://{host}:{port}",
+        err.print(f"serving {model.spec} ({model.recipe}, {describe_release(model.qm)}, {model.backend} backend) on "
+                  f"{scheme}://{host}:{port}",
                   highlight=False, soft_wrap=True)
         try:
             uvicorn.run(web, host=host, port=port, log_level=log_level,

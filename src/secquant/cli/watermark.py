@@ -15,7 +15,7 @@ EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no ma
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     """Add the `watermark` group (keygen, embed, verify) to the main app."""
     from ..security.watermark_params import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
-    from . import RichProgress, _passphrase, err, user_errors
+    from . import MIN_RELEASE_HELP, RichProgress, _passphrase, describe_release, err, user_errors
 
     wm = typer.Typer(no_args_is_help=True, help="Keyed owner watermark in the rounding of quantized weights.")
     app.add_typer(wm, name="watermark")
@@ -97,6 +97,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         identity: Optional[Path] = typer.Option(None, "--identity", help="age identity (sealed files)"),
         verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
         ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
+        min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
     ) -> None:
         """Test MODEL for KEY's watermark. Exit 0: detected; 3: not detected; 2: error."""
         from ..errors import SecquantError
@@ -108,8 +109,12 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         if model.is_file():
             from ..api import load
 
-            target = load(model, identity=identity, verify_key=verify_key,
-                          passphrase=_passphrase(ask_passphrase)).module
+            qm = load(model, identity=identity, verify_key=verify_key, passphrase=_passphrase(ask_passphrase),
+                      min_release=min_release)
+            err.print(f"opened and verified {model} ({describe_release(qm)})", highlight=False, soft_wrap=True)
+            target = qm.module
+        elif min_release is not None:
+            raise SecquantError("--min-release applies to sealed files: a plain directory's release is not signed")
         if reference is not None and not reference.is_dir():
             raise SecquantError(f"--reference {reference} is not an artifact directory")
         rep = verify_watermark(target, key, threshold=threshold, reference=reference)

@@ -1,6 +1,7 @@
 """Sealing: sign the artifact directory (OpenSSF model-signing, key method), then encrypt a tar
 stream of it to named age recipients. Opening decrypts, and verifies the signature and the
-artifact's own hashes before anything leaves a private temporary directory.
+artifact's own hashes before anything leaves a private temporary directory. The signed artifact
+carries a release record (security.release) that a receiver can hold to a minimum.
 
 Standard formats only: the sealed file decrypts with the `age` tool, the signature
 (`model.sig` inside, a Sigstore bundle) verifies with `model_signing verify key`. Both
@@ -10,15 +11,15 @@ directions stream through a pipe, so memory does not grow with the model size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pyrage
 
@@ -28,10 +29,9 @@ from ..artifact.hashing import file_sha256
 from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from ..errors import ArtifactError, OutputExistsError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
-from .keys import load_identities, load_recipients
-
-SIG_NAME = "model.sig"
-ART_DIR = "artifact"
+from .keys import check_sign_key, load_identities, load_recipients
+from .release import RELEASE_NAME, MAX_RELEASE, Release, check_release, new_release, read_release, write_release
+from .sealed_tar import ART_DIR, SIG_NAME, HostileTar, extract_sealed_tar, max_plaintext_bytes
 
 
 class SealError(SecquantError):
@@ -42,6 +42,7 @@ def _signer(sign_key: Path, passphrase: str | None):
     """A model-signing configuration holding the loaded key: a wrong key or passphrase fails here, early."""
     from model_signing import signing
 
+    check_sign_key(sign_key)
     try:
         return signing.Config().use_elliptic_key_signer(
             private_key=sign_key, password=passphrase.encode() if passphrase else None)
@@ -81,16 +82,16 @@ def _wide_pipe() -> tuple[int, int]:
     return r, w
 
 
-def _stage_with_integrity(src: Path, stage: Path) -> None:
+def _stage_with_integrity(src: Path, stage: Path, release: Release) -> None:
     """`stage` = the artifact in `src`, checked against its manifest, plus a fresh integrity record
-    (new random key) listed in its manifest. Files are hard-linked where possible (no copy of the
-    weights), else copied. Hashing the source (the check) and computing the record both read every
-    weight byte and release the GIL: they run side by side."""
+    (new random key) and the release record, both listed in its manifest. Files are hard-linked
+    where possible (no copy of the weights), else copied. Hashing the source (the check) and
+    computing the record both read every weight byte and release the GIL: they run side by side."""
     manifest = read_manifest(src)
     stage.mkdir()
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
-        if not p.is_file() or rel.as_posix() in (MANIFEST_NAME, INTEGRITY_NAME):
+        if not p.is_file() or rel.as_posix() in (MANIFEST_NAME, INTEGRITY_NAME, RELEASE_NAME):
             continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -106,15 +107,17 @@ def _stage_with_integrity(src: Path, stage: Path) -> None:
     # longer matches the signature, and open refuses it
     files = dict(manifest.files)
     files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
+    files[RELEASE_NAME] = file_sha256(write_release(stage, release))
     (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
 
 
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,
-         sign_key_passphrase: str | None = None, overwrite: bool = False) -> Path:
+         sign_key_passphrase: str | None = None, overwrite: bool = False, release: int | None = None) -> Path:
     """Sign and encrypt an artifact directory into one age file readable by `recipients` only.
 
     The sealed artifact also carries `integrity.safetensors`: keyed checksums of the packed
-    weights under a fresh random key (see security.checksums), covered by the signature.
+    weights under a fresh random key (see security.checksums), and `release.json`: `release`
+    (default: the UTC time in seconds), both covered by the signature.
     The artifact's hashes are checked while the record is computed (two threads over the same
     bytes); then model-signing hashes and signs while the tar stream is already being encrypted,
     and the signature goes last in the tar. Nothing here imports torch.
@@ -123,12 +126,13 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
     if not src.is_dir():
         raise ArtifactError(f"{src} is not an artifact directory")
     recips = load_recipients(list(recipients))
+    rel = new_release(release)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     signer = _signer(Path(sign_key), sign_key_passphrase)
     with _staging_area(src) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
         d = Path(stage_root) / "artifact"
-        _stage_with_integrity(src, d)
+        _stage_with_integrity(src, d, rel)
         files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -202,71 +206,58 @@ class _Decrypting:
                             "identity, or its bytes were modified")
 
 
-def _safe_member(m: tarfile.TarInfo) -> bool:
-    p = PurePosixPath(m.name)
-    if not m.isfile() or p.is_absolute() or ".." in p.parts:
-        return False
-    return m.name == SIG_NAME or (len(p.parts) >= 2 and p.parts[0] == ART_DIR)
-
-
-def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> str | None:
-    """Write regular-file member `m` (already judged safe) under `root` as a new private file and
-    return its sha256, or None if that file exists already. Done by hand instead of
-    `tar.extract` to hash while writing (the artifact check then needs no second read)."""
-    dst = root / m.name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    src = tar.extractfile(m)
-    try:
-        out = open(dst, "xb")  # noqa: SIM115 - closed below
-    except FileExistsError:
-        return None
-    with out:
-        while block := src.read(_BUF):
-            h.update(block)
-            out.write(block)
-    return h.hexdigest()
-
-
 def open_sealed(sealed: str | Path, identity: str | Path, verify_key: str | Path, out: str | Path,
-                identity_passphrase: str | None = None, overwrite: bool = False) -> Path:
-    """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`."""
+                identity_passphrase: str | None = None, overwrite: bool = False,
+                min_release: int | None = None) -> Path:
+    """Decrypt, verify the signature and the artifact hashes, then move the artifact to `out`.
+
+    `min_release`: refuse a model whose signed release record (security.release) is older, or
+    that carries none. Until the signature verified, the decrypted tar is treated as hostile
+    (security.sealed_tar): at most as many bytes as the ciphertext can hold are written, and
+    only regular files with safe names."""
     src = Path(sealed)
+    if min_release is not None and (isinstance(min_release, bool) or not isinstance(min_release, int)
+                                    or not 0 <= min_release <= MAX_RELEASE):
+        raise SecquantError(f"min_release {min_release!r}: give a whole number from 0 to {MAX_RELEASE}")
     if not src.is_file():
         raise SealError(f"sealed file {src} does not exist")
     ids = load_identities(identity, identity_passphrase)
+    budget = max_plaintext_bytes(src)
     # Stage next to `out` (not in the system temp dir, often on disk): a caller that opens into a
     # memory-backed directory (secquant.load, the server) keeps the plaintext off disk throughout.
     with atomic_dir(Path(out), overwrite) as final, \
             tempfile.TemporaryDirectory(prefix=".secquant-open-", dir=Path(out).parent) as td:
         work = Path(td)
         dec = _Decrypting(src, ids, identity)
-        bad: list[str] = []
+        refusal = malformed = None
         digests: dict[str, str] = {}
         try:
-            with tarfile.open(fileobj=dec.reader, mode="r|", bufsize=_BUF) as tar:
-                for m in tar:
-                    if not _safe_member(m):
-                        bad.append(m.name)
-                    elif (name := _extract(tar, m, work)) is None:
-                        bad.append(m.name)  # a second entry with the same name
-                    elif m.name != SIG_NAME:
-                        digests[PurePosixPath(m.name).relative_to(ART_DIR).as_posix()] = name
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # the decryptor's error (finish) says why
-        dec.finish()
-        if bad:
-            raise SealError(f"{src} holds unexpected entries ({', '.join(bad[:3])}): refusing it")
+            digests = extract_sealed_tar(dec.reader, work, budget)
+        except HostileTar as e:
+            refusal = str(e)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SecquantError(f"no space left to open {src} next to {out}") from None
+            malformed = str(e) or type(e).__name__  # a short stream: the decryptor's error (finish) says why
+        except Exception as e:  # noqa: BLE001 - tarfile raises TarError, ValueError, ... on a malformed archive
+            malformed = str(e) or type(e).__name__
+        dec.finish()  # a decryption failure (wrong identity, modified bytes) is the first thing to report
+        if refusal:
+            raise SealError(f"{src} holds unexpected entries: {refusal}; refusing it before checking any signature")
+        if malformed:
+            raise SealError(f"{src} does not hold a valid sealed model (malformed archive: {malformed[:200]})")
         if not (work / SIG_NAME).is_file():
             raise SealError(f"{src} carries no signature ({SIG_NAME}): refusing an unsigned model")
         art = work / ART_DIR
         if not art.is_dir():
             raise SealError(f"{src} holds no artifact")
         _verify(art, work / SIG_NAME, Path(verify_key))
-        try:
-            verify_artifact_dir(art, digests)  # the hashes taken while extracting: no second read
+        prefix = f"{ART_DIR}/"
+        try:  # the hashes taken while extracting: no second read
+            verify_artifact_dir(art, {k[len(prefix):]: v for k, v in digests.items() if k.startswith(prefix)})
         except ArtifactError as e:
             raise SealError(f"the signed artifact is inconsistent: {e}") from None
+        check_release(read_release(art), min_release, str(src))
         for p in art.iterdir():
             shutil.move(str(p), final / p.name)
     return Path(out)

@@ -129,13 +129,13 @@ def _private_dir() -> Path:
 
 def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_key: str | os.PathLike, *,
                 passphrase: str | None = None, backend: str = "auto", threads: int = 1,
-                factory: str | None = None) -> ServedModel:
+                factory: str | None = None, min_release: int | None = None) -> ServedModel:
     """Decrypt and verify a sealed model into a private /dev/shm directory, load it (and its
     model.onnx into ONNX Runtime, from the verified bytes), then delete the directory: from then on
     the model exists only in this process's memory."""
     from ..api import QuantizedModel
     from ..artifact.store import load_artifact
-    from ..security import open_sealed
+    from ..security import open_sealed, read_release
 
     if backend not in BACKENDS:
         raise SecquantError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -144,9 +144,10 @@ def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_k
         raise SecquantError(f"{p} is not a sealed model file: seal an artifact with `secquant seal` first")
     work = _private_dir()
     try:
-        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase)
+        art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase,
+                          min_release=min_release)
         la = load_artifact(art, factory=factory)
-        qm = QuantizedModel(la.module, la.manifest, la.handle, None)
+        qm = QuantizedModel(la.module, la.manifest, la.handle, None, release=read_release(art))
         has_onnx = "model.onnx" in la.manifest.files
         if backend == "onnxruntime" and not has_onnx:
             raise SecquantError(f"{p} carries no model.onnx: export it (`secquant export`) before sealing, or "
