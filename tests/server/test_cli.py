@@ -56,7 +56,7 @@ def test_default_database_and_migrate(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SECQUANT_SERVER_DB", raising=False)
     r = cli("server", "migrate")
-    assert r.exit_code == 0 and "revision 0001" in r.stderr
+    assert r.exit_code == 0 and "revision 0002" in r.stderr
     assert (tmp_path / "secquant-server.db").is_file()
 
 
