@@ -47,26 +47,25 @@ class Store:
                  secret_file: str | os.PathLike | None = None) -> None:
         self.engine = make_engine(db)
         try:
+            secret_path = self._secret_path(secret_file)  # a PostgreSQL URL without one fails before connecting
             if migrate_schema:
                 migrate(self.engine)
-            self.hasher = KeyHasher(self._secret(secret_file))
+            # an in-memory database gets a secret that dies with the process, as the database does
+            self.hasher = KeyHasher(load_or_create_secret(secret_path) if secret_path else secrets.token_bytes(32))
         except BaseException:
             self.engine.dispose()
             raise
         self.session: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
 
-    def _secret(self, secret_file: str | os.PathLike | None) -> bytes:
+    def _secret_path(self, secret_file: str | os.PathLike | None):
         secret_file = secret_file or os.environ.get(SECRET_ENV) or None
-        if secret_file is None:
-            secret_file = default_secret_path(sqlite_path(self.engine))
-            if secret_file is None:
-                if self.engine.url.drivername.startswith("sqlite"):  # in memory: dies with the process
-                    return secrets.token_bytes(32)
-                raise ServerDBError("a PostgreSQL server database needs --secret-file PATH (or $"
-                                    f"{SECRET_ENV}): the file holding the secret API keys are hashed under, "
-                                    "created 0600 if missing; every server on this database must use the same "
-                                    "file")
-        return load_or_create_secret(secret_file)
+        if secret_file is not None:
+            return secret_file
+        if self.engine.url.drivername.startswith("sqlite"):
+            return default_secret_path(sqlite_path(self.engine))
+        raise ServerDBError(f"a PostgreSQL server database needs --secret-file PATH (or ${SECRET_ENV}): the file "
+                            "holding the secret API keys are hashed under, created 0600 if missing; every server "
+                            "on this database must use the same file")
 
     def close(self) -> None:
         self.engine.dispose()
