@@ -103,6 +103,8 @@ def test_secquant_serve_answers_over_http(sealed_digits, server_keys, tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
+        head = httpx.head(f"{base}/healthz", timeout=5)  # HEAD, as load balancers probe
+        assert head.status_code == 200 and head.content == b""
         x = splits()["test_x"][:8]
         assert httpx.post(f"{base}/v1/predict", json={"inputs": x.tolist()}).status_code == 401
         r = httpx.post(f"{base}/v1/predict", json={"inputs": x.tolist()}, headers={"Authorization": f"Bearer {key}"})

@@ -75,6 +75,8 @@ def test_a_secret_file_others_can_read_or_a_malformed_one_is_refused(tmp_path, c
         Store(tmp_path / "s.db")
     with pytest.raises(ServerDBError, match="--secret-file"):  # PostgreSQL: refused before connecting
         Store("postgresql://u:p@127.0.0.1:1/x")
+    assert_user_error(cli("server", "list-clients", "--db", "postgresql://u:p@127.0.0.1:1/x"),
+                      contains=("--secret-file",))
 
 
 def test_a_lost_secret_fails_closed_and_is_reported(tmp_path):
