@@ -7,8 +7,10 @@ time. Checking a wrong key costs about a microsecond, the same whether or not it
 
 Records made by earlier versions (argon2id, 64 MiB and t=3 each) are still accepted: only a
 well-formed key whose id names a live client with such a record is checked with argon2id (at most
-`LEGACY_SLOTS` at once, so a flood cannot take the memory), and on its first success the record
-is replaced by the HMAC one. Unknown, revoked and malformed keys never reach argon2.
+`LEGACY_SLOTS` at once, so a flood cannot take the memory; at most `LEGACY_FAILURES_PER_MINUTE`
+failed checks per key id, so one who learnt a key id cannot keep argon2 busy from many addresses),
+and on its first success the record is replaced by the HMAC one. Unknown, revoked and malformed
+keys never reach argon2.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from enum import Enum
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from .budgets import FailureLimiter
+
 log = logging.getLogger("secquant.server")
 KEY_PREFIX = "sq"
 HMAC_SCHEME = "hmac-sha256"
 LEGACY_SLOTS = 2  # concurrent argon2id verifications of old records (64 MiB each)
 LEGACY_WAIT_S = 1.0  # a request waits at most this long for a slot, then fails (closed)
+LEGACY_FAILURES_PER_MINUTE = 10  # per key id; past it the id's legacy record is not checked for a while
 _KEY_RE = re.compile(r"^sq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 
 
@@ -67,6 +72,7 @@ class KeyHasher:
         self.secret_id = hashlib.sha256(b"secquant server secret id\0" + secret).hexdigest()[:16]
         self._legacy = PasswordHasher()  # verify() reads the cost parameters from each stored hash
         self._slots = threading.BoundedSemaphore(LEGACY_SLOTS)
+        self._legacy_failures = FailureLimiter(LEGACY_FAILURES_PER_MINUTE)
         self._count = threading.Lock()
         self.legacy_verifications = 0  # argon2id runs so far (tests and operators can watch it)
 
@@ -94,7 +100,14 @@ class KeyHasher:
                 return Verdict.BAD
             return Verdict.OK if hmac.compare_digest(mac, want) else Verdict.BAD
         if is_legacy(stored):
-            return Verdict.OK_REHASH if self._verify_legacy(key, stored) else Verdict.BAD
+            key_id = key_id_of(key) or "?"
+            if self._legacy_failures.retry_after(key_id) > 0:
+                log.warning("key id %s: too many failed checks against its legacy record; refusing for now", key_id)
+                return Verdict.BAD
+            if self._verify_legacy(key, stored):
+                return Verdict.OK_REHASH
+            self._legacy_failures.failed(key_id)
+            return Verdict.BAD
         return Verdict.BAD  # an unknown record format: fail closed
 
     def _verify_legacy(self, key: str, stored: str) -> bool:

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 import secquant
 from secquant.server import ServedModel, ServerConfig, Store, create_app
-from secquant.server.auth import LEGACY_SLOTS, new_key
+from secquant.server.auth import LEGACY_FAILURES_PER_MINUTE, LEGACY_SLOTS, new_key
 from secquant.server.budgets import FailureLimiter
 from secquant.server.db import make_engine, migrate
 
@@ -151,6 +151,19 @@ def test_old_records_are_checked_at_most_two_at_a_time(tmp_path, monkeypatch):
     for t in ts:
         t.join()
     assert peak[0] == LEGACY_SLOTS == 2
+    s.close()
+
+
+def test_failed_checks_against_one_old_record_are_capped_per_key_id(tmp_path, monkeypatch, argon2_calls):
+    """Many addresses guessing under one known key id of an old record cannot keep argon2 busy."""
+    monkeypatch.setattr(PasswordHasher, "verify", lambda self, h, k: argon2_calls.append(h) or False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    legacy = _old_client(url, "old")
+    s = Store(url)
+    kid = legacy.split("_")[1]
+    for i in range(40):
+        assert s.authenticate(f"sq_{kid}_" + f"{i:02d}" + "E" * 41) is None
+    assert len(argon2_calls) == LEGACY_FAILURES_PER_MINUTE == 10
     s.close()
 
 
