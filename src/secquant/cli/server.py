@@ -66,6 +66,10 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_batch: int = typer.Option(64, "--max-batch", min=1, help="most examples in one request"),
         integrity_interval: float = typer.Option(30.0, "--integrity-interval", help="seconds between integrity "
                                                  "checks of the weights in memory (0: only at start)"),
+        auth_failure_limit: int = typer.Option(20, "--auth-failure-limit", min=0, help="bad keys per minute an "
+                                               "address (IPv6: a /64) may send before it gets 429 (0: no limit)"),
+        auth_refusal_delay: float = typer.Option(1.0, "--auth-refusal-delay", min=0.0, max=30.0,
+                                                 help="seconds a refused address waits for its 429"),
         factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built model "
                                               "names"),
         passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected "
@@ -96,7 +100,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         model = open_served(sealed, identity, verify_key, passphrase=_passphrase(passphrase), backend=backend,
                             threads=threads, factory=factory)
         cfg = ServerConfig(top_k=top_k, round_digits=round_digits, max_batch=max_batch,
-                           integrity_interval=integrity_interval)
+                           integrity_interval=integrity_interval, auth_failures_per_minute=auth_failure_limit or None,
+                           auth_refusal_delay_s=auth_refusal_delay)
         web = create_app(model, store, cfg)
         if not store.list_clients():
             err.print("warning: no API clients yet: add one with `secquant server add-client NAME --role user`",
