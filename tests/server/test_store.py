@@ -148,7 +148,8 @@ def test_db_urls():
 
 def test_unreachable_database_is_a_user_error(tmp_path):
     with pytest.raises(ServerDBError, match="cannot open or migrate"):
-        Store("postgresql://nobody:wrong@127.0.0.1:1/none")
+        Store("postgresql://nobody:wrong@127.0.0.1:1/none", secret_file=tmp_path / "pg.secret")
+    assert not (tmp_path / "pg.secret").exists()  # nothing made for a database that cannot be opened
     with pytest.raises(ServerDBError, match="cannot open or migrate"):
         Store(tmp_path / "missing-dir" / "server.db")
 
