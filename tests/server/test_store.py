@@ -167,3 +167,29 @@ def test_the_migrations_match_the_models(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     eng.dispose()
     assert diff == []
+
+
+def test_migration_0002_keeps_existing_names_even_confusable_ones(db_url, tmp_path):
+    """Names made before the name rule (look-alikes, characters outside today's set) stay usable;
+    a new name confusable with any of them is refused."""
+    from secquant.server.names import skeleton
+
+    eng = make_engine(db_url)
+    migrate(eng, "0001")
+    with eng.begin() as c:
+        for i, name in enumerate(["ann", "Ann", "caf\u00e9 bar"]):
+            c.execute(text("INSERT INTO clients (name, role, key_id, key_hash, created_at, window_s, window_used, "
+                           "queries_total) VALUES (:n, 'user', :k, 'x', CURRENT_TIMESTAMP, 86400, 0, 0)"),
+                      {"n": name, "k": f"{i:012x}"})
+    eng.dispose()
+    s = Store(db_url, secret_file=tmp_path / "s.secret")
+    with s.engine.connect() as c:
+        rows = c.execute(text("SELECT name, name_skeleton FROM clients ORDER BY id")).all()
+    assert [r[0] for r in rows] == ["ann", "Ann", "caf\u00e9 bar"]
+    assert rows[0][1] == skeleton("ann") and rows[1][1].startswith(skeleton("ann") + "#")
+    for lookalike in ("ANN", "aNn"):
+        with pytest.raises(ServerDBError, match="confusable"):
+            s.add_client(lookalike)
+    s.rotate_key("Ann")  # both old clients are still managed by name
+    s.set_budget("caf\u00e9 bar", max_queries=3)
+    s.close()
