@@ -125,3 +125,21 @@ def test_secquant_serve_answers_over_http(sealed_digits, server_keys, tmp_path):
     statuses = [(e["route"], e["status"]) for e in s.audit_log()[::-1]]
     s.close()
     assert statuses == [("/healthz", 200)] * (len(statuses) - 2) + [("/v1/predict", 401), ("/v1/predict", 200)]
+
+
+def test_serve_warns_about_keys_hashed_under_a_lost_secret(cli, sealed_digits, server_keys, tmp_path, monkeypatch):
+    import uvicorn
+
+    from secquant.server import Store
+
+    owner, _ = server_keys
+    db = tmp_path / "s.db"
+    s = Store(db)
+    s.add_client("ann")
+    s.close()
+    (tmp_path / "s.db.secret").unlink()  # lost: serve makes a new one, and ann's key cannot work
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    r = cli("serve", sealed_digits, "--identity", owner.identity, "--verify-key", owner.verify_key, "--db", db)
+    assert r.exit_code == 0 and len(ran) == 1, r.stderr
+    assert "1 client key(s) were hashed under another server secret" in " ".join(r.stderr.split())

@@ -218,3 +218,11 @@ def test_the_readme_documents_every_route_with_a_curl_example(server):
             hits = [ln for ln in curls if re.search(pattern + r"(?:\?|\"|'|\s|$)", ln) and flag in ln
                     and (method != "GET" or "-X " not in ln and "-I" not in ln)]
             assert hits, f"no curl example for {method} {route.path} in the README's server section"
+
+
+def test_an_existing_database_open_to_others_is_reported(tmp_path, caplog):
+    Store(tmp_path / "s.db").close()
+    (tmp_path / "s.db").chmod(0o644)
+    with caplog.at_level("WARNING", logger="secquant.server"):
+        Store(tmp_path / "s.db").close()
+    assert any("open to other users" in r.getMessage() and "chmod 600" in r.getMessage() for r in caplog.records)
