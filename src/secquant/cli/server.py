@@ -188,8 +188,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
         if not unlimited and queries is None and window is None and rate is None and burst is None:
             raise SecquantError("nothing to change: give --queries, --window, --rate, --burst or --unlimited")
-        c = _store(db, secret_file).set_budget(name, max_queries=queries, window_s=window, rate_per_s=rate, burst=burst,
-                                  unlimited=unlimited)
+        c = _store(db, secret_file).set_budget(name, max_queries=queries, window_s=window, rate_per_s=rate,
+                                               burst=burst, unlimited=unlimited)
         sys.stdout.write(json.dumps(c) + "\n")
 
     @server.command("list-clients")
