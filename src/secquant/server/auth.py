@@ -55,6 +55,8 @@ def is_legacy(stored: str) -> bool:
 
 
 class Verdict(Enum):
+    """The outcome of checking a key against its stored record."""
+
     BAD = "bad"
     OK = "ok"
     OK_REHASH = "ok, stored as a legacy argon2id record: replace it"
