@@ -9,17 +9,33 @@ bench/results_server.md.
 
     .venv/bin/python bench/server_load.py [--seconds 30] [--clients 4] [--threads 1]
 
-Every request passes the whole server path: key check (argon2id once per key, then a cached
-SHA-256), budget update in SQLite, the ORT forward pass and one audit row.
+Every request passes the whole server path: key check (one HMAC), budget update in SQLite, the ORT
+forward pass and one audit row.
+
+With `--bogus N` it measures instead what a flood of bad keys does to a valid client (issue 13
+item 5; bar: the valid client's median latency under N = 64 concurrent bogus-key clients stays
+within 2x of idle). For each scenario (`--scenarios`: default, no-delay = refused addresses answered
+at once, no-limit = no failed-auth limit at all) a fresh server starts; one valid client sends
+POST /v1/embed back to back from 127.0.0.1 while idle (`--phase` seconds), then while N bogus
+clients, each on its own loopback address 127.0.1.x and keep-alive connection, send random
+well-formed keys as fast as the server answers them (after a `--ramp` not counted), then idle again.
+The bogus clients run in another process (asyncio), so they do not share the valid client's GIL.
+Reports the valid client's p50/p90 per phase, the flood/idle ratio, the bogus requests' statuses,
+and the server's resident memory (VmRSS idle, VmHWM peak) as JSON lines, and writes
+bench/results_server_flood.md.
+
+    .venv/bin/python bench/server_load.py --bogus 64 [--phase 15] [--ramp 3] [--scenarios default,no-delay]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -104,7 +120,194 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def start_server(sealed: Path, keys, db: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`secquant serve` on a free loopback port; returns (process, base URL) once /healthz answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).with_name("secquant")
+    cmd = [str(exe), "serve", str(sealed), "--identity", str(keys.identity), "--verify-key", str(keys.verify_key),
+           "--db", db, "--port", str(port), "--threads", str(threads), "--log-level", "warning", *extra]
+    log("starting: " + " ".join(cmd))
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if srv.poll() is not None:
+            raise SystemExit(f"the server exited ({srv.returncode}):\n{srv.stdout.read()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return srv, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            srv.kill()
+            raise SystemExit("the server did not come up in 180 s")
+        time.sleep(0.5)
+
+
+def stop_server(srv: subprocess.Popen) -> None:
+    srv.terminate()
+    try:
+        srv.wait(20)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+        srv.wait()
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak resident memory) of a process, in MiB."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                out[k] = round(int(v.split()[0]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def bogus_key() -> str:
+    return f"sq_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+async def _bogus_flood(url: str, clients: int, seconds: float) -> dict:
+    """`clients` connections, each from its own loopback address, sending bad keys back to back."""
+    stop_at = time.monotonic() + seconds
+    statuses: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        transport = httpx.AsyncHTTPTransport(local_address=f"127.0.1.{i + 1}")
+        async with httpx.AsyncClient(base_url=url, transport=transport, timeout=30) as c:
+            while time.monotonic() < stop_at:
+                try:
+                    r = await c.post("/v1/embed", json={"texts": ["x"]},
+                                     headers={"Authorization": f"Bearer {bogus_key()}"})
+                    code = str(r.status_code)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                statuses[code] = statuses.get(code, 0) + 1
+
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    return statuses
+
+
+def bogus_worker(url: str, clients: int, seconds: float) -> None:
+    t0 = time.monotonic()
+    statuses = asyncio.run(_bogus_flood(url, clients, seconds))
+    print(json.dumps({"statuses": statuses, "seconds": round(time.monotonic() - t0, 2)}), flush=True)
+
+
+def valid_client(url: str, key: str, seconds: float) -> list[tuple[float, float]]:
+    """(start time, latency) of each request one valid client sends back to back for `seconds`."""
+    out = []
+    stop_at = time.perf_counter() + seconds
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        i = 0
+        while (t0 := time.perf_counter()) < stop_at:
+            r = c.post("/v1/embed", json={"texts": [SENTENCES[i % len(SENTENCES)]]})
+            i += 1
+            if r.status_code != 200:
+                raise SystemExit(f"the valid client got {r.status_code}: {r.text[:200]}")
+            out.append((t0, time.perf_counter() - t0))
+    return out
+
+
+SCENARIOS = {"default": [], "no-delay": ["--auth-refusal-delay", "0"], "no-limit": ["--auth-failure-limit", "0"],
+             "old": []}
+
+
+def flood(a, sealed: Path, keys, tmp: Path) -> list[dict]:
+    results = []
+    for name in a.scenarios.split(","):
+        db = str(tmp / f"flood-{name}.db")
+        key = cli("server", "add-client", "probe", "--role", "user", "--db", db).strip().split()[-1]
+        srv, url = start_server(sealed, keys, db, a.threads, SCENARIOS[name])
+        try:
+            valid_client(url, key, 2.0)  # warm-up
+            mem_idle = proc_status(srv.pid)
+            idle1 = valid_client(url, key, a.phase)
+            cpu0 = _proc_cpu(srv.pid)
+            worker = subprocess.Popen([sys.executable, __file__, "--bogus-worker", url, "--bogus", str(a.bogus),
+                                       "--phase", str(a.ramp + a.phase)], stdout=subprocess.PIPE, text=True)
+            t_start = time.perf_counter()
+            during = valid_client(url, key, a.ramp + a.phase)
+            out, _ = worker.communicate(timeout=120)
+            cpu1 = _proc_cpu(srv.pid)
+            bogus = json.loads(out.strip().splitlines()[-1])
+            idle2 = valid_client(url, key, a.phase)
+            mem_end = proc_status(srv.pid)
+        finally:
+            stop_server(srv)
+        ramp = [d for t, d in during if t < t_start + a.ramp]
+        flooded = [d for t, d in during if t >= t_start + a.ramp]
+        idle = [d for _, d in idle1] + [d for _, d in idle2]
+        p50 = lambda xs: round(1000 * statistics.median(xs), 2) if xs else None  # noqa: E731
+        p90 = lambda xs: round(1000 * pct(xs, 0.90), 2) if xs else None  # noqa: E731
+        n_bogus = sum(bogus["statuses"].values())
+        r = {"bench": "server_auth_flood", "scenario": name, "server_flags": " ".join(SCENARIOS[name]) or "(defaults)",
+             "bogus_clients": a.bogus, "phase_s": a.phase, "ramp_s": a.ramp,
+             "idle_p50_ms": p50(idle), "idle_p90_ms": p90(idle),
+             "idle_before_p50_ms": p50([d for _, d in idle1]), "idle_after_p50_ms": p50([d for _, d in idle2]),
+             "ramp_p50_ms": p50(ramp), "flood_p50_ms": p50(flooded), "flood_p90_ms": p90(flooded),
+             "flood_requests_ok": len(flooded), "ratio_p50": round(p50(flooded) / p50(idle), 2) if flooded else None,
+             "bar_ratio": 2.0, "bogus_requests": n_bogus, "bogus_rps": round(n_bogus / bogus["seconds"], 1),
+             "bogus_statuses": bogus["statuses"], "server_cpu_s_during_flood": round(cpu1 - cpu0, 1),
+             "server_rss_idle_mib": mem_idle.get("VmRSS"), "server_rss_peak_mib": mem_end.get("VmHWM"),
+             "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+        r["pass"] = r["ratio_p50"] is not None and r["ratio_p50"] <= 2.0
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    return results
+
+
+def write_flood_section(a, results: list[dict]) -> None:
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = (f".venv/bin/python bench/server_load.py --bogus {a.bogus} --phase {a.phase:g} --ramp {a.ramp:g} "
+           f"--scenarios {a.scenarios}")
+    rows = "\n".join(
+        f"| {r['scenario']} | `{r['server_flags']}` | {r['idle_p50_ms']} ms | {r['flood_p50_ms']} ms | "
+        f"{r['ratio_p50']} | {r['flood_p90_ms']} ms | {r['ramp_p50_ms']} ms | {r['bogus_rps']} | "
+        f"{', '.join(f'{k}: {v}' for k, v in sorted(r['bogus_statuses'].items()))} | {r['server_rss_idle_mib']} / "
+        f"{r['server_rss_peak_mib']} MiB | {'yes' if r['pass'] else 'no'} |" for r in results)
+    md = f"""## Server under a flood of bad API keys
+
+`{cmd}` ({when}; {os.cpu_count()} CPUs, {_cpu_name()}; Python {platform.python_version()}).
+
+One valid client sends POST /v1/embed (builtin:minilm `{a.recipe}`, ONNX Runtime, one sentence)
+back to back from 127.0.0.1: {a.phase:g} s idle, then {a.ramp:g} s + {a.phase:g} s while {a.bogus}
+bogus clients (another process, one keep-alive connection each, each from its own address
+127.0.1.x) send random well-formed keys as fast as they are answered, then {a.phase:g} s idle
+again. Idle p50 is over both idle phases; the flood p50 leaves out the first {a.ramp:g} s (when
+each new address still spends its allowance of bad keys; their p50 is the "ramp" column). Bar:
+flood p50 within 2x of idle p50.
+
+| scenario | serve flags | idle p50 | flood p50 | ratio | flood p90 | ramp p50 | bogus req/s | bogus statuses | server RSS idle / peak | bar |
+|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|
+{rows}
+"""
+    out = a.out.with_name("results_server_flood.md")
+    out.write_text(md)
+    log(f"wrote {out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--bogus-worker":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--bogus-worker")
+        ap.add_argument("--bogus", type=int)
+        ap.add_argument("--phase", type=float)
+        w = ap.parse_args()
+        return bogus_worker(w.bogus_worker, w.bogus, w.phase)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="measured duration")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of requests not counted")
@@ -112,11 +315,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the server")
     ap.add_argument("--recipe", default="w8a8-dynamic")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results_server.md")
+    ap.add_argument("--bogus", type=int, default=0, help="flood mode: this many concurrent bogus-key clients")
+    ap.add_argument("--phase", type=float, default=15.0, help="flood mode: seconds per measured phase")
+    ap.add_argument("--ramp", type=float, default=3.0, help="flood mode: seconds of flood not counted")
+    ap.add_argument("--scenarios", default="default,no-delay",
+                    help=f"flood mode: comma-separated, of {', '.join(SCENARIOS)} ('old': a server without the "
+                         "--auth-* options, e.g. an earlier secquant on PYTHONPATH)")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="secquant-server-load-") as td:
         tmp = Path(td)
         sealed, keys = build(tmp, a.recipe)
+        if a.bogus:
+            return write_flood_section(a, flood(a, sealed, keys, tmp))
         db = str(tmp / "server.db")
         key = cli("server", "add-client", "loadtest", "--role", "user", "--db", db).strip().split()[-1]
         if not key.startswith("sq_"):

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
 
 PG_ENV = "SECQUANT_TEST_POSTGRES_URL"
 PG_SKIP = (f"PostgreSQL variant skipped: set {PG_ENV}=postgresql://USER:PW@HOST:PORT/DB to a disposable database "
@@ -68,14 +67,6 @@ def served(served_base):
     return ServedModel(copy.deepcopy(served_base.qm))
 
 
-def fast_hasher():
-    """argon2id with small costs: the tests create and check many keys on a shared 2-core box.
-    (The production default is checked in test_store.test_default_hash_is_argon2id.)"""
-    from secquant.server.auth import KeyHasher
-
-    return KeyHasher(PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-
-
 def _reset_postgres(url: str) -> None:
     from sqlalchemy import text
 
@@ -105,14 +96,15 @@ def sqlite_url(tmp_path) -> str:
 
 
 @pytest.fixture
-def store_factory():
-    """Store(url) with the fast hasher; closed at teardown."""
+def store_factory(tmp_path):
+    """Store(url) (a PostgreSQL one with a secret file in tmp_path, shared by the stores of one test);
+    closed at teardown."""
     from secquant.server import Store
 
     made = []
 
     def make(url: str):
-        s = Store(url, hasher=fast_hasher())
+        s = Store(url, secret_file=None if url.startswith("sqlite") else tmp_path / "pg.secret")
         made.append(s)
         return s
 

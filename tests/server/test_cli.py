@@ -56,7 +56,7 @@ def test_default_database_and_migrate(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SECQUANT_SERVER_DB", raising=False)
     r = cli("server", "migrate")
-    assert r.exit_code == 0 and "revision 0001" in r.stderr
+    assert r.exit_code == 0 and "revision 0002" in r.stderr
     assert (tmp_path / "secquant-server.db").is_file()
 
 
@@ -103,6 +103,8 @@ def test_secquant_serve_answers_over_http(sealed_digits, server_keys, tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
+        head = httpx.head(f"{base}/healthz", timeout=5)  # HEAD, as load balancers probe
+        assert head.status_code == 200 and head.content == b""
         x = splits()["test_x"][:8]
         assert httpx.post(f"{base}/v1/predict", json={"inputs": x.tolist()}).status_code == 401
         r = httpx.post(f"{base}/v1/predict", json={"inputs": x.tolist()}, headers={"Authorization": f"Bearer {key}"})
@@ -123,3 +125,21 @@ def test_secquant_serve_answers_over_http(sealed_digits, server_keys, tmp_path):
     statuses = [(e["route"], e["status"]) for e in s.audit_log()[::-1]]
     s.close()
     assert statuses == [("/healthz", 200)] * (len(statuses) - 2) + [("/v1/predict", 401), ("/v1/predict", 200)]
+
+
+def test_serve_warns_about_keys_hashed_under_a_lost_secret(cli, sealed_digits, server_keys, tmp_path, monkeypatch):
+    import uvicorn
+
+    from secquant.server import Store
+
+    owner, _ = server_keys
+    db = tmp_path / "s.db"
+    s = Store(db)
+    s.add_client("ann")
+    s.close()
+    (tmp_path / "s.db.secret").unlink()  # lost: serve makes a new one, and ann's key cannot work
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    r = cli("serve", sealed_digits, "--identity", owner.identity, "--verify-key", owner.verify_key, "--db", db)
+    assert r.exit_code == 0 and len(ran) == 1, r.stderr
+    assert "1 client key(s) were hashed under another server secret" in " ".join(r.stderr.split())

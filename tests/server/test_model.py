@@ -14,8 +14,6 @@ from secquant.models.digits import splits
 from secquant.security.seal import SealError
 from secquant.server import ServedModel, ServerConfig, create_app, open_served
 
-from .conftest import fast_hasher
-
 
 def _shm_dirs() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("secquant-serve-*")}
@@ -50,7 +48,7 @@ def test_onnx_runtime_backend_serves_the_exported_model(sealed_digits_onnx, serv
     assert float((ort_labels == y).float().mean()) > 0.9
     from secquant.server import Store
 
-    store = Store(sqlite_url, hasher=fast_hasher())
+    store = Store(sqlite_url)
     admin = store.add_client("root", "admin")
     with TestClient(create_app(m, store, ServerConfig(integrity_interval=0))) as c:
         h = {"Authorization": f"Bearer {admin}"}
@@ -75,7 +73,7 @@ def test_embeddings_of_a_sentence_encoder(minilm_artifact, sqlite_url):
 
     _, qm = minilm_artifact
     m = ServedModel(qm)
-    store = Store(sqlite_url, hasher=fast_hasher())
+    store = Store(sqlite_url)
     user = store.add_client("ann")
     texts = ["The cat sat on the mat.", "Quantization shrinks neural networks."]
     with TestClient(create_app(m, store, ServerConfig(round_digits=4, integrity_interval=0))) as c:

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from secquant.server import ServerDBError, Store, normalize_url
-from secquant.server.auth import KeyHasher, key_id_of, new_key
+from secquant.server.auth import KeyHasher, Verdict, key_id_of, new_key
 from secquant.server.budgets import RateLimiter, TokenBucket, retry_after_header
 from secquant.server.db import current_revision, make_engine, migrate
 
@@ -15,7 +15,7 @@ def test_migration_creates_the_schema_on_an_empty_database(db_url):
     eng = make_engine(db_url)
     assert inspect(eng).get_table_names() == []
     migrate(eng)
-    assert current_revision(eng) == "0001"
+    assert current_revision(eng) == "0002"
     names = set(inspect(eng).get_table_names())
     assert {"clients", "audit_log", "alembic_version"} <= names
     cols = {c["name"] for c in inspect(eng).get_columns("audit_log")}
@@ -32,7 +32,7 @@ def test_migration_creates_the_schema_on_an_empty_database(db_url):
         command.downgrade(cfg, "base")
     assert set(inspect(eng).get_table_names()) <= {"alembic_version"}
     migrate(eng)
-    assert current_revision(eng) == "0001"
+    assert current_revision(eng) == "0002"
     eng.dispose()
 
 
@@ -46,7 +46,8 @@ def test_clients_keys_rotation_revocation(db_url, store_factory):
     assert s.authenticate("") is None and s.authenticate("sq_nothex_x") is None
     with s.engine.connect() as c:  # only a hash is stored
         row = c.execute(text("SELECT key_id, key_hash FROM clients WHERE name = 'alice'")).one()
-    assert row.key_hash.startswith("$argon2id$") and key not in row.key_hash and row.key_id == key_id_of(key)
+    assert row.key_hash.startswith(f"hmac-sha256${s.hasher.secret_id}$") and len(row.key_hash.split("$")[2]) == 64
+    assert key not in row.key_hash and key.split("_")[2] not in row.key_hash and row.key_id == key_id_of(key)
     new = s.rotate_key("alice")
     assert new != key and s.authenticate(key) is None and s.authenticate(new).name == "alice"
     s.revoke("alice")
@@ -101,34 +102,26 @@ def test_audit_rows_round_trip(db_url, store_factory):
     assert s.audit_log(status=200)[0]["route"] == "/healthz"
 
 
-def test_default_hash_is_argon2id_rfc9106_low_memory():
-    h = KeyHasher()
+def test_keys_are_an_hmac_under_the_server_secret_compared_in_constant_time(monkeypatch):
+    import hmac as hmac_module
+
+    import secquant.server.auth as auth
+
+    h, other = KeyHasher(b"k" * 32), KeyHasher(b"j" * 32)
     _, key = new_key()
     stored = h.hash(key)
-    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
-    assert h.verify(key, stored, "abc") and not h.verify(key + "x", stored, "abd")
-    assert not h.verify(key, None)  # unknown id: dummy hash, refused
-
-
-def test_unknown_key_ids_cost_a_full_argon2_verification(monkeypatch, sqlite_url, store_factory):
-    s = store_factory(sqlite_url)
-    key = s.add_client("frank")
-    calls = []
-
-    class Spy:
-        def __init__(self, ph):
-            self.ph = ph
-
-        def verify(self, h, k):
-            calls.append(h)
-            return self.ph.verify(h, k)
-
-    monkeypatch.setattr(s.hasher, "ph", Spy(s.hasher.ph))
-    _, unknown = new_key()
-    assert s.authenticate(unknown) is None and s.authenticate("garbage") is None
-    s.revoke("frank")
-    assert s.authenticate(key) is None
-    assert calls == [s.hasher._dummy] * 3  # unknown id, malformed key, revoked key: the same argon2id work
+    scheme, sid, mac = stored.split("$")
+    assert (scheme, sid) == ("hmac-sha256", h.secret_id) and sid != other.secret_id
+    assert mac == hmac_module.new(b"k" * 32, key.encode(), "sha256").hexdigest()
+    compared, real = [], hmac_module.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    assert h.verify(key, stored) is Verdict.OK and compared == [(mac, mac)]
+    assert h.verify(key[:-1] + ("A" if key[-1] != "A" else "B"), stored) is Verdict.BAD
+    assert other.verify(key, stored) is Verdict.BAD and other.other_secret(stored) and not h.other_secret(stored)
+    assert h.verify(key, None) is Verdict.BAD  # no live client holds the id
+    assert h.verify(key, "sha1$" + mac) is Verdict.BAD  # an unknown record format fails closed
+    with pytest.raises(ValueError):
+        KeyHasher(b"short")
 
 
 def test_token_bucket_with_a_fake_clock():
@@ -155,7 +148,8 @@ def test_db_urls():
 
 def test_unreachable_database_is_a_user_error(tmp_path):
     with pytest.raises(ServerDBError, match="cannot open or migrate"):
-        Store("postgresql://nobody:wrong@127.0.0.1:1/none")
+        Store("postgresql://nobody:wrong@127.0.0.1:1/none", secret_file=tmp_path / "pg.secret")
+    assert not (tmp_path / "pg.secret").exists()  # nothing made for a database that cannot be opened
     with pytest.raises(ServerDBError, match="cannot open or migrate"):
         Store(tmp_path / "missing-dir" / "server.db")
 
@@ -173,3 +167,29 @@ def test_the_migrations_match_the_models(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     eng.dispose()
     assert diff == []
+
+
+def test_migration_0002_keeps_existing_names_even_confusable_ones(db_url, tmp_path):
+    """Names made before the name rule (look-alikes, characters outside today's set) stay usable;
+    a new name confusable with any of them is refused."""
+    from secquant.server.names import skeleton
+
+    eng = make_engine(db_url)
+    migrate(eng, "0001")
+    with eng.begin() as c:
+        for i, name in enumerate(["ann", "Ann", "caf\u00e9 bar"]):
+            c.execute(text("INSERT INTO clients (name, role, key_id, key_hash, created_at, window_s, window_used, "
+                           "queries_total) VALUES (:n, 'user', :k, 'x', CURRENT_TIMESTAMP, 86400, 0, 0)"),
+                      {"n": name, "k": f"{i:012x}"})
+    eng.dispose()
+    s = Store(db_url, secret_file=tmp_path / "s.secret")
+    with s.engine.connect() as c:
+        rows = c.execute(text("SELECT name, name_skeleton FROM clients ORDER BY id")).all()
+    assert [r[0] for r in rows] == ["ann", "Ann", "caf\u00e9 bar"]
+    assert rows[0][1] == skeleton("ann") and rows[1][1].startswith(skeleton("ann") + "#")
+    for lookalike in ("ANN", "aNn"):
+        with pytest.raises(ServerDBError, match="confusable"):
+            s.add_client(lookalike)
+    s.rotate_key("Ann")  # both old clients are still managed by name
+    s.set_budget("caf\u00e9 bar", max_queries=3)
+    s.close()

@@ -1,30 +1,32 @@
 """The network face of secquant: an access-controlled inference server (FastAPI + uvicorn).
 
     from secquant.server import Store, ServerConfig, create_app, open_served
-    store = Store("sqlite:///server.db")           # or postgresql://..., migrated with Alembic
-    key = store.add_client("alice", role="user")    # shown once; only an argon2id hash is kept
+    store = Store("server.db")                      # SQLite (0600) + server.db.secret; or postgresql://...
+    key = store.add_client("alice", role="user")    # shown once; only an HMAC of it is kept
     app = create_app(open_served("m.age", "me.key", "signer.sign.pub"), store, ServerConfig(top_k=3))
 
-The CLI runs it: `secquant serve FILE --identity KEY --verify-key PUB [--db URL]`, and manages
-clients with `secquant server add-client | list-clients | rotate-key | revoke | set-budget |
-audit-log | migrate`.
+The CLI runs it: `secquant serve FILE --identity KEY --verify-key PUB [--db URL] [--secret-file F]`,
+and manages clients with `secquant server add-client | list-clients | rotate-key | revoke |
+set-budget | audit-log | migrate`.
 
 Routes (all but /healthz need `Authorization: Bearer <key>`; 401 otherwise):
 
-- `GET /healthz` -> {"status": "ok"} (503 {"status": "unavailable"} once the model failed a check)
+- `GET|HEAD /healthz` -> {"status": "ok"} (503 {"status": "unavailable"} once the model failed a check)
 - `POST /v1/predict` {"inputs": [[...], ...]} -> {"predictions": [{"label": 3, "top": [{"label": 3,
   "score": 0.98}, ...]}]} (classifiers; `top` has k entries with --top-k, scores rounded with --round)
 - `POST /v1/embed` {"texts": ["...", ...]} -> {"embeddings": [[...], ...], "dim": 384} (encoders)
 - admin only (403 for users): `GET /v1/info` (model, backend, integrity state, config),
   `GET|POST /v1/clients`, `POST /v1/clients/{name}/rotate`, `POST /v1/clients/{name}/revoke`,
-  `PUT /v1/clients/{name}/budget`, `GET /v1/audit?limit=&client=&status=`, `POST /v1/integrity/check`
+  `PUT /v1/clients/{name}/budget`, `GET /v1/audit?limit=&client=&status=`, `POST /v1/integrity/check`,
+  `GET /openapi.json` (the OpenAPI document; there is no HTML /docs page)
 
 Limits: 413 for a batch over --max-batch, over the client's burst or its whole budget, or a body
 over 1 MiB; 429 with Retry-After when the client's rate limit (token bucket, rows per second) or
-query budget (rows per window) is spent; 503 once the model failed an integrity check. Bad input
-(malformed JSON, unknown fields, wrong shapes, out-of-range numbers) is a 422 with a JSON `detail`
-that does not echo the input; on a protected route the key and role are checked first (401 / 403).
-The OpenAPI document is not served (`app.openapi()` builds it for tests and tools).
+query budget (rows per window) is spent, or when its address sent too many bad keys (checked
+before any key is); 503 once the model failed an integrity check. Bad input (malformed JSON,
+unknown fields, wrong shapes, out-of-range numbers) is a 422 with a JSON `detail` that does not
+echo the input and is capped in length; on a protected route the key and role are checked first
+(401 / 403).
 """
 
 from .app import ServerConfig, create_app

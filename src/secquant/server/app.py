@@ -2,9 +2,13 @@
 audit log, budgets and rate limits, and the periodic integrity check.
 
 Every request, whatever its outcome (401, 403, 404, 413, 422, 429, 503 included), leaves one audit
-row: client (when authenticated), time, method, route, status, rows and the SHA-256 of the request
-body, never the body. The row is written before the response goes out; if it cannot be written
-the client gets 503 instead of an unaudited answer (fail closed).
+row: client (when a valid key was sent, 404s included), peer address, time, method, route, status,
+rows and the SHA-256 of the request body, never the body. The row is written before the response
+goes out; if it cannot be written the client gets 503 instead of an unaudited answer (fail closed).
+
+An address that sent `auth_failures_per_minute` bad keys is refused (429, Retry-After) before its
+next key is looked at; checking a key is one HMAC (auth.py), so bad keys cost the server little.
+Error details are capped at a few hundred characters, so no reply echoes a large input.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import time
@@ -27,16 +32,19 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .budgets import RateLimiter, retry_after_header
-from .db import ServerDBError
+from .budgets import FailureLimiter, RateLimiter, retry_after_header
+from .db import ClientExists, ClientNotFound, ServerDBError
 from .model import ServedModel
 from .store import Principal, Store
 
 log = logging.getLogger("secquant.server")
 AUDIT_KEY = "secquant_audit"
+MAX_DETAIL = 300  # characters of an error message; longer ones are cut
+MAX_ERRORS = 3  # validation errors listed in a 422
 
 
 @dataclass
@@ -49,6 +57,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_text_chars: int = 2000
     integrity_interval: float = 30.0  # seconds between checks; <= 0 turns the periodic check off
+    auth_failures_per_minute: int | None = 20  # per peer address, then 429 before any key check; None: off
+    auth_refusal_delay_s: float = 1.0  # a refused address waits this long for its 429 (at most Retry-After)
 
 
 # ---- request / response bodies ------------------------------------------------------------------
@@ -103,13 +113,15 @@ class AuditMiddleware:
         info: dict[str, Any] = {}
         scope.setdefault("state", {})[AUDIT_KEY] = info
         method, route = scope.get("method", "?"), scope.get("path", "?")
+        remote = (scope.get("client") or (None,))[0]
         h, size, chunks, too_big = hashlib.sha256(), 0, [], False
         digest: str | None = None
 
         async def write(status: int) -> bool:
             row = dict(method=method, route=route, status=status, client_id=info.get("client_id"),
                        client_name=info.get("client"), input_sha256=digest, rows=info.get("rows"),
-                       latency_ms=round((time.perf_counter() - t0) * 1000, 3), detail=info.get("detail"))
+                       latency_ms=round((time.perf_counter() - t0) * 1000, 3), detail=info.get("detail"),
+                       remote_addr=remote)
             try:
                 await anyio.to_thread.run_sync(lambda: self.store.audit(**row))
                 return True
@@ -182,6 +194,31 @@ class AuditMiddleware:
 
 # ---- the app --------------------------------------------------------------------------------------
 
+def _cap(text: str, n: int = MAX_DETAIL) -> str:
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def _capped_errors(errors: list[dict]) -> list[dict]:
+    """Validation errors without the offending input, each field cut short: a reply never grows with
+    the request (a 10 kB unknown field name is not echoed back)."""
+    out = []
+    for e in errors[:MAX_ERRORS]:
+        loc = [_cap(x, 40) if isinstance(x, str) else x for x in e.get("loc", ())][:6]
+        out.append({"type": _cap(str(e.get("type", "")), 40), "loc": loc, "msg": _cap(str(e.get("msg", "")), 150)})
+    while len(out) > 1 and len(json.dumps(jsonable_encoder(out))) > 2 * MAX_DETAIL:
+        out.pop()
+    return out
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 def _as_batch(inputs: list[Any], shape: tuple[int, ...] | None) -> torch.Tensor:
     try:
         x = torch.tensor(inputs, dtype=torch.float32)
@@ -206,6 +243,9 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
     """The server application for one loaded model and one database."""
     cfg = config or ServerConfig()
     limiter = RateLimiter()
+    failures = FailureLimiter(cfg.auth_failures_per_minute) if cfg.auth_failures_per_minute else None
+    # Declared on the protected routes so the OpenAPI document shows the scheme; the key is read below.
+    bearer_scheme = HTTPBearer(auto_error=False, description="an API key from `secquant server add-client`")
     state = {"event_logged": False}
 
     def integrity_check() -> str | None:
@@ -247,20 +287,49 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
     def audit_info(request: Request) -> dict[str, Any]:
         return request.scope.setdefault("state", {}).setdefault(AUDIT_KEY, {})
 
-    async def principal(request: Request) -> Principal:
+    async def refuse_if_limited(request: Request) -> None:
+        """429 for an address that spent its failed authentications, before its key is looked at."""
+        wait = failures.retry_after(_peer(request)) if failures is not None else 0.0
+        if wait > 0:
+            audit_info(request)["detail"] = "too many failed authentications from this address"
+            if cfg.auth_refusal_delay_s > 0:  # a flood of refused requests is slowed down, not served at once
+                await asyncio.sleep(min(cfg.auth_refusal_delay_s, wait))
+            raise HTTPException(429, "too many failed authentications from your address: wait and check your "
+                                     "API key", headers={"Retry-After": retry_after_header(wait)})
+
+    async def authenticate(request: Request) -> Principal:
         info = audit_info(request)
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            info["detail"] = "no bearer key"
-            raise HTTPException(401, "authentication required: send 'Authorization: Bearer <API key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        p = await run_in_threadpool(store.authenticate, key.strip())
+        await refuse_if_limited(request)
+        key = _bearer_key(request)
+        p = None if key is None else await run_in_threadpool(store.authenticate, key)
         if p is None:
+            if failures is not None:
+                failures.failed(_peer(request))
+            if key is None:
+                info["detail"] = "no bearer key"
+                raise HTTPException(401, "authentication required: send 'Authorization: Bearer <API key>'",
+                                    headers={"WWW-Authenticate": "Bearer"})
             info["detail"] = "invalid, rotated or revoked key"
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         info["client_id"], info["client"] = p.id, p.name
         return p
+
+    async def principal(request: Request, _scheme: Any = Depends(bearer_scheme)) -> Principal:
+        return await authenticate(request)
+
+    async def identify(request: Request) -> None:
+        """No route ran on a 404 / 405, so no key was checked: record who sent it, if it is valid."""
+        info = audit_info(request)
+        key = _bearer_key(request)
+        if "client_id" in info or key is None:
+            return
+        if failures is not None and failures.retry_after(_peer(request)) > 0:
+            return
+        p = await run_in_threadpool(store.authenticate, key)
+        if p is not None:
+            info["client_id"], info["client"] = p.id, p.name
+        elif failures is not None:
+            failures.failed(_peer(request))
 
     async def admin(request: Request, p: Principal = Depends(principal)) -> Principal:
         if p.role != "admin":
@@ -279,7 +348,7 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
         if not calls & {principal, admin}:
             return None
         try:
-            p = await principal(request)
+            p = await authenticate(request)
             if admin in calls:
                 await admin(request, p)
         except HTTPException as e:
@@ -293,13 +362,16 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
         denied = await auth_first(request)
         if denied is not None:
             return denied
-        errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
-        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        return JSONResponse({"detail": jsonable_encoder(_capped_errors(list(exc.errors())))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.detail, str) and len(exc.detail) > MAX_DETAIL:
+            exc = StarletteHTTPException(exc.status_code, _cap(exc.detail), exc.headers)
         if exc.status_code == 400:  # "There was an error parsing the body" (not UTF-8, nested too deep...)
             return await auth_first(request) or await http_exception_handler(request, exc)
+        if exc.status_code in (404, 405):  # no route ran (or a handler refused an authenticated client)
+            await identify(request)
         return await http_exception_handler(request, exc)
 
     def serving(request: Request) -> None:
@@ -334,6 +406,7 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
     def harden(values: list[float]) -> list[float]:
         return [round(v, cfg.round_digits) for v in values] if cfg.round_digits is not None else values
 
+    @app.head("/healthz", operation_id="healthz_head")  # load balancers probe with HEAD
     @app.get("/healthz")
     async def healthz():
         if model.corruption is not None:
@@ -370,6 +443,11 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
         emb = await run_in_threadpool(model.embed, body.texts)
         return {"embeddings": [harden(r) for r in emb.float().tolist()], "dim": int(emb.shape[-1])}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(p: Principal = Depends(admin)):
+        """The OpenAPI document, for admins only: it maps every route an attacker could try."""
+        return JSONResponse(app.openapi())
+
     @app.get("/v1/info")
     async def info(p: Principal = Depends(admin)):
         return {"model": model.info(), "config": asdict(cfg)}
@@ -383,7 +461,7 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
         try:
             return fn(*args, **kwargs)
         except ServerDBError as e:
-            code = 404 if str(e).startswith("no client named") else 409 if "already exists" in str(e) else 422
+            code = 404 if isinstance(e, ClientNotFound) else 409 if isinstance(e, ClientExists) else 422
             raise HTTPException(code, str(e)) from None
 
     @app.get("/v1/clients")

@@ -2,13 +2,17 @@
 
 SQLite by default, PostgreSQL with a ``postgresql://`` URL (driven by psycopg 3). The schema is
 created and upgraded by the Alembic migrations shipped in ``secquant/server/migrations``, never by
-``create_all``, so a database made by one version of secquant upgrades cleanly to the next.
+``create_all``, so a database made by one version of secquant upgrades cleanly to the next. A new
+SQLite file is created with mode 0600 (SQLite gives its -wal and -shm files the same mode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import os
+import stat
 from pathlib import Path
 
 from sqlalchemy import (
@@ -29,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..errors import SecquantError
 
+log = logging.getLogger("secquant.server")
 DEFAULT_DB = "sqlite:///./secquant-server.db"
 ROLES = ("user", "admin")
 # Autoincrementing 64-bit keys: SQLite only autoincrements an INTEGER PRIMARY KEY.
@@ -37,6 +42,14 @@ BigId = BigInteger().with_variant(Integer, "sqlite")
 
 class ServerDBError(SecquantError):
     """The server database cannot be opened, is not migrated, or a client operation is invalid."""
+
+
+class ClientNotFound(ServerDBError):
+    """No client has the given name."""
+
+
+class ClientExists(ServerDBError):
+    """A client with the given name (or a name confusable with it) already exists."""
 
 
 def utcnow() -> dt.datetime:
@@ -50,7 +63,9 @@ class Base(DeclarativeBase):
 
 
 class Client(Base):
-    """An API client: one role, one live key (id in clear, argon2id hash of the secret), budgets.
+    """An API client: one role, one live key (id in clear, HMAC of the key; see auth.py), budgets.
+
+`name_skeleton` (see names.py) is unique, so no two clients have names a person could confuse.
 
     Budgets: at most `max_queries` rows per window of `window_s` seconds (persisted, shared by all
     server processes on the database); a token bucket of `burst` rows refilled at `rate_per_s`
@@ -61,6 +76,7 @@ class Client(Base):
     __table_args__ = (CheckConstraint("role IN ('user', 'admin')", name="ck_clients_role"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    name_skeleton: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False)
     key_id: Mapped[str] = mapped_column(String(32), unique=True, nullable=False)
     key_hash: Mapped[str] = mapped_column(String(255), nullable=False)
@@ -85,8 +101,8 @@ class Client(Base):
 
 
 class AuditEntry(Base):
-    """One request (or one server event, method 'EVENT'): who, when, what, outcome; the input only
-    as its sha256."""
+    """One request (or one server event, method 'EVENT'): who (client, peer address), when, what,
+    outcome; the input only as its sha256. Text columns hold no control characters (safetext.clean)."""
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -100,12 +116,13 @@ class AuditEntry(Base):
     rows: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     detail: Mapped[str | None] = mapped_column(String(500))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
 
     def public(self) -> dict:
         return {"id": self.id, "ts": _iso(self.ts), "client": self.client_name, "client_id": self.client_id,
-                "method": self.method, "route": self.route, "status": self.status,
-                "input_sha256": self.input_sha256, "rows": self.rows, "latency_ms": self.latency_ms,
-                "detail": self.detail}
+                "remote_addr": self.remote_addr, "method": self.method, "route": self.route,
+                "status": self.status, "input_sha256": self.input_sha256, "rows": self.rows,
+                "latency_ms": self.latency_ms, "detail": self.detail}
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -134,9 +151,37 @@ def normalize_url(db: str | os.PathLike) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def sqlite_path(engine_or_url) -> str | None:
+    """The file of a SQLite database (None for PostgreSQL or an in-memory database)."""
+    url = make_url(str(engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url))
+    db = url.database
+    if not url.drivername.startswith("sqlite") or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return db
+
+
+def _create_private(path: str) -> None:
+    """Create an empty SQLite file readable by its owner only, unless it exists; warn if an existing
+    one is open to others (it holds key records and the audit log)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    except OSError:  # a missing directory and the like: migrate() reports it as a user error
+        return
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning("the server database %s is open to other users (mode %04o): chmod 600 it", path, mode)
+
+
 def make_engine(db: str | os.PathLike) -> Engine:
     url = normalize_url(db)
     if url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is not None:
+            _create_private(path)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
