@@ -87,7 +87,8 @@ class _Gen:
         first = r.choice(["jane", "omar", "li", "sofia", "kenji", "amelie", "j", "ana-maria", "o'brien", "x"])
         last = r.choice(["doe", "okafor", "nakamura", "dubois", "smith", "lindqvist", "garcia", "nguyen"])
         local = r.choice([f"{first}.{last}", f"{first}{r.randint(1, 9999)}", f"{first}_{last}", f"{first}-{last}",
-                          f"{first}+{r.choice(['news', 'billing', 'x', 'tag-2'])}", f"{first}.{last}+{r.randint(1, 99)}",
+                          f"{first}+{r.choice(['news', 'billing', 'x', 'tag-2'])}",
+                          f"{first}.{last}+{r.randint(1, 99)}",
                           f"{first[0]}{last}", f"{r.randint(10, 99999)}", f"{first}.{last}.{r.randint(70, 99)}"])
         domain, variant = r.choice([
             (f"mail.{r.choice(['test', 'example', 'invalid', 'localhost'])}", "reserved"),
@@ -136,7 +137,8 @@ class _Gen:
                 f"+91 {self.n(5, '6789')} {self.n(5)}", f"+81 {self.n(1, '3')}-{self.n(4)}-{self.n(4)}",
                 f"+86 1{self.n(2)} {self.n(4)} {self.n(4)}", f"+61 {r.choice('2378')} {self.n(4)} {self.n(4)}",
                 f"+55 {self.n(2, '1')} 9{self.n(4)}-{self.n(4)}", f"+31 6 {self.n(8)}", f"+31 (0)20 {self.n(7)}",
-                f"+34 {self.n(3, '67')} {self.n(2)} {self.n(2)} {self.n(2)}", f"+353 {self.n(1)} {self.n(3)} {self.n(4)}",
+                f"+34 {self.n(3, '67')} {self.n(2)} {self.n(2)} {self.n(2)}",
+                f"+353 {self.n(1)} {self.n(3)} {self.n(4)}",
                 f"+971 50 {self.n(3)} {self.n(4)}", f"+7 {self.n(3, '49')} {self.n(3)}-{self.n(2)}-{self.n(2)}",
                 f"+27 {self.n(2)} {self.n(3)} {self.n(4)}", f"+41.{self.n(2)}.{self.n(3)}.{self.n(2)}.{self.n(2)}",
                 f"+39 {self.n(3, '3')} {self.n(3)} {self.n(4)}",
@@ -148,8 +150,10 @@ class _Gen:
                 f"{self.n(3, '23456789')}.{self.n(3, '23456789')}.{self.n(4)}",
                 f"{self.n(3, '23456789')} {self.n(3, '23456789')} {self.n(4)}",
                 f"1-800-{self.n(3)}-{self.n(4)}", f"1 ({self.n(3, '23456789')}) {self.n(3)}-{self.n(4)}",
-                f"0{self.n(2, '2')} {self.n(4)} {self.n(4)}", f"07{self.n(3)} {self.n(6)}", f"(0{self.n(2, '2')}) {self.n(4)} {self.n(4)}",
-                f"0{self.n(2, '3')} {self.n(8)}", f"015{self.n(1)} {self.n(8)}", f"(0{self.n(2, '3')}) {self.n(4)}-{self.n(4)}",
+                f"0{self.n(2, '2')} {self.n(4)} {self.n(4)}", f"07{self.n(3)} {self.n(6)}",
+                f"(0{self.n(2, '2')}) {self.n(4)} {self.n(4)}",
+                f"0{self.n(2, '3')} {self.n(8)}", f"015{self.n(1)} {self.n(8)}",
+                f"(0{self.n(2, '3')}) {self.n(4)}-{self.n(4)}",
                 f"0{self.n(2, '3')}/{self.n(8)}",
                 f"0{r.choice('1234567')} {self.n(2)} {self.n(2)} {self.n(2)} {self.n(2)}",
                 f"0{r.choice('67')}.{self.n(2)}.{self.n(2)}.{self.n(2)}.{self.n(2)}",
