@@ -91,6 +91,8 @@ def test_email_without_public_suffix_is_masked_whole(text):
     "Call +33 (0)6 12 34 56 78 now",
     "Call 06.12.34.56.78 now",
     "Call 030/12345678 now",
+    "Call (0)20 7946 0958 now",
+    "Call 555-0123 now",  # a local number without its area code
 ])
 def test_phone_in_unassigned_or_formatted_range_is_masked_whole(text):
     assert _tags([text]) == ["Call <PHONE_NUMBER> now"]
@@ -107,6 +109,18 @@ def test_iban_with_all_digit_bank_code_is_masked(iban):
     grouped = " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
     assert _tags([f"IBAN {iban} ok", f"IBAN {grouped} ok", f"Bank {grouped.lower()} ok"]) == [
         "IBAN <IBAN_CODE> ok", "IBAN <IBAN_CODE> ok", "Bank <IBAN_CODE> ok"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("IBAN DE89-3704-0044-0532-0130-00 ok", "IBAN <IBAN_CODE> ok"),
+    ("card 4111.1111.1111.1111 ok", "card <CREDIT_CARD> ok"),
+    ("born on the 5th of March, 1984", "born on <DATE_OF_BIRTH>"),
+    ("NINO AB123456 ok", "NINO <UK_NINO> ok"),  # suffix letter left out
+    ("ring me on 06 21 24 39 77, thanks", "ring me on <PHONE_NUMBER>, thanks"),  # 'on 06 21 24' is not a NINO
+    ("account nl91 abna 0417 1643 00 by Monday", "account <IBAN_CODE> by Monday"),  # 'by' is not an IBAN group
+])
+def test_other_spellings(text, expected):
+    assert _tags([text]) == [expected]
 
 
 def test_failed_checks_score_but_never_let_a_match_through():

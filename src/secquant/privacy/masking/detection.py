@@ -60,9 +60,15 @@ class Pattern:
     parts: Callable[[str], list[tuple[int, int]]] | None = None
 
 
+def _iban_re(countries: Sequence[str], chars: str) -> str:
+    sep = r"[ \u00a0\-]"
+    return (r"(?:" + "|".join(countries) + r")\d{2}(?:(?:" + sep + f"[{chars}]{{4}}){{2,7}}(?:" + sep
+            + f"[{chars}]{{1,4}})?|[{chars}]{{11,30}})")
+
+
 def _group_prefixes(v: str) -> list[tuple[int, int]]:
     """An IBAN written in groups, less its last groups: [(0, end), ...]."""
-    ends = [m.start() for m in re.finditer(r"[ \u00a0]", v)]
+    ends = [m.start() for m in re.finditer(r"[ \u00a0\-]", v)]
     return [(0, e) for e in ends if sum(ch.isalnum() for ch in v[:e]) >= 15]
 
 
@@ -86,7 +92,7 @@ def _patterns() -> dict[str, list[Pattern]]:
                r"\s*(?:is\s+|was\s+)?[:\-]?\s*)")
     dates = [r"\d{4}-\d{1,2}-\d{1,2}", r"\d{1,2}[/.\-]\d{1,2}[/.\-](?:\d{4}|\d{2})",
              checks.MONTH_RE + r"\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}",
-             r"\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + checks.MONTH_RE + r"\.?,?\s+\d{4}"]
+             r"(?:the\s+)?\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + checks.MONTH_RE + r"\.?,?\s+\d{4}"]
     name = r"(?-i:[A-Z][a-z]+(?:[ \-'][A-Z][a-z]+){0,2})"
     title_ctx = r"(?<=\b(?-i:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?\s+)"
     label_ctx = (r"(?<=\b(?:name|patient|customer|client|contact|employee|signed(?:\s+by)?|dear|regards|"
@@ -102,26 +108,27 @@ def _patterns() -> dict[str, list[Pattern]]:
             Pattern("bracketed area code", r"(?<![\w+)])(?:1[ \-.]?)?\(\d{2,5}\)[ \u00a0\-.]?\d{2,5}(?:" + _SEP
                     + r"\d{2,5}){0,3}" + _EXT + _PHONE_END, 0.45, lambda v: 8 <= _ndigits(v) <= 15),
             # a national number with its trunk 0 in groups: 020 7946 0958, 06 12 34 56 78, 030/12345678
-            Pattern("trunk 0", _NOT_IN_RUN + _NOT_DATE + r"0\d{1,5}(?:" + _SEP + r"\d{2,8}){1,4}" + _EXT
-                    + _PHONE_END, 0.4, lambda v: 9 <= _ndigits(v) <= 13),
+            Pattern("trunk 0", _NOT_IN_RUN + _NOT_DATE + r"(?:0\d{1,5}|\(0\)[ \u00a0]?\d{1,5})(?:" + _SEP
+                    + r"\d{2,8}){1,4}" + _EXT + _PHONE_END, 0.4, lambda v: 9 <= _ndigits(v) <= 13),
             # North American 3-3-4 (also Italian mobiles), one separator throughout, optional leading 1
             Pattern("3-3-4", _NOT_IN_RUN + r"(?:1([ \-.]))?[2-9]\d{2}([ \-.])\d{3}\2\d{4}" + _EXT + _PHONE_END, 0.4),
+            # a North American local number (no area code): 555-0123, 555.0123
+            Pattern("3-4", _NOT_IN_RUN + r"[2-9]\d{2}[\-.]\d{4}" + _EXT + _PHONE_END, 0.3),
             # Spanish 9-digit mobiles and landlines in 3-2-2-2
             Pattern("3-2-2-2", _NOT_IN_RUN + r"[6-9]\d{2}( )\d{2}\1\d{2}\1\d{2}" + _EXT + _PHONE_END, 0.35),
             # E.164 without '+': a bare run of 11 to 15 digits
             Pattern("bare E.164", _NOT_IN_RUN + r"\d{11,15}" + _EXT + _PHONE_END, 0.3),
         ],
         "CREDIT_CARD": [
-            Pattern("grouped 4s", card_start + r"[1-9]\d{3}(?:[ \-]\d{4}){2,3}(?:[ \-]\d{1,3})?(?![\w]|[\-.]\d)", 0.4,
-                    lambda v: 13 <= _ndigits(v) <= 19),
+            Pattern("grouped 4s", card_start + r"[1-9]\d{3}(?:[ \-.]\d{4}){2,3}(?:[ \-.]\d{1,3})?(?![\w]|[\-.]\d)",
+                    0.4, lambda v: 13 <= _ndigits(v) <= 19),
             Pattern("4-6-5 / 4-6-4", card_start + r"3\d{3}([ \-])\d{6}\1\d{4,5}(?![\w]|[\-.]\d)", 0.4),
             Pattern("contiguous", card_start + r"[1-9]\d{12,18}(?![\w]|[\-.]\d)", 0.3),
         ],
         "IBAN_CODE": [
-            # upper or lower case throughout; grouped in fours, or contiguous
-            Pattern("iban", r"(?<![\w])(?-i:(?:" + "|".join(IBAN_COUNTRIES) + r")\d{2}(?:(?:[ \u00a0][A-Z0-9]{4}){2,7}"
-                    r"(?:[ \u00a0][A-Z0-9]{1,4})?|[A-Z0-9]{11,30})|(?:" + "|".join(IBAN_COUNTRIES).lower()
-                    + r")\d{2}(?:(?:[ \u00a0][a-z0-9]{4}){2,7}(?:[ \u00a0][a-z0-9]{1,4})?|[a-z0-9]{11,30}))(?![\w])",
+            # upper or lower case throughout; grouped in fours (space or dash), or contiguous
+            Pattern("iban", r"(?<![\w])(?-i:" + _iban_re(IBAN_COUNTRIES, "A-Z0-9") + "|"
+                    + _iban_re([c.lower() for c in IBAN_COUNTRIES], "a-z0-9") + r")(?![\w]|-\w)",
                     0.45, lambda v: 15 <= sum(ch.isalnum() for ch in v) <= 34, parts=_group_prefixes),
         ],
         "IP_ADDRESS": ip,
@@ -131,7 +138,9 @@ def _patterns() -> dict[str, list[Pattern]]:
         ],
         # Letters per HMRC's format (first not D F I Q U V, second not D F I O Q U V); all upper or all lower case.
         "UK_NINO": [
-            Pattern("nino", r"(?<![\w])(?-i:[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]|"
+            # ('AB123456': some systems leave out the suffix letter; only upper case and contiguous, as words
+            # such as 'on 06 21 24' would match otherwise)
+            Pattern("nino", r"(?<![\w])(?-i:[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z](?: ?\d{2} ?\d{2} ?\d{2} ?[A-D]|\d{6})|"
                     r"[a-ceghj-pr-tw-z][a-ceghj-npr-tw-z] ?\d{2} ?\d{2} ?\d{2} ?[a-d])(?![\w])", 0.5),
         ],
         "FR_NIR": [
