@@ -1,4 +1,5 @@
-"""CLI commands: mask (PII masking of calibration text, and --reverse for format-preserving encrypted values)."""
+"""CLI commands: mask (PII masking of calibration text) and unmask (restore from the age-encrypted reverse table, or
+decrypt files masked with the withdrawn FF3-1 operator with --legacy-ff3)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import typer
 
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
-    """Add `secquant mask` to the main app."""
-    from . import RichProgress, err, out, user_errors
+    """Add `secquant mask` and `secquant unmask` to the main app."""
+    from . import RichProgress, _passphrase, err, out, user_errors
 
     @app.command()
     @user_errors
@@ -21,64 +22,98 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         field: Optional[list[str]] = typer.Option(None, "--field", help="JSONL key / CSV column to scan; repeat for "
                                                                        "several (default: every string field)"),
         operator: Optional[list[str]] = typer.Option(None, "--operator", help="TYPE=OP with OP one of mask, tag, "
-                                                     "hash, fpe; TYPE an entity type or 'default' (default: tag)"),
-        key: Optional[Path] = typer.Option(None, "--key", help="key file for hash and fpe (>= 32 random bytes)"),
+                                                     "hash, surrogate; TYPE an entity type or 'default' (default: "
+                                                     "tag)"),
+        key: Optional[Path] = typer.Option(None, "--key", help="key file for hash and surrogate (>= 32 random "
+                                                               "bytes)"),
         generate_key: bool = typer.Option(False, "--generate-key", help="create --key FILE (new random key, mode "
                                                                         "0600) first; refuses to replace one"),
+        to: Optional[list[str]] = typer.Option(None, "--to", help="age recipient (age1... or a .pub file); repeat "
+                                               "for several: also write the replaced values, encrypted to them, "
+                                               "to a reverse table for `secquant unmask`"),
+        table: Optional[Path] = typer.Option(None, "--table", help="reverse table to write (default: "
+                                                                   "OUT.reverse.age; needs --to)"),
         summary: Optional[Path] = typer.Option(None, "--summary", help="write the summary JSON here"),
-        spans: Optional[Path] = typer.Option(None, "--spans", help="positions of fpe values (default: "
-                                                                   "OUT.fpe-spans.json); read by --reverse"),
-        reverse: bool = typer.Option(False, "--reverse", help="decrypt the fpe values of a masked IN into --out "
-                                                              "(needs --key and the spans file)"),
-        threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0,
-                                        help="Presidio score below which a match is ignored"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out (and --summary/spans) if they exist"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out (and --summary/--table) if they "
+                                                                  "exist"),
+        reverse: bool = typer.Option(False, "--reverse", hidden=True),
     ) -> None:
         """Detect PII (emails, phones, cards, IBANs, IPs, national IDs, dates of birth, names in context) in IN
-        and write OUT with each value masked, tagged, pseudonymized (keyed hash) or format-preserving encrypted."""
+        and write OUT with every match masked, tagged, hashed or replaced by a format-preserving surrogate."""
         from rich.table import Table
 
         from ..errors import SecquantError
         from ..privacy.masking import generate_key as _generate_key
-        from ..privacy.masking import mask_file, unmask_file
+        from ..privacy.masking import mask_file
 
+        if reverse:
+            raise SecquantError("`secquant mask --reverse` is now `secquant unmask IN --out OUT --identity KEY` (or "
+                                "`--legacy-ff3 --key FILE` for files masked with fpe)")
         if generate_key:
             if key is None:
                 raise SecquantError("--generate-key needs --key FILE (where to write the new key)")
             _generate_key(key)
-            err.print(f"wrote a new key to {key} (mode 0600); keep it secret: it links pseudonyms and decrypts "
-                      "fpe values", highlight=False, soft_wrap=True)
-        if reverse:
-            if key is None:
-                raise SecquantError("--reverse needs --key FILE (the key the data was masked with)")
-            if field or operator or summary:
-                raise SecquantError("--reverse takes IN, --out, --key and optionally --spans; --field, --operator "
-                                    "and --summary apply to masking")
-            res = unmask_file(src, out_path, key, spans_path=spans, overwrite=overwrite)
-            n = sum(res["decrypted"].values())
-            err.print(f"decrypted {n} value(s) in {res['records']} record(s) -> {out_path}", highlight=False,
-                      soft_wrap=True)
-            return
+            err.print(f"wrote a new key to {key} (mode 0600); keep it secret: it links pseudonyms and surrogates to "
+                      "values", highlight=False, soft_wrap=True)
         with RichProgress() as prog:
-            s = mask_file(src, out_path, fmt=fmt, fields=field, operators=operator, key=key,
-                          score_threshold=threshold, summary_path=summary, spans_path=spans, overwrite=overwrite,
-                          progress=prog)
+            s = mask_file(src, out_path, fmt=fmt, fields=field, operators=operator, key=key, recipients=to,
+                          table_path=table, summary_path=summary, overwrite=overwrite, progress=prog)
         t = Table(title=f"PII masked in {s['records']} record(s) of {src.name} -> {out_path}")
         t.add_column("entity type")
         t.add_column("found", justify="right")
+        t.add_column("no check passed", justify="right")
         t.add_column("operator")
         for e, n in s["entities"].items():
-            t.add_row(e, str(n), s["operators"][e])
-        t.add_row("total", str(s["total_found"]), "")
+            t.add_row(e, str(n), str(s["masked_without_passing_check"].get(e, 0)), s["operators"][e])
+        t.add_row("total", str(s["total_found"]), "", "")
         out.print(t)
-        notes = []
-        if s["fpe_fallback_to_hash"]:
-            notes.append("too short for FF3-1, hashed instead (not reversible): "
-                         + ", ".join(f"{e} {n}" for e, n in s["fpe_fallback_to_hash"].items()))
-        if s.get("fpe_spans"):
-            notes.append(f"fpe positions: {s['fpe_spans']}")
+        notes = ["every match is masked, also when no check (checksum, assigned range, public suffix) passed"]
+        if s.get("reverse_table"):
+            notes.append(f"reverse table (age-encrypted): {s['reverse_table']}")
+        else:
+            notes.append("not reversible: pass --to RECIPIENT to keep an encrypted reverse table")
         if summary:
             notes.append(f"summary: {summary}")
         notes.append(s["detector"]["person"])
         for n in notes:
             err.print(n, highlight=False, soft_wrap=True)
+
+    @app.command()
+    @user_errors
+    def unmask(
+        src: Path = typer.Argument(..., metavar="IN", help="a file written by `secquant mask`"),
+        out_path: Path = typer.Option(..., "--out", "-o", help="restored file to write (atomically)"),
+        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity the reverse table is "
+                                                                         "encrypted to"),
+        ask_passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected"),
+        table: Optional[Path] = typer.Option(None, "--table", help="reverse table (default: IN.reverse.age)"),
+        legacy_ff3: bool = typer.Option(False, "--legacy-ff3", help="IN was masked with the withdrawn FF3-1 fpe "
+                                                                    "operator: decrypt it with --key"),
+        key: Optional[Path] = typer.Option(None, "--key", help="with --legacy-ff3: the key file IN was masked with"),
+        spans: Optional[Path] = typer.Option(None, "--spans", help="with --legacy-ff3: positions file (default: "
+                                                                   "IN.fpe-spans.json)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    ) -> None:
+        """Restore the values `secquant mask --to` replaced (from the age-encrypted reverse table), or with
+        --legacy-ff3 decrypt a file masked with the old fpe operator."""
+        from ..errors import SecquantError
+        from ..privacy.masking import unmask_file, unmask_legacy_ff3
+
+        if legacy_ff3:
+            if key is None:
+                raise SecquantError("--legacy-ff3 needs --key FILE (the key the data was masked with)")
+            if identity or table:
+                raise SecquantError("--legacy-ff3 takes --key and --spans; --identity and --table are for files "
+                                    "masked with --to")
+            res = unmask_legacy_ff3(src, out_path, key, spans_path=spans, overwrite=overwrite)
+        else:
+            if identity is None:
+                raise SecquantError("unmask needs --identity KEY (an age identity the reverse table was encrypted "
+                                    "to); for files masked with fpe use --legacy-ff3 --key FILE")
+            if key or spans:
+                raise SecquantError("--key and --spans apply to --legacy-ff3 only")
+            res = unmask_file(src, out_path, identity, table_path=table, passphrase=_passphrase(ask_passphrase),
+                              overwrite=overwrite)
+        n = sum(res["restored"].values())
+        err.print(f"restored {n} value(s) in {res['records']} record(s) -> {out_path}", highlight=False,
+                  soft_wrap=True)

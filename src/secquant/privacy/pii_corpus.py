@@ -5,6 +5,10 @@ IBANs with their mod-97 check digits, phone numbers that `phonenumbers` accepts,
 ranges, UK NINOs with allowed prefixes, French NIRs with their key, real calendar dates of birth) in several
 printed formats, inside sentences with distractors (order numbers, amounts, versions, other dates) that are not PII.
 Every planted value is recorded with its record, field, offsets and type.
+
+It plants only values the validators accept (phone numbers `phonenumbers` calls valid, domains with a public
+suffix), so it cannot show a detector that drops what a validator rejects: `pii_yardstick.py` is the held-out
+corpus for that. The masker no longer imports from here (its checks are in `privacy/masking/checks.py`).
 """
 
 from __future__ import annotations
