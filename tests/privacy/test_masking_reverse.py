@@ -29,6 +29,7 @@ def age_id(tmp_path):
     ident = x25519.Identity.generate()
     path = tmp_path / "me.key"
     path.write_text(f"{ident}\n")
+    path.chmod(0o600)  # as keygen writes it (a readable key draws a warning)
     return path, str(ident.to_public())
 
 
@@ -76,6 +77,7 @@ def test_unmask_refuses_wrong_identity_and_edited_file(tmp_path, age_id):
     mask_file(src, tmp_path / "out.jsonl", recipients=[recipient])
     other = tmp_path / "other.key"
     other.write_text(f"{x25519.Identity.generate()}\n")
+    other.chmod(0o600)
     with pytest.raises(MaskingError, match="wrong key"):
         unmask_file(tmp_path / "out.jsonl", tmp_path / "back.jsonl", other)
     assert not (tmp_path / "back.jsonl").exists()
@@ -163,6 +165,7 @@ def test_cli_unmask_errors_exit_2(cli, tmp_path, assert_user_error, age_id, case
         contains = ("--identity",)
     elif case == "wrong_identity":
         (tmp_path / "o.key").write_text(f"{x25519.Identity.generate()}\n")
+        (tmp_path / "o.key").chmod(0o600)
         args += ["--identity", tmp_path / "o.key"]
         contains = ("wrong key",)
     elif case == "legacy_no_key":
