@@ -82,8 +82,12 @@ def _tiny_run(global_seed: int) -> torch.Tensor:
     return lin[0].weight.detach().clone()
 
 
-def test_dp_sgd_runs_are_not_replayable():
-    """Same data, same model, same global seed: the released weights must differ (noise is not replayable)."""
+def test_dp_sgd_runs_are_not_replayable(monkeypatch):
+    """Same data, same model, same global seed: the released weights must differ (noise is not replayable).
+    The DP count is pinned, so its own noise cannot hide a replayable generator."""
+    import secquant.privacy.dp_training as dpt
+
+    monkeypatch.setattr(dpt, "dp_count", lambda n, eps: (n, eps))
     assert not torch.equal(_tiny_run(0), _tiny_run(0))
 
 
@@ -180,17 +184,18 @@ def test_dp_qat_records_the_public_calib_hash(digits, tmp_path):
 
 
 class TokenToy(nn.Module):
-    """16 tokens of 8 features per sample, flattened to [batch*16, 8] before a Linear (as a transformer
-    block fed a packed batch would be): dimension 0 of that activation is not the sample."""
+    """16 tokens of 8 features per sample, flattened to [batch*16, 8] for every Linear (as a token-wise
+    block fed a packed batch is), pooled at the end: dimension 0 of every quantized input is a token, so
+    counting rows would count 1,024 "samples" for 64 inputs and bound one sample's influence 16x too low."""
 
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(8, 8)
-        self.head = nn.Linear(16 * 8, 4)
+        self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.proj(x.reshape(-1, 8)))
-        return self.head(h.reshape(x.shape[0], -1))
+        h = self.head(torch.relu(self.proj(x.reshape(-1, 8))))
+        return h.reshape(x.shape[0], 16, 4).mean(1)
 
 
 def _toy_prepared():
