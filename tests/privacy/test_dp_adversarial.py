@@ -337,3 +337,13 @@ def test_one_default_delta(dp_calibrated):
     assert inspect.signature(secquant.qat).parameters["dp_delta"].default is None
     _, manifest = dp_calibrated
     assert manifest["privacy"]["entries"][0]["delta"] == budget.DEFAULT_DELTA
+
+
+def test_cli_records_the_file_name_only_when_asked(cli, private_calib, tmp_path):
+    recipe = tmp_path / "w8a8-32.json"
+    recipe.write_text(_small("w8a8", 32).model_dump_json())
+    for flag, named in [((), False), (("--record-source-name",), True)]:
+        out = tmp_path / f"q{int(named)}"
+        r = cli("quantize", "builtin:digits", "--recipe", recipe, "--calib", private_calib, *flag, "--out", out)
+        assert r.exit_code == 0, r.stderr
+        assert ("calibA-patients" in (out / "secquant.json").read_text()) == named

@@ -158,5 +158,9 @@ def test_cli_quantize_with_dp(cli, calib_file, tmp_path):
             "--out", tmp_path / "a")
     assert r.exit_code == 0, r.stderr
     assert "spent epsilon=2" in r.stderr and "calibration data: private" in r.stderr
+    key = r.stderr.split("commitment key")[1].split(":")[-1].split()[0]  # printed once, stored nowhere
+    m = secquant.load(tmp_path / "a", allow_unsealed=True).manifest
+    from secquant.privacy.provenance import verify_commitment
+    assert verify_commitment(calib_file, m.calibration.source_hmac_sha256, key) and key not in m.to_json()
     ev = cli("inspect", tmp_path / "a")
     assert ev.exit_code == 0

@@ -71,7 +71,6 @@ NOISE_SOURCE = ("torch Generator seeded with 64 bits from os.urandom, never reco
                 "sampling); Opacus' secure-mode noise (sum of 4 Gaussians, against floating-point attacks)")
 _BN = nn.modules.batchnorm._BatchNorm
 
-__all__ = ["PrivacyError", "DPReport", "dp_qat", "train_dp", "fold_batchnorm", "secure_generator", "ledger_entry"]
 
 
 @dataclass
