@@ -226,7 +226,7 @@ def add(variants: list[Variant], tool: str, method: str, build: Callable[[Varian
 
 def transformer_fused(path: Path, out: Path, config: dict) -> Path:
     """ORT's BERT transformer fusions (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNorm)."""
-    from secquant.runtime.session import _transformer_optimize
+    from secquant.runtime.onnx.session import _transformer_optimize
 
     proto, stats = _transformer_optimize(path.read_bytes(), config)
     if proto is None:

@@ -381,28 +381,20 @@ def evaluate(qm: QuantizedModel, against: str | nn.Module | None = None, data: s
              runtime: str = "torch", threads: int = 2) -> dict[str, Any]:
     """Size, fidelity and latency of a quantized model against its float source, as a dict.
 
-    runtime="onnx" runs the quantized model with ONNX Runtime (`threads` intra-op threads) from the
-    artifact's model.onnx, exported (and registered in the manifest) first if it is missing.
+    `runtime` names the backend that runs the quantized model (secquant.runtime.BACKENDS: "torch", or
+    "onnx" for ONNX Runtime with `threads` intra-op threads on the artifact's model.onnx, exported and
+    registered in the manifest first if it is missing).
     """
-    if runtime not in ("torch", "onnx"):
-        raise SecquantError(f"unknown runtime {runtime!r}: use torch or onnx")
+    from .runtime.backend import backend_class
+
+    engine = backend_class(runtime)
     ref = reference_model(qm, against, weights)
     size = (qm.path / "model.safetensors").stat().st_size if qm.path else None
     fsize = qm.manifest.source.float_size_bytes
-    runner = desc = None
-    if runtime == "onnx":
-        import onnxruntime
-
-        from .runtime import Session
-
-        if qm.path is None:
-            raise SecquantError("runtime='onnx' needs an artifact directory: save the model (out=...) first")
-        sess = Session(qm.path, threads=threads)
-        runner, desc = sess.run, f"onnxruntime {onnxruntime.__version__} ({threads} threads, CPU)"
+    backend = engine.load(qm, threads=threads)
     tick = progress("evaluating", None)
-    res = compare(qm.module, ref, qm.handle, data, batch_size, tick, runner=runner, runtime=desc)
-    if runtime == "onnx":
-        res["onnx_size_bytes"] = (qm.path / "model.onnx").stat().st_size
+    res = compare(qm.module, ref, qm.handle, data, batch_size, tick, runner=backend.run, runtime=backend.describe())
+    res.update(backend.facts())
     out = {
         "artifact": str(qm.path) if qm.path else None,
         "model": qm.manifest.model.spec,

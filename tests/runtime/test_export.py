@@ -33,7 +33,7 @@ from secquant.errors import ArtifactError, SecquantError  # noqa: E402
 from secquant.models.digits import splits  # noqa: E402
 from secquant.recipes import get_preset  # noqa: E402
 from secquant.runtime import ExportFallbackWarning, Session, export_info, export_onnx  # noqa: E402
-from secquant.runtime.export import pack_bits  # noqa: E402
+from secquant.runtime.onnx import pack_bits  # noqa: E402
 
 DIGITS_PRESETS = ["w8a8", "w8a8-dynamic", "w8a16", "w4a16"]
 

@@ -146,7 +146,9 @@ def eval_(
 ) -> None:
     """Evaluate an artifact against its float model; print one JSON object."""
     from ..api import evaluate, load
+    from ..runtime.backend import backend_class
 
+    backend_class(runtime)  # a bad --runtime fails before anything loads
     qm = load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
     with RichProgress() as prog:
         res = evaluate(qm, against=against or factory, data=data, weights=str(weights) if weights else None,

@@ -8,11 +8,11 @@
 onnx / onnxruntime are imported lazily: importing this package needs neither.
 """
 
-from .export import (
-    DEFAULT_OPSET, ONNX_NAME, ExportFallbackWarning, ExportInfo, LayerExport, export_float_onnx, export_info,
+from .backend import BACKENDS, Backend, OnnxBackend, TorchBackend, backend_class
+from .onnx import (
+    DEFAULT_OPSET, ONNX_NAME, ExportFallbackWarning, ExportInfo, LayerExport, Session, export_float_onnx, export_info,
     export_onnx,
 )
-from .session import Session
 
-__all__ = ["export_onnx", "export_info", "export_float_onnx", "Session", "ExportInfo", "LayerExport",
+__all__ = ["Backend", "BACKENDS", "TorchBackend", "OnnxBackend", "backend_class", "export_onnx", "export_info", "export_float_onnx", "Session", "ExportInfo", "LayerExport",
            "ExportFallbackWarning", "ONNX_NAME", "DEFAULT_OPSET"]

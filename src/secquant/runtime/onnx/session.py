@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, SecquantError
-from .export import ONNX_NAME, ExportInfo, _require_onnx, export_info, export_onnx
+from ...errors import ArtifactError, SecquantError
+from .export import export_info, export_onnx
+from .info import ONNX_NAME, ExportInfo, require_onnx
 
 _CHECK_TEXTS = ["The fused graph must agree with the plain one.", "A short check.",
                 "Quantized sentence encoders run on ONNX Runtime with integer kernels for the linear layers."]
@@ -129,10 +130,10 @@ class Session:
 
     def __init__(self, artifact_dir: str | os.PathLike, threads: int = 2, optimize: bool = True, *,
                  export: bool = True, transformer_fusions: bool = False, **export_kwargs) -> None:
-        _require_onnx()
+        require_onnx()
         import onnxruntime as ort
 
-        from ..artifact.checks import verify_artifact_dir
+        from ...artifact.checks import verify_artifact_dir
 
         self.path = Path(artifact_dir)
         if not self.path.is_dir():
@@ -207,7 +208,7 @@ class Session:
 
     def _adapter_for(self):
         if self._adapter is None:
-            from ..models.encoder import EncoderAdapter
+            from ...models.encoder import EncoderAdapter
 
             self._adapter = EncoderAdapter(self.path, int(self.manifest.model.rebuild.get("max_length", 128)))
         return self._adapter
