@@ -64,15 +64,18 @@ def main() -> None:
             accs, secs, dp = [], [], None
             for seed in range(args.seeds):
                 t = time.time()
-                qm = secquant.qat(h, preset, epochs=cfg["epochs"], lr=cfg["lr"], seed=seed, dp_epsilon=eps,
-                                  dp_delta=DELTA if eps else None)
+                # a DP run takes no seed (its noise and sampling come from an unrecorded OS-seeded generator):
+                # its repetitions are independent runs
+                qm = secquant.qat(h, preset, epochs=cfg["epochs"], lr=cfg["lr"], seed=None if eps else seed,
+                                  dp_epsilon=eps, dp_delta=DELTA if eps else None)
                 secs.append(time.time() - t)
                 accs.append(acc(qm.module, h))
                 dp = (qm.manifest.training or {}).get("dp")
             emit(rows, part="qat", preset=preset, mode=mode, epochs=cfg["epochs"], lr=cfg["lr"], accs=accs,
                  acc=statistics.mean(accs), acc_sd=statistics.pstdev(accs), seconds=statistics.mean(secs),
                  epsilon_spent=dp and dp["epsilon"], noise_multiplier=dp and dp["noise_multiplier"],
-                 steps=dp and dp["steps"], sample_rate=dp and dp["sample_rate"])
+                 steps=dp and dp["steps"], sample_rate=dp and dp["sample_rate"],
+                 n_dp=dp and dp["train_samples_dp"])
     work = Path(tempfile.mkdtemp(prefix="bench-zeroq-"))
     real_x = h.adapter.builtin["train_x"][:256]
     for steps in (200, 500):
@@ -114,20 +117,24 @@ def write_md(path: Path, rows: list[dict], total: float, seeds: int) -> None:
         ("Accuracy is on the 899 held-out digits (non-members); training uses the 898-sample member split. "
          f"DP: delta {DELTA:g}, PRV accountant, max_grad_norm 1.0, Poisson sampling with expected batch 64, "
          "Adam on the privatized gradient, BatchNorm folded into the preceding conv, static activation ranges "
-         "started from ZeroQ synthetic data (never the private set). Non-private QAT uses the same epochs and lr. "
-         f"Mean (sd) over {seeds} seeds. A DP run's seconds include the ZeroQ synthesis (256 samples, 200 steps) "
-         "and the accountant's noise search."),
+         "started from ZeroQ synthetic data (never the private set). 2% of epsilon buys a DP count of the "
+         "training set (discrete Laplace, OpenDP); the sampling rate and the steps come from it (n~ below, one "
+         "run's value), never from the exact 898. Noise and sampling come from an unrecorded OS-seeded generator. "
+         f"Non-private QAT uses the same epochs and lr. Mean (sd) over {seeds} seeds (non-private) or {seeds} "
+         "independent runs (DP). A DP run's seconds include the ZeroQ synthesis (256 samples, 200 steps) and the "
+         "accountant's noise search."),
         "",
         "## QAT accuracy",
         "",
-        "| preset | method | epochs | accuracy | sd | epsilon spent | noise multiplier | steps | s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | method | epochs | accuracy | sd | epsilon spent | noise multiplier | steps | n~ | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["part"] != "qat":
             continue
         cells = [_cell(r, k, fmt) for k, fmt in (("acc_sd", "{:.4f}"), ("epsilon_spent", "{:.3f}"),
-                                                  ("noise_multiplier", "{:.3f}"), ("steps", "{}"), ("seconds", "{:.1f}"))]
+                                                  ("noise_multiplier", "{:.3f}"), ("steps", "{}"), ("n_dp", "{}"),
+                                                  ("seconds", "{:.1f}"))]
         lines.append(f"| {r['preset']} | {r['mode']} | {r.get('epochs', '')} | {100 * r['acc']:.2f}% | "
                      + " | ".join(cells) + " |")
     lines += ["", "## Calibration data: real vs ZeroQ synthetic (256 samples)", "",

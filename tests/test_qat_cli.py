@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 import secquant
@@ -45,3 +46,19 @@ def test_tune_cli_exit_codes(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["tune", "builtin:digits", "--max-drop", "1", "--size-budget", "lots",
                                  "--out", str(tmp_path / "t3")])
     assert r.exit_code == 2 and "size-budget" in r.output
+
+
+def test_qat_seed_reproduces_a_non_private_run(tmp_path):
+    """--seed: two non-private runs with the same seed release the same weights (and the seed is recorded);
+    with --dp-epsilon a seed is refused (tests/privacy/test_dp_training.py)."""
+    from safetensors.torch import load_file
+
+    outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(outs, ["3", "3", "4"]):
+        r = CliRunner().invoke(app, ["qat", "builtin:digits", "--preset", "w8a16", "--epochs", "1", "--seed", seed,
+                                     "--out", str(out)])
+        assert r.exit_code == 0, r.output
+    a, b, c = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((outs[0] / "secquant.json").read_text())["training"]["seed"] == 3

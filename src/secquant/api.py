@@ -40,6 +40,9 @@ class QuantizedModel:
     handle: ModelHandle
     path: Path | None = None
     integrity: Any = None  # security.integrity.IntegrityGuard when the artifact carries a record
+    # key of the manifest's calibration.source_hmac_sha256 (private data files only); given to the caller
+    # once and stored nowhere: with it the data owner can prove which file was used (privacy.provenance)
+    source_commitment_key: str | None = None
 
     def check_integrity(self, repair: bool = False) -> list:
         """Corrupted weight groups found by the integrity record's keyed checksums ([] when intact);
@@ -115,17 +118,19 @@ def quantize(
     progress: Progress = _no_progress,
     tuning: dict | None = None,
     dp_epsilon: float | None = None,
-    dp_delta: float = 1e-5,
+    dp_delta: float | None = None,
     identity: str | Path | None = None,
     passphrase: str | None = None,
+    record_source_name: bool = False,
 ) -> QuantizedModel:
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given.
 
     `calib`: a data file (an `.age` file is decrypted in memory with `identity`), or "synthetic"
     for data-free calibration (random vocabulary sentences / ZeroQ inputs). `dp_epsilon` (with
-    `dp_delta`) calibrates static activation ranges with differential privacy on `calib`: every
-    other data-reading step runs on synthetic inputs only, and the budget spent is recorded in
-    the manifest's privacy ledger.
+    `dp_delta`, default `privacy.budget.DEFAULT_DELTA`, below 1/n) calibrates static activation ranges
+    with differential privacy on `calib`: every other data-reading step runs on synthetic inputs only,
+    and the privacy ledger records the budget spent (epsilon = 0 when the recipe reads no private data).
+    The manifest identifies `calib` by hash; its name only with `record_source_name=True`.
     """
     from .privacy.encrypted_data import plaintext_path
 
@@ -133,9 +138,12 @@ def quantize(
     handle = _handle(model, weights)
     _check_out(out, overwrite)
     with plaintext_path(calib, identity, passphrase) as data:
-        qmodule, layers, calibration, privacy = _quantize(handle, recipe, calib, data, progress, dp_epsilon, dp_delta)
-    return _finish(qmodule, handle, recipe, layers, source_entry(handle.module), calibration, out, overwrite,
-                   tuning=tuning, privacy=privacy)
+        qmodule, layers, calibration, privacy, key = _quantize(handle, recipe, calib, data, progress, dp_epsilon,
+                                                               dp_delta, record_source_name)
+    qm = _finish(qmodule, handle, recipe, layers, source_entry(handle.module), calibration, out, overwrite,
+                 tuning=tuning, privacy=privacy)
+    qm.source_commitment_key = key
+    return qm
 
 
 def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dict, source: SourceEntry,
@@ -149,9 +157,61 @@ def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dic
     return QuantizedModel(qmodule, manifest, handle, Path(out))
 
 
-def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progress, dp_epsilon, dp_delta):
-    """(quantized module, layers, calibration entry, privacy ledger entries) for one recipe run."""
-    from .privacy.synthetic import SYNTHETIC, describe, synthetic_source
+def _file_source(path, record_name: bool, private: bool, what: str = "calibration file") -> tuple[dict, str | None]:
+    """CalibrationEntry fields naming a data file (hash; name only on request) and the commitment key, if any."""
+    from .privacy.provenance import file_commitment, file_sha256
+
+    fields: dict[str, Any] = {"source": str(path) if record_name else f"{what} (name not recorded)"}
+    if private:
+        fields["source_hmac_sha256"], key = file_commitment(path)
+        return fields, key
+    fields["source_sha256"] = file_sha256(path)
+    return fields, None
+
+
+def _presets_reading_private_data() -> tuple[list[str], list[str]]:
+    """(presets whose static activation ranges read --calib under --dp-epsilon, the others)."""
+    from .recipes import PRESETS
+
+    def static(r: Recipe) -> bool:
+        return any(a is not None and not a.dynamic for a in [r.activations] + [o.activations for o in r.overrides])
+
+    return [n for n, r in PRESETS.items() if static(r)], [n for n, r in PRESETS.items() if not static(r)]
+
+
+def _public_stages(recipe: Recipe) -> list[str]:
+    """The data-reading steps other than static activation ranges: under DP they run on synthetic inputs."""
+    stages = []
+    if recipe.smoothing is not None:
+        stages.append("activation-aware scale search (AWQ/SmoothQuant-style scales and clipping)")
+    if recipe.algorithm == "gptq":
+        stages.append("GPTQ Hessians")
+    return stages
+
+
+def _no_private_data_entry(recipe: Recipe, handle: ModelHandle) -> dict[str, Any]:
+    """The ledger entry of a --dp-epsilon run whose recipe read no private data."""
+    from .privacy.synthetic import prior_provenance
+
+    reads, free = _presets_reading_private_data()
+    stages = _public_stages(recipe)
+    return {
+        "stage": "none: this artifact read no private data (epsilon = 0)",
+        "epsilon": 0.0, "delta": 0.0,
+        "statement": (f"--dp-epsilon spends budget only on static activation ranges, the one step that reads the "
+                      f"private calibration data; recipe {recipe.name!r} has no static activation quantizer, so the "
+                      f"private data was not read. Presets with static activation ranges (they read it, under DP): "
+                      f"{', '.join(reads)}. Presets that do not: {', '.join(free)}."),
+        "public_stages": ({st: "synthetic (data-free) inputs only" for st in stages} if stages
+                          else "none: the weights are quantized without data"),
+        "public_prior": prior_provenance(handle) if stages else None,
+    }
+
+
+def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progress, dp_epsilon, dp_delta,
+              record_source_name: bool = False):
+    """(quantized module, layers, calibration entry, privacy ledger entries, commitment key) for one recipe run."""
+    from .privacy.synthetic import SYNTHETIC, describe, prior_provenance, synthetic_source
 
     qmodule = copy.deepcopy(handle.module).eval()
     cal = recipe.calibration
@@ -161,10 +221,12 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
                             "on: drop --dp-epsilon, or pass the private calibration file")
     if dp_epsilon is not None and calib is None:
         raise SecquantError("DP calibration needs the private calibration data: pass --calib FILE")
+    if dp_epsilon is None and dp_delta is not None:
+        raise SecquantError("--dp-delta needs --dp-epsilon")
     if dp_epsilon is not None:
         from .privacy.dp_calibration import check_budget
 
-        check_budget(dp_epsilon, dp_delta)
+        dp_delta = check_budget(dp_epsilon, dp_delta)
     builtin_free = isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None
     public = synthetic_source(handle, cal.num_samples, cal.seed) \
         if (synthetic or dp_epsilon is not None) and recipe.needs_calibration else None
@@ -177,32 +239,38 @@ def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progre
     try:
         layers, n_samples = quantize_model(qmodule, recipe, batches, handle.run, progress)
         privacy: list[dict] = []
-        if dp_epsilon is not None and any(e["activation"] is not None and not e["activation"]["dynamic"]
-                                          for e in layers.values()):
+        static = any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values())
+        if dp_epsilon is not None and static:
             from .privacy.dp_calibration import dp_calibrate
 
-            # one sample per batch for encoders: a padded batch would let one sentence's length change
-            # another's statistics (the padding), breaking the per-sample bound DP relies on
-            bs = 1 if handle.kind == "encoder" else cal.batch_size
-            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, bs), public(bs),
+            # one sample per batch, private and public: a sample's statistic is everything the quantizer saw
+            # while it ran alone, so neither padding nor a reshape of samples into rows can mix samples
+            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, 1), public(1),
                                handle.run, dp_epsilon, dp_delta, progress("DP calibration", None))
-            res.ledger["public_prior"] = describe(handle)
+            res.ledger["public_prior"] = prior_provenance(handle)
+            res.ledger["public_stages"] = {st: "synthetic (data-free) inputs only" for st in _public_stages(recipe)}
             privacy.append(res.ledger)
+        elif dp_epsilon is not None:
+            privacy.append(_no_private_data_entry(recipe, handle))
     except SecquantError:
         raise
     except (RuntimeError, ValueError) as e:
         raise CalibrationError(f"quantization failed: the calibration data does not fit the model "
                                f"({str(e).splitlines()[0]})") from None
-    if privacy:
-        calibration = CalibrationEntry(data="private", source=str(calib), num_samples=privacy[0]["num_samples"])
+    key = None
+    if dp_epsilon is not None and static:
+        fields, key = _file_source(calib, record_source_name, private=True, what="private calibration file")
+        calibration = CalibrationEntry(data="private", num_samples=None, **fields)
     elif n_samples and (synthetic or dp_epsilon is not None):
         calibration = CalibrationEntry(data="synthetic", source=describe(handle), num_samples=n_samples)
+    elif n_samples and calib is not None:
+        fields, _ = _file_source(calib, record_source_name, private=False)
+        calibration = CalibrationEntry(data="raw", num_samples=n_samples, **fields)
     elif n_samples:
-        calibration = CalibrationEntry(data="raw", source=str(calib) if calib else f"{handle.spec} (built-in)",
-                                       num_samples=n_samples)
+        calibration = CalibrationEntry(data="raw", source=f"{handle.spec} (built-in)", num_samples=n_samples)
     else:
         calibration = CalibrationEntry(data="none")
-    return qmodule, layers, calibration, privacy
+    return qmodule, layers, calibration, privacy, key
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
@@ -331,21 +399,34 @@ def qat(
     calib: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     weights: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     overwrite: bool = False,
     progress: Progress = _no_progress,
     dp_epsilon: float | None = None,
     dp_delta: float | None = None,
     max_grad_norm: float = 1.0,
+    record_source_name: bool = False,
 ) -> QuantizedModel:
     """Quantization-aware retraining (LSQ) of a classifier on its training set; saves like quantize().
 
-    With `dp_epsilon`, retraining runs under DP-SGD (Opacus) and spends at most (dp_epsilon, dp_delta)
-    on the training set (see secquant.privacy.dp_training for what that does and does not cover)."""
+    Without DP, `seed` (default 0) makes the run reproducible. With `dp_epsilon`, retraining runs under
+    DP-SGD (Opacus) and spends at most (dp_epsilon, dp_delta) on the training set (see
+    secquant.privacy.dp_training for what that does and does not cover); its noise and sampling come from
+    an unrecorded OS-seeded generator, so a `seed` is refused. `calib` must then be public data with no
+    training sample in it (checked). Files are identified by hash; names only with `record_source_name`."""
     from .quant.algorithms import convert_qat, init_activation_ranges, prepare_qat, train_qat
 
     if epochs < 1:
         raise SecquantError("--epochs must be at least 1")
+    if dp_epsilon is None and dp_delta is not None:
+        raise SecquantError("--dp-delta needs --dp-epsilon")
+    if dp_epsilon is not None and seed is not None:
+        raise SecquantError("--seed would make a DP-SGD run replayable (the same noise and batches on the same data "
+                            "release the same weights, which reveals membership whatever epsilon says): DP-SGD draws "
+                            "them from an unrecorded OS-seeded generator; drop --seed, or drop --dp-epsilon for a "
+                            "reproducible non-private run")
+    if dp_epsilon is not None and checkpoint_dir is not None:
+        raise SecquantError("--checkpoints is not supported with --dp-epsilon: drop one of them")
     recipe = resolve_recipe(recipe)
     handle = _handle(model, weights)
     _check_out(out, overwrite)
@@ -355,32 +436,36 @@ def qat(
     x, y = handle.adapter.train_set(train)
     float_module = handle.module
     source = source_entry(float_module)
-    if dp_epsilon is None and dp_delta is not None:
-        raise SecquantError("--dp-delta needs --dp-epsilon")
+    cal = recipe.calibration
     if dp_epsilon is not None:
-        if checkpoint_dir is not None:
-            raise SecquantError("--checkpoints is not supported with --dp-epsilon: drop one of them")
         from .privacy.dp_training import dp_qat, ledger_entry
+        from .privacy.provenance import file_sha256
 
-        cal = recipe.calibration
         init = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else None
         qmodule, layers, training = dp_qat(
             float_module, recipe, x, y, handle.run, epochs=epochs, lr=lr, batch_size=batch_size, epsilon=dp_epsilon,
-            delta=dp_delta, max_grad_norm=max_grad_norm, seed=seed, init_batches=init,
+            delta=dp_delta, max_grad_norm=max_grad_norm, init_batches=init,
+            init_sha256=file_sha256(calib) if calib else None,
             sample_shape=getattr(handle.adapter, "sample_shape", None), synthetic_samples=cal.num_samples,
-            progress=progress("training (DP-SGD)", epochs))
-        calibration = CalibrationEntry(
-            data="private", num_samples=int(len(y)),
-            source=(str(train) if train else f"{handle.spec} training split (built-in)")
-            + f" (DP-SGD, epsilon={training['dp']['epsilon']:.3g}, delta={training['dp']['delta']:.3g})")
-        return _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training,
-                       privacy=[ledger_entry(training["dp"])])
+            synthetic_seed=cal.seed, progress=progress("training (DP-SGD)", epochs))
+        spent = f" (DP-SGD, epsilon={training['dp']['epsilon']:.3g}, delta={training['dp']['delta']:.3g})"
+        key = None
+        if train:
+            fields, key = _file_source(train, record_source_name, private=True, what="private training file")
+            fields["source"] += spent
+        else:
+            fields = {"source": f"{handle.spec} training split (built-in){spent}"}
+        calibration = CalibrationEntry(data="private", num_samples=None, **fields)
+        qm = _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training,
+                     privacy=[ledger_entry(training["dp"])])
+        qm.source_commitment_key = key
+        return qm
+    seed = 0 if seed is None else int(seed)
     torch.manual_seed(seed)
     qmodule = copy.deepcopy(float_module)
     for p in qmodule.parameters():
         p.requires_grad_(True)
     prepare_qat(qmodule, recipe)
-    cal = recipe.calibration
     calib_batches = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else \
         (x[i:i + cal.batch_size] for i in range(0, min(len(x), cal.num_samples), cal.batch_size))
     init_activation_ranges(qmodule, calib_batches, handle.run)
@@ -410,8 +495,11 @@ def qat(
     qmodule.eval()
     for p in qmodule.parameters():
         p.requires_grad_(False)
-    calibration = CalibrationEntry(data="raw", source=str(train) if train else f"{handle.spec} training split (built-in)",
-                                   num_samples=int(len(y)))
+    if train:
+        fields, _ = _file_source(train, record_source_name, private=False, what="training file")
+    else:
+        fields = {"source": f"{handle.spec} training split (built-in)"}
+    calibration = CalibrationEntry(data="raw", num_samples=int(len(y)), **fields)
     training = {"method": "LSQ (learned step size) quantization-aware retraining, straight-through estimator",
                 "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "train_samples": int(len(y)),
                 "losses": [round(v, 6) for v in losses]}

@@ -51,9 +51,16 @@ class SourceEntry(Strict):
 
 
 class CalibrationEntry(Strict):
+    """What data quantization read. A file's name is recorded only when the caller asks (it often says what
+    the data is about); a file read without a privacy claim is identified by its sha256, a private file by
+    an HMAC under a key that only the caller got (a public hash of private data is a membership test)."""
+
     data: Literal["none", "raw", "synthetic", "private"]
     source: str | None = None
-    num_samples: int = 0
+    source_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    source_hmac_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    num_samples: int | None = Field(0, description="samples read; null for private data (its count is private: "
+                                                   "the privacy ledger holds a differentially private estimate)")
 
 
 class PrivacyLedger(Strict):

@@ -79,9 +79,12 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="calibrate activation ranges with "
                                                                           "(epsilon, delta)-differential privacy"),
-    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP delta (with --dp-epsilon)"),
+    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (with --dp-epsilon; default 1e-5; "
+                                                                       "must be below 1/n)"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted --calib FILE.age"),
     ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
+    record_source_name: bool = typer.Option(False, "--record-source-name", help="record --calib's file name in the "
+                                            "manifest (by default only its hash)"),
 ) -> None:
     """Quantize MODEL with a preset or recipe and write an artifact directory."""
     from ..api import quantize as _quantize
@@ -92,13 +95,24 @@ def quantize(
         qm = _quantize(model, recipe if recipe is not None else preset, out=out, calib=calib,
                        weights=str(weights) if weights else None, overwrite=overwrite, progress=prog,
                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, identity=identity,
-                       passphrase=_passphrase(ask_passphrase))
+                       passphrase=_passphrase(ask_passphrase), record_source_name=record_source_name)
     n = len(qm.manifest.layers)
     err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name}; calibration data: "
               f"{qm.manifest.calibration.data})")
+    _print_privacy(qm)
+
+
+def _print_privacy(qm) -> None:
+    """The privacy ledger in a line per entry, and the private file's commitment key (shown once, stored nowhere)."""
     for e in qm.manifest.privacy.entries:
-        err.print(f"privacy: spent epsilon={e['epsilon']:g}, delta={e['delta']:g} on {e['num_samples']} samples "
-                  f"({e['stage']})")
+        if e["epsilon"] == 0:
+            err.print(f"privacy: {e['stage']}. {e['statement']}", highlight=False, soft_wrap=True)
+            continue
+        err.print(f"privacy: spent epsilon={e['epsilon']:g}, delta={e['delta']:g} on about {e['num_samples_dp']} "
+                  f"samples (a DP count; {e['stage']})", highlight=False, soft_wrap=True)
+    if qm.source_commitment_key:
+        err.print(f"commitment key of the private file (kept nowhere; with it you can prove which file this "
+                  f"artifact was made from): {qm.source_commitment_key}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -163,13 +177,19 @@ def qat(
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (weights and step sizes)"),
     train: Optional[Path] = typer.Option(None, "--train", help="training data: .safetensors with 'inputs' and 'labels'"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="data to initialize activation ranges (default: training set)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="data to initialize activation ranges (default: the "
+                                         "training set; with --dp-epsilon: public data sharing no sample with the "
+                                         "training set (checked), default ZeroQ synthetic inputs)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="write a safetensors checkpoint per epoch here"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="retrain under DP-SGD (Opacus), spending at most this epsilon on the training set"),
-    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default: min(1e-5, 0.1/n))"),
+    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default 1e-5; must be below 1/n)"),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="DP-SGD per-sample gradient clipping norm"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of a reproducible non-private run (default 0); "
+                                       "refused with --dp-epsilon, whose runs must not be replayable"),
+    record_source_name: bool = typer.Option(False, "--record-source-name", help="record --train's file name in the "
+                                            "manifest (by default only its hash)"),
 ) -> None:
     """Quantization-aware retraining (learned step sizes) of a classifier; writes an artifact."""
     from ..api import evaluate
@@ -181,8 +201,9 @@ def qat(
         qm = _qat(model, recipe if recipe is not None else preset, epochs=epochs, out=out, lr=lr, train=train,
                   calib=calib, checkpoint_dir=checkpoints, weights=str(weights) if weights else None,
                   overwrite=overwrite, progress=prog, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm, seed=seed, record_source_name=record_source_name)
         res = evaluate(qm, progress=prog) if model.startswith("builtin:") else None
+    _print_privacy(qm)
     summary = {"artifact": str(out), "recipe": qm.manifest.recipe.name, "training": qm.manifest.training}
     if res:
         summary.update({k: res[k] for k in ("metric", "value", "float_value", "size_bytes", "size_ratio")})

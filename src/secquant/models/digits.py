@@ -2,13 +2,15 @@
 
 Members (its training split) and non-members (held out) are fixed, so privacy audits can
 ask whether a quantized model leaks membership more than the float one. The trained
-weights are cached as safetensors after the first run.
+weights are cached as safetensors after the first run. The data is loaded only when a
+caller reads it (`LazySplits`): a run that needs none (`--calib synthetic`, weight-only
+presets) does not open it once the weights are cached.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,6 +54,19 @@ def splits() -> dict[str, torch.Tensor]:
     tr, te = train_test_split(idx, test_size=0.5, random_state=0, stratify=d.target)
     tr, te = torch.as_tensor(tr), torch.as_tensor(te)
     return {"train_x": x[tr], "train_y": y[tr], "test_x": x[te], "test_y": y[te]}
+
+
+class LazySplits(Mapping):
+    """`splits()` behind a mapping that loads it on first access, so holding a handle reads no data."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return splits()[key]
+
+    def __iter__(self):
+        return iter(splits())
+
+    def __len__(self) -> int:
+        return len(splits())
 
 
 def cache_dir() -> Path:
@@ -100,7 +115,7 @@ class TensorClassifierAdapter(Adapter):
 
     kind = "classifier"
 
-    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: Mapping[str, torch.Tensor] | None = None) -> None:
         self.sample_shape = sample_shape
         self.builtin = builtin
 
@@ -155,5 +170,5 @@ def load_builtin_digits() -> ModelHandle:
     return ModelHandle(
         module=pretrained_digits(), kind="classifier", spec="builtin:digits",
         rebuild={"loader": "builtin", "name": "digits"},
-        adapter=TensorClassifierAdapter(SAMPLE_SHAPE, splits()),
+        adapter=TensorClassifierAdapter(SAMPLE_SHAPE, LazySplits()),
     )

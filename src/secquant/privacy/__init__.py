@@ -21,6 +21,7 @@ _LAZY = {
     "synthetic_source": "synthetic",
     "synthesize_from_batchnorm": "datafree",
     "dp_qat": "dp_training",
+    "verify_commitment": "provenance",
     "plaintext_path": "encrypted_data",
     "encrypt_file": "encrypted_data",
     "audit_membership": "membership",

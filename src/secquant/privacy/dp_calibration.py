@@ -1,29 +1,38 @@
 """Differentially private activation ranges for static quantization.
 
 What is private: the calibration set. Each sample (a sentence, an image) is one unit of privacy;
-neighbouring data sets differ in one sample (replace-one; the number of samples n is public).
+neighbouring data sets differ by adding or removing one sample, so the number of samples n is private
+too: it is released with noise as one more coordinate of the same Gaussian vector, and nothing
+computed from the exact n is recorded.
 
 How (a public prior, privately refined):
 
 1. The model is calibrated first on *public, data-free* inputs (see `privacy.synthetic`), which
    gives each static activation quantizer a prior range [lo_p, hi_p]. Smoothing scales and any
    other data-reading step also use only those inputs, so they spend no budget.
-2. One pass over the private samples (and one over the public ones) records, for every static
-   quantizer, each sample's own minimum and maximum of the tensor entering it (all quantizers
-   pass values through unchanged).
+2. One pass over the private samples (and one over the public ones) runs each sample *alone* (a
+   batch of one) and records, for every static quantizer, the minimum and maximum of everything
+   that entered it during that sample's forward pass (all quantizers pass values through
+   unchanged). A model that reshapes a sample into many rows ([batch*tokens, features]) or mixes
+   rows of a batch therefore still yields exactly one statistic per sample; a quantizer that a
+   sample does not reach is refused, and so is a batch that does not hold exactly one sample.
 3. Each private statistic is clipped to a window around its public mean (half-width = WINDOW
-   times its magnitude, at least 5% of the range) and rescaled to [0, 1]. One sample thus
-   moves the vector of k = 2 x (number of quantizers) window positions by at most sqrt(k) in L2.
-4. The sums get Gaussian noise from OpenDP (`make_gaussian`, zero-concentrated DP), with the
-   scale found by OpenDP's binary search so that the zCDP -> (epsilon, delta) conversion
-   (`make_zCDP_to_approxDP` + `make_fix_delta`) meets the requested budget exactly. The whole
-   vector is one Gaussian release, so no further composition across layers is needed.
+   times its magnitude, at least 5% of the range) and rescaled to [0, 1]; a constant 1 is
+   appended (the count). One sample thus moves the vector of k + 1 coordinates (k = 2 x the
+   number of shared quantizer inputs) by at most sqrt(k + 1) in L2, whether it is added, removed
+   or (the recipe's num_samples cap) shifts another sample in.
+4. The sums get Gaussian noise from OpenDP (`make_gaussian`, zero-concentrated DP, OpenDP's
+   secure sampler), with the scale found by OpenDP's binary search so that the zCDP ->
+   (epsilon, delta) conversion (`make_zCDP_to_approxDP` + `make_fix_delta`) meets the requested
+   budget exactly. The whole vector is one Gaussian release, so no further composition is needed.
 5. The prior range of each quantizer is rescaled, side by side, by the ratio of the noisy private
-   mean of the per-sample minima (maxima) to the same mean on the public inputs: the prior keeps
-   its shape (a high percentile, not a mean), the private data sets its scale.
+   mean (noisy sum / noisy count) of the per-sample minima (maxima) to the same mean on the public
+   inputs: the prior keeps its shape (a high percentile, not a mean), the private data sets its scale.
 
 Ranges read no other private statistic; the budget spent is recorded in the artifact's privacy
-ledger with the mechanism, accountant, noise scale and sample count.
+ledger with the mechanism, accountant, noise scale and the noisy sample count. What it does not
+cover: a model that keeps state across forward passes (a cache, a running statistic updated in
+eval mode) could carry one sample into another's statistic; secquant's built-ins keep none.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from torch import nn
 from ..errors import CalibrationError, SecquantError
 from ..quant.modules import ActQuant
 from ..quant.primitives import choose_qparams, qrange
+from .budget import NEIGHBOURS, check_delta, check_epsilon, resolve_delta
 
 MECHANISM = "Gaussian mechanism (OpenDP make_gaussian) on clipped per-sample activation minima/maxima"
 # Half-width of the clipping window, relative to the prior. Narrower windows mean less noise (its
@@ -51,19 +61,42 @@ ACCOUNTANT = "zero-concentrated DP, converted with OpenDP make_zCDP_to_approxDP 
 
 
 class PerSampleRanges:
-    """An observer that passes values through and records each sample's min and max (dim 0 = samples)."""
+    """An observer that passes values through and records, per sample, the min and max of everything it
+    saw while that sample ran (the caller runs one sample at a time and calls `end_sample` after each)."""
 
     def __init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
-        self.count = 0
+        self.rows: list[tuple[float, float]] = []
+        self._lo = self._hi = None
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(x.shape[0], -1)
-        self.rows.append(torch.stack([flat.amin(1), flat.amax(1)], 1))
-        self.count += int(flat.shape[0])
+        if x.numel() == 0:
+            return
+        v = x.detach().float()
+        lo, hi = float(v.min()), float(v.max())
+        self._lo = lo if self._lo is None else min(self._lo, lo)
+        self._hi = hi if self._hi is None else max(self._hi, hi)
+
+    def end_sample(self) -> bool:
+        """Close the current sample; False if the quantizer saw nothing during it."""
+        if self._lo is None:
+            return False
+        self.rows.append((self._lo, self._hi))
+        self._lo = self._hi = None
+        return True
 
     def values(self) -> torch.Tensor:
-        return torch.cat(self.rows) if self.rows else torch.empty(0, 2)
+        return torch.tensor(self.rows, dtype=torch.float64).reshape(-1, 2)
+
+
+def batch_samples(batch: Any) -> int:
+    """How many samples a calibration batch holds (dim 0 of the tensor, or of a tokenized dict's tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        sizes = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0}
+        if len(sizes) == 1:
+            return sizes.pop()
+    raise CalibrationError("DP calibration cannot tell how many samples a calibration batch holds")
 
 
 @dataclass
@@ -86,8 +119,9 @@ def _windows(priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gaussian_scale(k: int, epsilon: float, delta: float) -> tuple[float, float]:
-    """(noise scale sigma, rho) of OpenDP's Gaussian mechanism on a k-vector of [0, 1] sums, so
-    that the release is (epsilon, delta)-DP under replace-one neighbours (L2 sensitivity sqrt(k))."""
+    """(noise scale sigma, rho) of OpenDP's Gaussian mechanism on a k-vector of sums of per-sample points
+    of [0, 1]^k, so that the release is (epsilon, delta)-DP when one sample is added, removed or replaced
+    (L2 sensitivity sqrt(k))."""
     import opendp.prelude as dp
 
     dp.enable_features("contrib")
@@ -113,12 +147,11 @@ def _noisy_sums(sums: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.tensor(meas([float(v) for v in sums.double().tolist()]), dtype=torch.float64)
 
 
-def check_budget(epsilon: float, delta: float) -> None:
-    """Refuse a budget no mechanism can spend (checked before any work)."""
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise SecquantError(f"--dp-epsilon must be a positive number, not {epsilon}")
-    if not 0 < delta < 1:
-        raise SecquantError(f"--dp-delta must be in (0, 1), not {delta}")
+def check_budget(epsilon: float, delta: float | None) -> float:
+    """Refuse a budget no mechanism can spend (checked before any work); returns delta (default if None).
+    The delta < 1/n rule is checked once the private samples are counted."""
+    check_epsilon(epsilon)
+    return resolve_delta(delta)
 
 
 def static_quantizers(model: nn.Module) -> dict[str, ActQuant]:
@@ -127,26 +160,34 @@ def static_quantizers(model: nn.Module) -> dict[str, ActQuant]:
 
 def _per_sample_stats(model: nn.Module, quants: dict[str, ActQuant], batches: Iterable, run_batch,
                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """[n, L, 2] per-sample (min, max) of the tensor entering each quantizer (values pass through)."""
+    """[n, L, 2] per-sample (min, max) of everything entering each quantizer while that sample ran alone.
+
+    n is the number of samples actually fed in (one per batch, checked), never a count of activation rows:
+    a model that turns a sample into many rows still gives one statistic per sample."""
     recorders = {}
     for n, q in quants.items():
         recorders[n] = q.observer = PerSampleRanges()
     model.eval()
+    fed = 0
     try:
         for batch in batches:
+            if batch_samples(batch) != 1:
+                raise CalibrationError(f"DP calibration runs one sample per batch (got {batch_samples(batch)}): one "
+                                       "sample's statistics must not depend on the others")
             run_batch(model, batch)
+            fed += 1
+            for name, r in recorders.items():
+                if not r.end_sample():
+                    raise CalibrationError(f"activation quantizer {name!r} was not reached by calibration sample "
+                                           f"{fed}: DP calibration can only bound quantizers every sample reaches")
             if progress:
                 progress(1)
     finally:
         for q in quants.values():
             q.observer = None
-    counts = {r.count for r in recorders.values()}
-    if counts == {0}:
+    if fed == 0:
         raise CalibrationError("the calibration data is empty")
-    if len(counts) != 1:
-        raise CalibrationError("some activation quantizers saw a different number of samples than others "
-                               "(they are not all reached by every sample): DP calibration cannot bound them")
-    return torch.stack([recorders[name].values().double() for name in quants], 1)
+    return torch.stack([recorders[name].values() for name in quants], 1)
 
 
 @torch.no_grad()
@@ -174,16 +215,17 @@ def shared_input_groups(model: nn.Module, quants: dict[str, ActQuant], batch, ru
 
 @torch.no_grad()
 def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: Iterable,
-                 run_batch: Callable[[nn.Module, Any], Any], epsilon: float, delta: float,
+                 run_batch: Callable[[nn.Module, Any], Any], epsilon: float, delta: float | None = None,
                  progress: Callable[[int], None] | None = None) -> DPResult:
     """Replace the (public-prior) ranges of every static activation quantizer of `model` by
-    (epsilon, delta)-DP estimates from `private_batches`; returns the ranges and a ledger entry.
+    (epsilon, delta)-DP estimates from `private_batches` (one sample per batch); returns the ranges and a
+    ledger entry, which holds a noisy sample count, never the exact one.
 
-    `public_batches` are the data-free inputs the prior ranges came from, batched like the
-    private ones; their per-sample means are the centers of the clipping windows, and each
-    prior range is rescaled by the ratio of the private (noisy) to the public mean.
+    `public_batches` (one sample per batch too) are the data-free inputs the prior ranges came from;
+    their per-sample means are the centers of the clipping windows, and each prior range is rescaled by
+    the ratio of the private (noisy) to the public mean.
     """
-    check_budget(epsilon, delta)
+    delta = check_budget(epsilon, delta)
     quants = static_quantizers(model)
     if not quants:
         raise SecquantError("DP calibration is for recipes with static activation ranges; this recipe reads no "
@@ -195,19 +237,23 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: It
     groups = shared_input_groups(model, quants, public_batches[0], run_batch)
     centers = _per_sample_stats(model, quants, public_batches, run_batch).mean(0)  # public: no budget
     stats = _per_sample_stats(model, quants, private_batches, run_batch, progress)  # [n, L, 2]
-    n = stats.shape[0]
+    n = stats.shape[0]  # private: used for checks (refusals go to the data owner), never recorded
+    check_delta(delta, n)
     low, width = _windows(centers)
     unit = ((stats - low) / width).clamp(0, 1)
     # one coordinate per (group, side): the mean of its members' positions, still in [0, 1]
-    unit = torch.stack([unit[:, g].mean(1) for g in groups], 1)  # each sample: a point of [0, 1]^(2G)
-    k = unit[0].numel()
-    sigma, rho = gaussian_scale(k, epsilon, delta)
+    unit = torch.stack([unit[:, g].mean(1) for g in groups], 1).reshape(n, -1)  # each sample: a point of [0, 1]^(2G)
+    k = unit.shape[1]
+    rows = torch.cat([unit, torch.ones(n, 1, dtype=unit.dtype)], 1)  # + the count: [0, 1]^(k+1)
+    sigma, rho = gaussian_scale(k + 1, epsilon, delta)
     if sigma / n > MAX_NOISE:
         raise CalibrationError(
             f"{n} calibration samples are too few for epsilon={epsilon:g}: the noise would be {sigma / n:.2f} of "
             f"each range's clipping window (limit {MAX_NOISE}); use at least {math.ceil(sigma / MAX_NOISE)} samples "
             "or a larger --dp-epsilon")
-    noisy = (_noisy_sums(unit.sum(0).reshape(-1), sigma).reshape(-1, 2) / n).clamp(0, 1)
+    released = _noisy_sums(rows.sum(0), sigma)
+    n_dp = max(1.0, float(released[-1]))  # the noisy count (post-processing of the same release)
+    noisy = (released[:-1].reshape(-1, 2) / n_dp).clamp(0, 1)
     pub = ((centers - low) / width).clamp(0, 1)  # where the public mean sits in each window
     est = torch.empty_like(centers)
     for j, g in enumerate(groups):  # the group's private shift, applied to each member's window
@@ -230,9 +276,11 @@ def dp_calibrate(model: nn.Module, private_batches: Iterable, public_batches: It
         "stage": "activation ranges (static quantization)",
         "epsilon": epsilon, "delta": delta, "rho_zcdp": rho,
         "mechanism": MECHANISM, "accountant": ACCOUNTANT,
-        "neighbouring": "replace one calibration sample (n public)",
-        "num_samples": n, "statistics": k, "quantizers": len(quants), "noise_scale": sigma,
-        "std_of_each_mean_in_window_units": sigma / n,
+        "neighbouring": NEIGHBOURS,
+        "num_samples_dp": int(round(n_dp)), "statistics": k, "quantizers": len(quants), "noise_scale": sigma,
+        "std_of_each_mean_in_window_units": sigma / n_dp,
+        "per_sample": "each sample runs alone; its statistic is the min/max over everything a quantizer saw during "
+                      "that run, so a sample counts once however the model reshapes it",
         "clipping": f"per statistic, to a window of +-{WINDOW:.0%} around its mean on public data-free synthetic "
                     "inputs; each public prior range is rescaled by the private/public ratio of the means",
     }

@@ -44,6 +44,20 @@ def describe(handle) -> str:
     return DATA_LABEL
 
 
+def prior_provenance(handle) -> str:
+    """Where the data-free inputs' information comes from, for the privacy ledger: they read no data file,
+    but ZeroQ inputs are distilled from the float model, which holds what it was trained on."""
+    if handle.kind == "encoder":
+        return ("random whole words from the model's tokenizer vocabulary: the vocabulary is public and no sample "
+                "of anyone's data is read")
+    who = ("the member split of builtin:digits, trained without differential privacy"
+           if getattr(handle, "spec", "") == "builtin:digits" else
+           "whatever data the float model was trained on, without differential privacy as far as secquant knows")
+    return (f"{describe(handle)}; no data file is read, but the BatchNorm running statistics the inputs are "
+            f"distilled from summarize the float model's training data ({who}). This ledger covers the calibration "
+            "data only: the prior, like the float model itself, is not independent of that training data")
+
+
 def synthetic_source(handle, n: int, seed: int = 0) -> Callable[[int], Iterable[Any]]:
     """`n` public calibration samples for `handle`, made once; call the result with a batch size to
     iterate them (as often as needed: DP calibration reads them at two batch sizes)."""
