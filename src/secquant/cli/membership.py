@@ -62,7 +62,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                                 seed=seed, ray=ray, variance=variance)
         dp = res.get("dp_audit", {})
         if as_json:
-            out.print_json(json.dumps({k: v for k, v in res.items() if k != "roc"}))
+            typer.echo(json.dumps({k: v for k, v in res.items() if k != "roc"}, indent=1))
         else:
             t = Table(title=f"membership inference on {res['float_model']}: {res['n_members']} members, "
                             f"{res['n_nonmembers']} non-members, {res['shadows']} shadows, seed {res['seed']}")

@@ -15,11 +15,11 @@ Two drivers repeat a secquant mechanism with canaries:
 - `training_audit` (DP-SGD QAT): canaries are random binary patterns with random labels, added to the
   training set (add/remove neighbours); the score is LiRA's logit confidence of the canary's label.
 - `calibration_audit` (DP calibration): a calibration releases only two numbers per activation quantizer,
-  too few to tell many canaries apart, so each canary gets its own calibration run (one slot holding the
-  canary or, when it is out, an ordinary sample: replace-one neighbours, as the ledger states). A canary
-  touches only its own run, so the whole set of runs is (epsilon, delta)-DP in each canary and the theorem
-  applies unchanged. The canary is an input with extreme activations; the score is how far the released
-  ranges move outwards.
+  too few to tell many canaries apart, so each canary gets its own calibration run, on the same data plus the
+  canary when it is in (add/remove neighbours; with replace-one neighbours the slot holds an ordinary sample
+  when it is out). A canary touches only its own run, so the whole set of runs is (epsilon, delta)-DP in
+  each canary and the theorem applies unchanged. The canary is an input with extreme activations; the
+  score is how far the released ranges move outwards.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ CONFIDENCE = 0.95
 # Guess sets tried: k+ = f*m highest scores as "in", alone or with as many lowest scores as "out". The
 # reported bound is the best of them, each tested at (1 - confidence) / len(grid) (Bonferroni), so the
 # choice among them is paid for and the bound stays valid at the stated confidence.
-FRACTIONS = (0.05, 0.1, 0.2, 0.5)
+FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4)
 TRAINING_CANARIES = 1000
 CALIBRATION_RUNS = 200
 
@@ -211,26 +211,30 @@ def training_audit(train: Callable[[torch.Tensor, torch.Tensor], nn.Module], x: 
 
 
 def calibration_audit(calibrate: Callable[[torch.Tensor], nn.Module], x: torch.Tensor, *, num_samples: int,
-                      delta: float, runs: int = CALIBRATION_RUNS, seed: int = 0, confidence: float = CONFIDENCE,
-                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """`runs` calibrations, each on one slot (the extreme canary with probability 1/2, else the ordinary
-    sample x[num_samples - 1]) followed by x[:num_samples - 1]; the bound from how far each run's released
-    ranges move outwards. `calibrate(x)` -> released module."""
+                      delta: float, runs: int = CALIBRATION_RUNS, replace_one: bool = False, seed: int = 0,
+                      confidence: float = CONFIDENCE, progress: Callable[[int], None] | None = None
+                      ) -> dict[str, Any]:
+    """`runs` calibrations on x[:num_samples - 1], each with the extreme canary put first with probability
+    1/2 (`replace_one`: else the ordinary sample x[num_samples - 1] in its place, so n never changes); the
+    bound from how far each run's released ranges move outwards. `calibrate(x)` -> released module.
+    The base stays below the recipe's sample cap, so adding the canary pushes no sample out."""
     if runs < 2:
         raise SecquantError(f"--canaries {runs}: the canary audit needs at least 2 calibration runs (200 advised)")
-    if len(x) < 2:
+    if len(x) < 2 or num_samples < 2:
         raise SecquantError("the canary audit needs at least 2 calibration samples")
     n = min(num_samples, len(x))
     base, filler, canary = x[:n - 1], x[n - 1:n], extreme_canary(x)
     included = audit_rng(seed, 2).random(runs) < 0.5
     ranges = []
     for inc in included:
-        ranges.append(static_ranges(calibrate(torch.cat([canary if inc else filler, base]))))
+        slot = canary if inc else filler if replace_one else canary[:0]
+        ranges.append(static_ranges(calibrate(torch.cat([slot, base]))))
         if progress:
             progress(1)
     res = bound_from_scores(outward_scores(np.stack(ranges)), included, delta, confidence, seed)
-    res["canaries"] = ("one slot per calibration run holding, with probability 1/2, an input with extreme "
-                       "activations (else an ordinary sample); score: how far the released activation ranges "
-                       "move outwards")
+    res["canaries"] = ("one calibration run per canary, the canary (an input with extreme activations) added "
+                       "with probability 1/2" + (" (else an ordinary sample in its place)" if replace_one else "")
+                       + "; score: how far the released activation ranges move outwards")
+    res["neighbours"] = "replace one sample" if replace_one else "add or remove one sample"
     res["runs"] = runs
     return res

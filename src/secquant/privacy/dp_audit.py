@@ -16,7 +16,6 @@ Non-private QAT and calibration artifacts can be audited the same way (no claim:
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from ..artifact import Manifest
 from ..artifact.hashing import file_sha256
 from ..errors import SecquantError
 from ..models import ModelHandle
+from .budget import DEFAULT_DELTA
 from .canary_audit import CALIBRATION_RUNS, CONFIDENCE, TRAINING_CANARIES, calibration_audit, training_audit
 from .replay import replay_check
 
@@ -41,7 +41,6 @@ MECHANISMS = {
     QAT: "quantization-aware retraining without DP (secquant qat)",
     CALIBRATION: "activation-range calibration without DP (secquant quantize --calib)",
 }
-_SHA = re.compile(r"\b[0-9a-f]{64}\b")
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,11 @@ def claimed(m: Manifest) -> tuple[float | None, float | None]:
     return float(spent[0]["epsilon"]), float(spent[0]["delta"])
 
 
+def _neighbours(m: Manifest) -> str:
+    """The neighbour relation the ledger claims, in words ('' without a claim)."""
+    return " ".join(str(e.get("neighbouring", "")) for e in m.privacy.entries if float(e.get("epsilon", 0) or 0) > 0)
+
+
 @contextlib.contextmanager
 def public_prior_once() -> Iterator[None]:
     """Compute DP calibration's public prior once per audit instead of once per run.
@@ -126,10 +130,10 @@ def _private_data(handle: ModelHandle, m: Manifest, kind: str, data: str | Path 
     training = kind in (DP_SGD, QAT)
     if data is not None:
         p = Path(data)
-        recorded = _SHA.findall(m.calibration.source or "")
-        if recorded and p.is_file() and file_sha256(p) not in recorded:
-            raise SecquantError(f"--data {p}: its sha256 is not the one the artifact records for its private data: "
-                                "pass the file the artifact was made from")
+        recorded = m.calibration.source_sha256  # files read without a DP claim; private ones carry a keyed HMAC
+        if recorded and p.is_file() and file_sha256(p) != recorded:
+            raise SecquantError(f"--data {p}: its sha256 is not the one the artifact records for its data: pass "
+                                "the file the artifact was made from")
         if training:
             x, y = handle.adapter.train_set(p)
         else:
@@ -221,14 +225,14 @@ def audit_artifact(handle: ModelHandle, qm: Any, path: str | None, entry: EntryP
                 tick(1)
                 return out
 
-            can = training_audit(train, x, y, num_classes=n_classes, delta=delta or 1e-5,
+            can = training_audit(train, x, y, num_classes=n_classes, delta=delta or DEFAULT_DELTA,
                                  canaries=canaries or TRAINING_CANARIES, seed=seed, confidence=confidence)
         else:
             runs = canaries or CALIBRATION_RUNS
             can = calibration_audit(lambda xc: run(_save(d, "canaries", xc)), x,
-                                    num_samples=recipe.calibration.num_samples, delta=delta or 1e-5, runs=runs,
-                                    seed=seed, confidence=confidence, progress=progress("canary calibration runs",
-                                                                                        runs))
+                                    num_samples=recipe.calibration.num_samples, delta=delta or DEFAULT_DELTA,
+                                    runs=runs, replace_one="replace" in _neighbours(m), seed=seed,
+                                    confidence=confidence, progress=progress("canary calibration runs", runs))
     bound = can["epsilon_lower_bound"]
     if spent:
         can["run_epsilon"] = max(spent)  # the canary runs' own ledgers (with their canaries in)
@@ -243,6 +247,7 @@ def audit_artifact(handle: ModelHandle, qm: Any, path: str | None, entry: EntryP
         "mechanism": MECHANISMS[kind],
         "claimed_epsilon": eps,
         "claimed_delta": delta,
+        "neighbouring": _neighbours(m) or None,
         "data": desc,
         "replay": rep["result"],
         "replay_detail": rep,
