@@ -174,3 +174,11 @@ def test_cli_exits_3_on_a_replayable_dp_artifact(cli, digits, private_train, pri
     assert "DP audit failed" in r.stderr and "not secret" in r.stderr and "Traceback" not in r.stderr
     a = json.loads((tmp_path / "rep" / "privacy_audit.json").read_text())["dp_audit"]["w8a8+dp"]
     assert a["replay"] == "fail" and a["replay_detail"]["identical_to_artifact"] and a["verdict"] == "fail"
+
+
+def test_cli_user_errors_come_before_any_work(cli, assert_user_error, tmp_path):
+    out = tmp_path / "r"
+    assert_user_error(cli("audit", "privacy", "--float", "builtin:digits", "--canaries", "1", "--out", out), out,
+                      contains=("--canaries",))
+    assert_user_error(cli("audit", "privacy", "--float", "builtin:digits", "--confidence", "1.5", "--out", out), out,
+                      contains=("--confidence",))

@@ -317,6 +317,10 @@ def audit_privacy(
     `data`: the private file the DP artifacts were made from (default: the model's built-in training split).
     `canaries`: canaries of a training run (1000), or calibration runs with one canary each (200).
     """
+    if canaries is not None and canaries < 2:
+        raise SecquantError(f"--canaries {canaries}: the canary audit needs at least 2 canaries (or runs)")
+    if not 0.5 <= confidence < 1:
+        raise SecquantError(f"--confidence {confidence}: give a confidence in [0.5, 1), e.g. 0.95")
     if out is not None:
         _check_out(Path(out), overwrite)
     handle = _float_handle(float_model)
