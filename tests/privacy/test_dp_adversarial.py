@@ -172,9 +172,11 @@ def test_dp_qat_refuses_a_public_calib_that_holds_a_training_sample(digits, tmp_
 
 
 def test_dp_qat_records_the_public_calib_hash(digits, tmp_path):
-    public = tmp_path / "public.safetensors"
+    public, train = tmp_path / "public.safetensors", tmp_path / "train.safetensors"
     save_file({"inputs": splits()["test_x"][:64].contiguous()}, str(public))
-    qm = secquant.qat(digits, _small("w8a8"), epochs=1, dp_epsilon=8.0, calib=public, batch_size=128)
+    save_file({"inputs": splits()["train_x"][:200].contiguous(), "labels": splits()["train_y"][:200].contiguous()},
+              str(train))  # 200 private samples: test time
+    qm = secquant.qat(digits, _small("w8a8"), epochs=1, dp_epsilon=8.0, calib=public, train=train, batch_size=50)
     tr = qm.manifest.training
     assert tr["activation_init_sha256"] == hashlib.sha256(public.read_bytes()).hexdigest()
     assert "no sample in common" in tr["activation_init"]
