@@ -270,6 +270,60 @@ def test_qat_targets_get_qat_shadows_like_secquant_qat(digits, tmp_path):
     assert TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal).recipe.name == "w2a8"
     with pytest.raises(SecquantError, match="built-in calibration"):
         TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal.model_copy(update={"source": "mine.npy"}))
-    for data in ("private", "synthetic"):
-        with pytest.raises(SecquantError, match=f"{data} calibration"):
-            TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal.model_copy(update={"data": data}))
+    # DP artifacts go to the DP audit (audit_privacy); data-free ones need the input shape to be repeated
+    with pytest.raises(SecquantError, match="claims differential privacy"):
+        TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal.model_copy(update={"data": "private"}))
+    with pytest.raises(SecquantError, match="input shape"):
+        TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal.model_copy(update={"data": "synthetic"}))
+    syn = TargetRecipe.from_manifest("x", qm.manifest.recipe, None, cal.model_copy(update={"data": "synthetic"}),
+                                     (1, 8, 8))
+    assert syn.synthetic_shape == (1, 8, 8) and syn.qat is None
+    with pytest.raises(SecquantError, match="cannot repeat"):
+        TargetRecipe.from_manifest("x", qm.manifest.recipe, qm.manifest.training,
+                                   cal.model_copy(update={"data": "synthetic"}), (1, 8, 8))
+
+
+def test_synthetic_targets_get_synthetic_shadows_like_secquant_quantize(digits, tmp_path):
+    """A data-free artifact is audited with shadows calibrated data-free on their own BatchNorm statistics,
+    exactly as `secquant quantize --calib synthetic` calibrates (checked bitwise on the float model)."""
+    import secquant
+    from secquant.privacy.shadow import quantize_like
+    from secquant.recipes import get_preset
+
+    r = get_preset("w8a8")
+    r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"num_samples": 32})})
+    qm = secquant.quantize(digits, r, calib="synthetic", out=tmp_path / "syn")
+    assert qm.manifest.calibration.data == "synthetic"
+    t = TargetRecipe.from_manifest("s", qm.manifest.recipe, None, qm.manifest.calibration, (1, 8, 8))
+    x0 = torch.zeros(0, 1, 8, 8)
+    mine = quantize_like(digits.module, t, x0, torch.zeros(0, dtype=torch.long)).state_dict()
+    ref = qm.module.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    res = audit_membership(digits, [tmp_path / "syn"], shadows=2, epochs=1)
+    assert list(res["models"]) == ["fp32", "w8a8+synthetic"]
+
+
+def test_audit_privacy_routes_dp_artifacts_to_the_dp_audit(digits, digits_artifact, tmp_path):
+    """Ordinary artifacts get LiRA; a DP artifact gets the DP audit (and needs the entry points to repeat it)."""
+    import secquant
+    from secquant.models.digits import splits
+    from secquant.privacy.dp_audit import EntryPoints
+    from secquant.privacy.membership import audit_privacy
+    from secquant.recipes import get_preset
+    from safetensors.torch import save_file
+
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": splits()["train_x"][:100].contiguous()}, str(calib))
+    r = get_preset("w8a8")
+    r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"num_samples": 32})})
+    secquant.quantize(digits, r, calib=calib, dp_epsilon=2.0, out=tmp_path / "dp")
+    with pytest.raises(SecquantError, match="entry_points"):
+        audit_privacy(digits, [digits_artifact("w8a8"), tmp_path / "dp"], shadows=2, epochs=1)
+    res = audit_privacy(digits, [digits_artifact("w8a8"), tmp_path / "dp"], shadows=2, epochs=1, data=calib,
+                        canaries=2, entry_points=EntryPoints(secquant.quantize, secquant.qat), out=tmp_path / "rep")
+    assert list(res["models"]) == ["fp32", "w8a8"] and list(res["dp_audit"]) == ["w8a8+dp"]
+    assert res["dp_audit"]["w8a8+dp"]["replay"] == "pass" and res["dp_audit"]["w8a8+dp"]["claimed_epsilon"] == 2.0
+    sec = privacy_section(res)
+    assert "canary epsilon lower bound" in sec["html"] and "w8a8+dp" in sec["html"]
+    on_disk = json.loads((tmp_path / "rep" / JSON_NAME).read_text())
+    assert on_disk["dp_audit"] == json.loads(json.dumps(res["dp_audit"]))

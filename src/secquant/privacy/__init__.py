@@ -25,6 +25,10 @@ _LAZY = {
     "plaintext_path": "encrypted_data",
     "encrypt_file": "encrypted_data",
     "audit_membership": "membership",
+    "audit_privacy": "membership",
+    "EntryPoints": "dp_audit",
+    "epsilon_lower_bound": "canary_audit",
+    "replay_check": "replay",
 }
 
 

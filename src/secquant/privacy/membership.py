@@ -12,6 +12,10 @@ Two attacks on each model, both scored over members (the training split) against
 Reported per model and attack: ROC AUC, and TPR at 1% and 0.1% FPR read off the exact ROC curve
 (sklearn.metrics.roc_curve) as the largest TPR whose FPR does not exceed the target (no interpolation
 upwards: a rate the non-member count cannot resolve is reported at the rate it can, and said so).
+
+`audit_privacy` adds the artifacts that claim differential privacy: shadows cannot be compared with them
+like with like, so each is audited by repeating its mechanism instead (privacy/dp_audit.py: a replay check
+and a one-run canary audit giving an empirical lower bound on epsilon next to the claimed one).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from ..artifact import Manifest, load_artifact, read_manifest, state_dict_sha256
 from ..errors import ModelError, OutputExistsError, SecquantError
 from ..models import ModelHandle, load_model
+from .canary_audit import CONFIDENCE
+from .dp_audit import EntryPoints, audit_artifact, is_private, mechanism
 from .shadow import (
     TargetRecipe,
     TrainConfig,
@@ -229,10 +235,14 @@ def audit_membership(
     handle = _float_handle(float_model)
     source_sha = state_dict_sha256(handle.module.state_dict())
     loaded = [_quantized(q, handle, source_sha) for q in quantized]
-    names = ["fp32"] + _names([qm.manifest.recipe.name + ("+qat" if qm.manifest.training else "") for qm, _ in loaded],
+    names = ["fp32"] + _names([qm.manifest.recipe.name + ("+qat" if qm.manifest.training else "+synthetic"
+                                                          if qm.manifest.calibration.data == "synthetic" else "")
+                               for qm, _ in loaded],
                               [p for _, p in loaded])
     targets = [TargetRecipe("fp32")] + [
-        TargetRecipe.from_manifest(n, qm.manifest.recipe, qm.manifest.training, qm.manifest.calibration) for n, (qm, _) in zip(names[1:], loaded)
+        TargetRecipe.from_manifest(n, qm.manifest.recipe, qm.manifest.training, qm.manifest.calibration,
+                                   getattr(handle.adapter, "sample_shape", None))
+        for n, (qm, _) in zip(names[1:], loaded)
     ]
     modules = [handle.module] + [qm.module for qm, _ in loaded]
 
@@ -272,13 +282,67 @@ def audit_membership(
         "members": f"{handle.spec} training split", "nonmembers": f"{handle.spec} held-out split",
         "n_members": n_m, "n_nonmembers": n_n, "seed": seed, "shadows": shadows, "shadow_epochs": epochs,
         "shadow_training": "fresh init, Adam lr 3e-3, batch 64, cross-entropy (the builtin:digits procedure) on a "
-                           "random half of members + non-members; each quantized like its target on its own half",
+                           "random half of members + non-members; each quantized like its target on its own half "
+                           "(data-free targets: on ZeroQ inputs from the shadow's own BatchNorm statistics)",
         "variance": variance_used,
         "fpr_resolution": 1.0 / n_n,
         "note": fpr_note(n_n),
         "models": models,
         "roc": curves,
     }
+    if out is not None:
+        write_report(result, Path(out), overwrite)
+    return result
+
+
+def audit_privacy(
+    float_model: str | ModelHandle = "builtin:digits",
+    quantized: Sequence[Any] = (),
+    *,
+    entry_points: EntryPoints | None = None,
+    data: str | Path | None = None,
+    canaries: int | None = None,
+    canary_audit_all: bool = False,
+    confidence: float = CONFIDENCE,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+    **lira: Any,
+) -> dict[str, Any]:
+    """The membership audit (`audit_membership`, whose keyword arguments `lira` takes) of the float model and
+    every ordinary artifact, plus a DP audit (`result["dp_audit"]`, by artifact name) of every artifact that
+    claims differential privacy, and, with `canary_audit_all`, of every QAT or calibrated one too.
+
+    `entry_points`: the mechanisms the DP audit repeats (`EntryPoints(secquant.quantize, secquant.qat)`).
+    `data`: the private file the DP artifacts were made from (default: the model's built-in training split).
+    `canaries`: canaries of a training run (1000), or calibration runs with one canary each (200).
+    """
+    if canaries is not None and canaries < 2:
+        raise SecquantError(f"--canaries {canaries}: the canary audit needs at least 2 canaries (or runs)")
+    if not 0.5 <= confidence < 1:
+        raise SecquantError(f"--confidence {confidence}: give a confidence in [0.5, 1), e.g. 0.95")
+    if out is not None:
+        _check_out(Path(out), overwrite)
+    handle = _float_handle(float_model)
+    source_sha = state_dict_sha256(handle.module.state_dict())
+    loaded = [_quantized(q, handle, source_sha) for q in quantized]
+    private = [is_private(qm.manifest) for qm, _ in loaded]
+    audited = [p or (canary_audit_all and mechanism(qm.manifest) is not None) for p, (qm, _) in zip(private, loaded)]
+    if any(audited) and entry_points is None:
+        raise SecquantError("the DP audit repeats the mechanism that made the artifact: pass "
+                            "entry_points=EntryPoints(secquant.quantize, secquant.qat)")
+    result = audit_membership(handle, [qm for (qm, _), p in zip(loaded, private) if not p], progress=progress,
+                              **lira)
+    suffix = {"dp-sgd": "+dp-sgd", "dp-calibration": "+dp", "qat": "+qat"}
+    names = _names([qm.manifest.recipe.name + suffix.get(mechanism(qm.manifest) or "", "") for qm, _ in loaded],
+                   [p for _, p in loaded])
+    dp = {}
+    for name, (qm, path), want in zip(names, loaded, audited):
+        if want:
+            dp[name] = audit_artifact(handle, qm, path, entry_points, data=data, canaries=canaries,
+                                      seed=result["seed"], confidence=confidence, progress=progress)
+    if dp:
+        result["dp_audit"] = dp
     if out is not None:
         write_report(result, Path(out), overwrite)
     return result
@@ -357,7 +421,29 @@ def privacy_section(result: dict[str, Any]) -> dict[str, str]:
             f"{html.escape(result['nonmembers'])} ({result['n_nonmembers']}). LiRA offline with "
             f"{result['shadows']} shadow models ({result['shadow_epochs']} epochs, {html.escape(result['variance'])} "
             f"variance), seed {result['seed']}. {html.escape(result['note'])}.</p>")
-    return {"title": "Privacy", "html": f"{text}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{svg}"}
+    return {"title": "Privacy", "html": f"{text}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                                        f"{_dp_html(result.get('dp_audit', {}))}{svg}"}
+
+
+def _dp_html(dp: dict[str, Any]) -> str:
+    """The DP audit's table (claim, replay, canary bound) for the HTML section; empty without DP artifacts."""
+    if not dp:
+        return ""
+    cols = ["model", "claimed epsilon", "delta", "replay", "canary epsilon lower bound", "m", "correct / guesses",
+            "most it could show", "verdict"]
+    rows = []
+    for name, a in dp.items():
+        c = a["canary"]
+        cells = [name, "none" if a["claimed_epsilon"] is None else f"{a['claimed_epsilon']:.3g}",
+                 "" if a["claimed_delta"] is None else f"{a['claimed_delta']:.0e}", a["replay"],
+                 f"{a['canary_epsilon_lower_bound']:.3f}", str(c["m"]), f"{c['correct_guesses']} / {c['guesses']}",
+                 f"{c['max_attainable']:.2f}", a["verdict"]]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    return ("<p>Artifacts that claim differential privacy, audited by repeating their mechanism: replay check "
+            "(identical releases fail) and a one-run canary audit (Steinke, Nasr and Jagielski 2023) giving an "
+            "empirical lower bound on epsilon.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

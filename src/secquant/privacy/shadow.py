@@ -54,22 +54,37 @@ class TargetRecipe:
     name: str
     recipe: Recipe | None = None
     qat: dict[str, Any] | None = None  # the manifest's `training` entry for QAT artifacts
+    synthetic_shape: tuple[int, ...] | None = None  # set for data-free (ZeroQ) calibration: the sample shape
 
     @staticmethod
     def from_manifest(name: str, recipe: Recipe, training: dict[str, Any] | None,
-                      calibration: Any = None) -> TargetRecipe:
-        """From an artifact's manifest (`recipe`, `training`, `calibration`); refuses what shadows cannot repeat."""
+                      calibration: Any = None, sample_shape: tuple[int, ...] | None = None) -> TargetRecipe:
+        """From an artifact's manifest (`recipe`, `training`, `calibration`); refuses what shadows cannot repeat.
+        `sample_shape`: the float model's input shape, which data-free calibration needs."""
+        synthetic = None
         if calibration is not None:
             data, source = calibration.data, calibration.source or ""
             if data == "raw" and not source.endswith("(built-in)"):
                 raise SecquantError(f"{name} was calibrated on {source}, not on the model's built-in training split: "
                                     "shadow models cannot be calibrated like it; audit an artifact quantized with "
                                     "the built-in calibration data")
-            if data not in ("none", "raw"):
+            if data == "private":
+                raise SecquantError(f"{name} claims differential privacy: shadow models cannot repeat its noise like "
+                                    "with like; audit it with `secquant audit privacy` (audit_privacy), which replays "
+                                    "its mechanism and runs a canary audit")
+            if data == "synthetic":
+                if not sample_shape:
+                    raise SecquantError(f"{name} was calibrated on synthetic (ZeroQ) data: shadow models need the "
+                                        "float model's input shape to synthesize theirs")
+                synthetic = tuple(sample_shape)
+            elif data not in ("none", "raw"):
                 raise SecquantError(f"{name} was calibrated with {data} data: shadow models do not repeat {data} "
-                                    "calibration yet, so the audit would not compare like with like")
+                                    "calibration, so the audit would not compare like with like")
         if not training:
-            return TargetRecipe(name, recipe)
+            return TargetRecipe(name, recipe, synthetic_shape=synthetic)
+        if synthetic:
+            raise SecquantError(f"{name}: QAT after synthetic calibration is not a procedure `secquant qat` runs; "
+                                "shadow models cannot repeat it")
         unknown = set(training) - _QAT_KEYS
         if unknown or not str(training.get("method", "")).startswith("LSQ"):
             raise SecquantError(f"{name}: its training entry ({', '.join(sorted(unknown)) or training.get('method')}) "
@@ -160,6 +175,11 @@ def quantize_like(model: nn.Module, target: TargetRecipe, x_in: torch.Tensor, y_
     recipe = target.recipe
     cal = recipe.calibration
     with torch.random.fork_rng(devices=[]), _single_thread():
+        if target.synthetic_shape is not None:  # as secquant.api.quantize(..., calib="synthetic")
+            q = copy.deepcopy(model).eval()
+            public = _synthetic_source(model, target.synthetic_shape, cal) if recipe.needs_calibration else None
+            quantize_model(q, recipe, (lambda: public(cal.batch_size)) if public else None, _run)
+            return q.eval()
         if target.qat is None:
             q = copy.deepcopy(model).eval()
             xc = x_in[:cal.num_samples]
@@ -190,6 +210,17 @@ def quantize_like(model: nn.Module, target: TargetRecipe, x_in: torch.Tensor, y_
         for p in q.parameters():
             p.requires_grad_(False)
         return q
+
+
+def _synthetic_source(model: nn.Module, shape: tuple[int, ...], cal: Any):
+    """The data-free inputs `secquant quantize --calib synthetic` would make for `model` (its own BatchNorm
+    statistics, so a shadow's reflect the shadow's training half)."""
+    from ..models import ModelHandle, TensorClassifierAdapter
+    from .synthetic import synthetic_source
+
+    h = ModelHandle(module=model, kind="classifier", spec="shadow model", rebuild={},
+                    adapter=TensorClassifierAdapter(shape))
+    return synthetic_source(h, cal.num_samples, cal.seed)
 
 
 @torch.no_grad()
