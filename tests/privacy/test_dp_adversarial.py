@@ -48,7 +48,7 @@ def _numbers_in(obj, skip: tuple[str, ...] = ()) -> list:
         pass
     elif isinstance(obj, (int, float)):
         found.append(obj)
-    elif isinstance(obj, str):
+    elif isinstance(obj, str) and not re.fullmatch(r"[0-9a-f]{32,}", obj):  # a digest's digit runs encode no count
         found += [int(t) for t in re.findall(r"(?<![\d.])\d+(?![\d.])", obj)]
     return found
 
