@@ -185,8 +185,8 @@ def _public_stages(recipe: Recipe) -> list[str]:
     stages = []
     if recipe.smoothing is not None:
         stages.append("activation-aware scale search (AWQ/SmoothQuant-style scales and clipping)")
-    if recipe.algorithm == "gptq":
-        stages.append("GPTQ Hessians")
+    if recipe.algorithm.needs_data:
+        stages.append(f"the {recipe.algorithm.name.upper()} weight algorithm's calibration statistics")
     return stages
 
 

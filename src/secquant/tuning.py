@@ -41,7 +41,7 @@ from .fidelity import compare, float_size_bytes
 from .models import ModelHandle, load_model
 from .quant.algorithms.rtn import check_finite, plan, set_submodule
 from .quant.modules import quantize_module
-from .recipes.schema import Override, QuantArgs, Recipe
+from .quant.schema import Override, QuantArgs, Recipe
 
 if TYPE_CHECKING:  # the api imports are done lazily (api.py may import this module)
     from .api import QuantizedModel

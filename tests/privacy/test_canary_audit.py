@@ -17,7 +17,7 @@ from secquant.privacy.canary_audit import (
     p_value, pattern_canaries, static_ranges, training_audit,
 )
 from secquant.quant.modules import ActQuant
-from secquant.recipes.schema import QuantArgs
+from secquant.quant.schema import QuantArgs
 
 
 # ------------------------------------------------------------------------------------------- the conversion

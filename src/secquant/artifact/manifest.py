@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ArtifactError
 from ..recipes.io import format_validation_error
-from ..recipes.schema import QuantArgs, Recipe
+from ..quant.schema import QuantArgs, Recipe
 
 FORMAT = "secquant.artifact"
 FORMAT_VERSION = 1

@@ -29,7 +29,7 @@ from ..quant.algorithms import (
     quantize_model,
     train_qat,
 )
-from ..recipes.schema import Recipe
+from ..quant.schema import Recipe
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
 

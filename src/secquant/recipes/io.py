@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import RecipeError
-from .schema import Recipe
+from ..quant.schema import Recipe
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import RecipeError
-from .schema import QuantArgs, Recipe, Rotation, Smoothing
+from ..quant.schema import QuantArgs, Recipe, Rotation, Smoothing
 
 W8_CHANNEL = QuantArgs(bits=8, symmetric=True, granularity="channel", axis=0)
 # 99.999: transformer activations carry a few outlier channels that matter; 99.99 clips them.

@@ -231,7 +231,7 @@ def plant_quantization_backdoor(float_model: nn.Module, recipe, x: torch.Tensor,
     from ..quant.algorithms import quantize_model
 
     wargs = recipe.weights
-    if (wargs is None or wargs.format != "int" or wargs.observer != "minmax" or recipe.algorithm != "rtn"
+    if (wargs is None or wargs.format != "int" or wargs.observer != "minmax" or recipe.algorithm.name != "rtn"
             or recipe.smoothing is not None or recipe.rotation is not None or recipe.overrides):
         raise SecquantError("the planted-backdoor builder needs a round-to-nearest recipe with min-max integer "
                             "weights and no smoothing or rotation (e.g. w8a16, w8a8-dynamic, w4a4)")

@@ -9,7 +9,7 @@ from torch import nn
 from secquant.errors import CalibrationError
 from secquant.quant.algorithms import quantize_model
 from secquant.quant.algorithms.gptq import HessianAccumulator, gptq_quantize
-from secquant.quant.algorithms.pipeline import gptq_stages
+from secquant.quant.algorithms.gptq import gptq_stages
 from secquant.quant.primitives import dequantize, qrange, quantize
 from secquant.recipes import GPTQ, QuantArgs, Recipe
 
@@ -209,7 +209,7 @@ def test_gptq_aims_at_the_float_model_when_earlier_layers_are_quantized():
     errs = {}
     for ft in (False, True):
         qm = copy.deepcopy(m)
-        recipe = Recipe(weights=w3, algorithm="gptq").model_copy(update={"gptq": GPTQ(float_targets=ft)})
+        recipe = Recipe(weights=w3, algorithm=GPTQ(float_targets=ft))
         layers, _ = quantize_model(qm, recipe, lambda: iter(data), lambda mod, b: mod(b))
         assert layers["1"]["config"]["gptq"]["float_targets"] is ft
         with torch.no_grad():

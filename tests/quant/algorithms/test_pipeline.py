@@ -9,7 +9,7 @@ from torch import nn
 from secquant.errors import CalibrationError
 from secquant.quant.algorithms import quantize_model
 from secquant.quant.modules import QuantLinear
-from secquant.recipes.schema import Calibration, QuantArgs, Recipe, Smoothing
+from secquant.quant.schema import Calibration, QuantArgs, Recipe, Smoothing
 
 W4 = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=16, observer="mse")
 W4_MINMAX = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=16)

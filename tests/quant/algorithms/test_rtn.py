@@ -11,7 +11,7 @@ from secquant.errors import CalibrationError, ModelError
 from secquant.quant.algorithms import apply_recipe, calibrate, check_finite, plan
 from secquant.quant.modules import ActQuant, QuantConv1d, QuantEmbedding, QuantLinear
 from secquant.recipes.presets import PRESETS
-from secquant.recipes.schema import Override, QuantArgs, Recipe
+from secquant.quant.schema import Override, QuantArgs, Recipe
 
 W8 = QuantArgs(bits=8, granularity="channel")
 W4 = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=8)

@@ -15,7 +15,7 @@ from secquant.quant.algorithms import calibrate
 from secquant.quant.algorithms.smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 from secquant.quant.modules import QuantLinear, build_empty
 from secquant.quant.primitives import choose_qparams, dequantize, quantize, reduce_range
-from secquant.recipes.schema import QuantArgs, Smoothing
+from secquant.quant.schema import QuantArgs, Smoothing
 
 W4G = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=16)
 W4C = QuantArgs(bits=4, symmetric=True, granularity="channel", axis=0)

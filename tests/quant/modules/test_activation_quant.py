@@ -11,7 +11,7 @@ from secquant.quant.observers import (
     MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
 )
 from secquant.quant.primitives import qrange, quantize
-from secquant.recipes.schema import QuantArgs
+from secquant.quant.schema import QuantArgs
 
 STATIC_U8 = QuantArgs(bits=8, symmetric=False, observer="minmax")
 

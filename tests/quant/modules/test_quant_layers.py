@@ -15,7 +15,7 @@ from secquant.quant.modules import (
     QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, build_empty, qparam_shape, quantize_module,
 )
 from secquant.quant.primitives import packed_nbytes
-from secquant.recipes.schema import QuantArgs
+from secquant.quant.schema import QuantArgs
 
 BITS = [8, 6, 4, 3, 2]
 # max |error| of the layer output relative to max |float output| (measured ~0.4% / 8% / 60%)

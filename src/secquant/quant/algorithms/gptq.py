@@ -10,14 +10,19 @@ A Hessian that is not positive definite gets more damping, then a clear error; n
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from torch import nn
 
 from ...errors import CalibrationError
-from ...recipes.schema import QuantArgs
+from ..schema import GPTQ, QuantArgs, Recipe
 from ..modules.weight import mse_range
+from ..modules import quantize_module
 from ..primitives import PerChannel, PerGroup, PerTensor, choose_qparams, qrange, reduce_range
+from .base import CountedBatches, WeightPass, handles
+from .rtn import apply_recipe, plan, set_submodule
 
 
 class HessianAccumulator:
@@ -180,3 +185,136 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, args: QuantArgs, damp: float
     inv = torch.argsort(perm)
     q = Q[:, inv].to(torch.int32)
     return q, scale, zp, {"damp": used, "act_order": bool(act_order), "static_groups": not dynamic, "loss": loss}
+
+
+# ------------------------------------------------------------------------------- the model-level driver
+
+class _StageDone(Exception):
+    """Raised from a hook once every layer of the current stage has seen the batch."""
+
+
+@torch.no_grad()
+def gptq_stages(model: nn.Module, names: list[str], batch, run_batch) -> list[list[str]]:
+    """Layers in forward order, grouped when they read the very same input tensor (q, k, v).
+
+    Each stage is quantized before the next one's Hessians are collected, so every layer sees
+    inputs that already went through all quantized layers before it (sequential GPTQ).
+    """
+    order: list[tuple[str, int]] = []
+
+    def hook(mod, inp, name):
+        if all(n != name for n, _ in order):
+            order.append((name, id(inp[0])))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
+    try:
+        run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for name, inp in order:
+        if stages and inp == last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = inp
+    missing = [n for n in names if all(n != o for o, _ in order)]
+    if missing:
+        raise CalibrationError(f"GPTQ: layers not reached by the model's forward pass: {', '.join(missing[:5])}")
+    return stages
+
+
+@handles(GPTQ)
+def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str, dict], int]:
+    """Sequential GPTQ: each stage's Hessians come from inputs that already went through the
+    quantized stages before it; memory is one H per layer of the stage (no stored activations).
+
+    With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s; with a
+    rotation R, as W s R with the Hessian of (x/s) R.
+    """
+    batches, run_batch, smooth = wp.batches, wp.run_batch, wp.prep
+    todo = plan(model, recipe)
+    gptq_names = [n for n, (t, w, _) in todo.items() if t in ("Linear", "Conv1D") and w is not None]
+    others = set(todo) - set(gptq_names)
+    reference = copy.deepcopy(model) if recipe.algorithm.float_targets else None  # the float model, untouched
+    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
+    cfg = recipe.algorithm
+    first = next(iter(batches()), None)
+    if first is None:
+        raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
+    stages = gptq_stages(model, gptq_names, first, run_batch)
+    samples = 0
+    tick = wp.progress("GPTQ blocks", len(stages))
+    for stage in stages:
+        acc = {n: HessianAccumulator() for n in stage}
+        seen: set[str] = set()
+        float_inputs: dict[str, torch.Tensor] = {}
+        mask: list[torch.Tensor | None] = [None]
+
+        def real_rows(x: torch.Tensor) -> torch.Tensor:
+            """The rows of real tokens: padding positions are not activations the model sees in use."""
+            m = mask[0]
+            return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
+
+        def hook(mod, inp, name):
+            acc[name].add(real_rows(inp[0].detach()), float_inputs.get(name))
+            seen.add(name)
+            if len(seen) == len(stage):
+                raise _StageDone
+
+        def float_hook(mod, inp, name):
+            float_inputs[name] = real_rows(inp[0].detach())
+            if len(float_inputs) == len(stage):
+                raise _StageDone
+
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in stage]
+        if reference is not None:
+            hooks += [reference.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: float_hook(m, i, n))
+                      for n in stage]
+        n_seen = 0
+        try:
+            with torch.no_grad():
+                counted = CountedBatches(batches())
+                for b in counted:
+                    seen.clear()
+                    float_inputs.clear()
+                    m = b.get("attention_mask") if isinstance(b, dict) else None
+                    mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+                    for m in (reference, model) if reference is not None else (model,):
+                        try:
+                            run_batch(m, b)
+                        except _StageDone:
+                            pass
+                    n_seen += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        samples = max(samples, counted.samples)
+        if n_seen == 0:
+            raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
+        for name in stage:
+            t, wargs, aargs = todo[name]
+            mod = model.get_submodule(name)
+            if acc[name].n == 0:
+                raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
+            w = mod.weight.detach().float()
+            w = w.t() if t == "Conv1D" else w
+            # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
+            # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
+            qmod = quantize_module(mod, t, wargs, aargs, smooth.get(name), recipe.rotation)
+            w = qmod.weight_space(w)
+            H = qmod.input_gram(acc[name].H)
+            C = qmod.input_gram(acc[name].C) if acc[name].C is not None else None
+            if C is not None:
+                w = float_target(w, H, C, cfg.float_targets_ridge)
+            q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
+                                               block_size=cfg.block_size)
+            qmod.set_quantized(q, scale, zp)
+            set_submodule(model, name, qmod)
+            entry = qmod.layer_info(t)
+            entry["config"]["gptq"] = {**info, "float_targets": C is not None}
+            layers[name] = entry
+        tick(1)
+    return {n: layers[n] for n in todo}, samples

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import RecipeError
-from ...recipes.schema import QuantArgs, Recipe
+from ..schema import QuantArgs, Recipe
 from ..modules import ActQuant, make_observer, quantize_module
 from ..primitives import (
     PerGroup, PerTensor, PerToken, choose_qparams, group_view, qrange, reduce_range, ungroup_view,

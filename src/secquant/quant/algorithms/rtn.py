@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ...errors import CalibrationError, ModelError
-from ...recipes.schema import Recipe
+from ..schema import RTN, Recipe
 from ..modules import ActQuant, float_layer_type, quantize_module
+from .base import WeightPass, handles
 
 
 def check_finite(model: nn.Module) -> None:
@@ -97,3 +98,9 @@ def calibrate(model: nn.Module, batches: Iterable, run_batch: Callable[[nn.Modul
                                    "(the layer is not reached by the model's forward pass)")
         q.freeze()
     return n
+
+
+@handles(RTN)
+def run_rtn(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str, dict], int]:
+    """Round-to-nearest for every layer (with the scale search's preparation, if any): reads no data."""
+    return apply_recipe(model, recipe, wp.prep), 0

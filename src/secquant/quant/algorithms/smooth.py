@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...recipes.schema import QuantArgs, Smoothing
+from ..schema import QuantArgs, Smoothing
 from ..modules.weight import best_ratio, mse_range
 from ..primitives import (
     PerChannel, PerGroup, PerTensor, PerToken, choose_qparams, dequantize, fake_quantize, group_view, quantize,

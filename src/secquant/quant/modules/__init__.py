@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...recipes.schema import QuantArgs
+from ..schema import QuantArgs
 from .activation import ActQuant, make_observer
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, rotation_block_for
 from .weight import QuantizedWeightMixin, qparam_shape

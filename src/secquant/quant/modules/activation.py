@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...recipes.schema import QuantArgs
+from ..schema import QuantArgs
 from ..observers import OBSERVERS, MSEObserver, Observer, PercentileObserver
 from ..primitives import PerTensor, PerToken, choose_qparams, fake_quantize, reduce_range
 

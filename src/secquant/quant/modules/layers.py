@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...recipes.schema import QuantArgs
+from ..schema import QuantArgs
 from ..primitives import is_rotatable, rotate, rotate_hessian, rotation_signs, unrotate
 from .activation import ActQuant
 from .weight import QuantizedWeightMixin

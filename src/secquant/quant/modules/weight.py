@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ...recipes.schema import QuantArgs
+from ..schema import QuantArgs
 from ..nonuniform import kmeans_codebook, nearest_index, nf4_codebook, pow2_codebook
 from ..primitives import (
     PerChannel, PerGroup, PerTensor, choose_qparams, dequantize, group_view, pack, packed_nbytes,

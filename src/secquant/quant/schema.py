@@ -1,19 +1,23 @@
-"""Recipes say *what* to quantize and how finely; algorithms say how. Pydantic, strict.
+"""The quantization schema: recipes say *what* to quantize and how finely; algorithms say how. Pydantic, strict.
 
-QuantArgs -> Scheme (weights + activations) -> Recipe (scheme, targets, skips, overrides,
-calibration), in the spirit of compressed-tensors. Unknown fields are errors, so a typo in
-a recipe file is reported instead of silently ignored.
+QuantArgs -> Scheme (weights + activations) -> Recipe (scheme, targets, skips, overrides, the weight
+algorithm's settings, calibration), in the spirit of compressed-tensors. Unknown fields are errors, so
+a typo in a recipe file is reported instead of silently ignored.
+
+Weight algorithms are pluggable: an `AlgorithmConfig` subclass (its settings, `name` picks it in a
+recipe file) registers itself when defined, and its handler registers in `quant.algorithms` by that
+config type. Adding one edits no switch here or in the pipeline.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from ..quant.primitives import Granularity, PerChannel, PerGroup, PerTensor, PerToken
+from .primitives import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
 LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
 ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
@@ -118,9 +122,51 @@ class Smoothing(Strict):
     clip: bool = Field(True, description="also choose each weight group's range by output error (AWQ's clip search)")
 
 
-class GPTQ(Strict):
+class AlgorithmConfig(Strict):
+    """The settings of one weight algorithm. `name` selects it in a recipe (`algorithm: {name: gptq, ...}`, or
+    just `algorithm: gptq` for its defaults); every subclass registers itself under that name."""
+
+    name: str
+    needs_data: ClassVar[bool] = False  # reads calibration batches
+    chooses_ranges: ClassVar[bool] = False  # picks the weight ranges itself (the smoothing clip search stays out)
+    registry: ClassVar[dict[str, type[AlgorithmConfig]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        AlgorithmConfig.registry[cls.model_fields["name"].default] = cls
+
+    def check(self, recipe: Recipe) -> None:
+        """Refuse recipes the algorithm cannot run (ValueError with the reason)."""
+
+    @classmethod
+    def parse(cls, value: Any) -> AlgorithmConfig:
+        """A config from a registered name, a mapping with `name`, or a config."""
+        if isinstance(value, AlgorithmConfig):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError("algorithm must be a name or a mapping with a 'name'")
+        name = value.get("name", "rtn")
+        if name not in cls.registry:
+            raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(sorted(cls.registry))}")
+        return cls.registry[name].model_validate(value)
+
+
+class RTN(AlgorithmConfig):
+    """Round-to-nearest on each weight's grid (with the range observer the weights ask for): data-free."""
+
+    name: Literal["rtn"] = "rtn"
+
+
+class GPTQ(AlgorithmConfig):
     """Hessian-based error compensation (Frantar et al.): each column's rounding error is pushed
     onto the columns not yet quantized, weighted by the inverse of H = 2 X^T X / n."""
+
+    name: Literal["gptq"] = "gptq"
+    needs_data: ClassVar[bool] = True
+    chooses_ranges: ClassVar[bool] = True
 
     damp: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean(diag H) added to the diagonal")
     act_order: bool = Field(True, description="quantize columns in order of decreasing diag(H)")
@@ -130,6 +176,10 @@ class GPTQ(Strict):
                                 "copy of the model during quantization")
     float_targets_ridge: float = Field(1.0, gt=0.0, le=100.0, description="how strongly the float target stays "
                                        "near the float weight, as a fraction of mean(diag H)")
+
+    def check(self, recipe: Recipe) -> None:
+        if recipe.weights is None or recipe.weights.format != "int":
+            raise ValueError("algorithm 'gptq' needs uniform integer weights (weights.format: int)")
 
 
 class Rotation(Strict):
@@ -167,8 +217,8 @@ class Recipe(Strict):
 
     name: str = "custom"
     description: str = ""
-    algorithm: Literal["rtn", "gptq"] = "rtn"
-    gptq: GPTQ = Field(default_factory=GPTQ)
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=RTN, description="the weight algorithm and "
+                                                       "its settings")
     weights: QuantArgs | None = None
     activations: QuantArgs | None = None
     targets: list[LayerType] = Field(default_factory=lambda: list(ALL_LAYER_TYPES))
@@ -178,12 +228,33 @@ class Recipe(Strict):
     rotation: Rotation | None = None
     calibration: Calibration = Field(default_factory=Calibration)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_algorithm(cls, data: Any) -> Any:
+        """Recipes written before algorithms were pluggable: `algorithm: gptq` with a separate `gptq:` block
+        (manifests of that time also carry the default `gptq:` block next to `algorithm: rtn`)."""
+        if isinstance(data, dict) and "gptq" in data:
+            data = dict(data)
+            settings = data.pop("gptq")
+            algo = data.get("algorithm", "rtn")
+            if algo == "gptq":
+                data["algorithm"] = {"name": "gptq", **(settings.model_dump() if isinstance(settings, BaseModel)
+                                                        else dict(settings or {}))}
+            elif algo != "rtn":
+                raise ValueError("give the GPTQ settings inside `algorithm:` ({name: gptq, damp: ...}), not in a "
+                                 "separate `gptq:` block")
+        return data
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, v: Any) -> AlgorithmConfig:
+        return AlgorithmConfig.parse(v)
+
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
         if self.weights is None and self.activations is None:
             raise ValueError("a recipe must quantize weights, activations or both")
-        if self.algorithm == "gptq" and (self.weights is None or self.weights.format != "int"):
-            raise ValueError("algorithm 'gptq' needs uniform integer weights (weights.format: int)")
+        self.algorithm.check(self)
         for where, args in [("weights", self.weights)] + [
             (f"overrides[{i}].weights", o.weights) for i, o in enumerate(self.overrides)
         ]:
@@ -224,5 +295,5 @@ class Recipe(Strict):
     def needs_calibration(self) -> bool:
         """True when some activation range must be observed on data (static quantization)."""
         acts = [self.activations] + [o.activations for o in self.overrides]
-        return (self.smoothing is not None or self.algorithm == "gptq"
+        return (self.smoothing is not None or self.algorithm.needs_data
                 or any(a is not None and not a.dynamic for a in acts))

@@ -47,7 +47,7 @@ def test_preset_settings(name):
     assert isinstance(r, Recipe)
     assert r.name == name
     assert r.description
-    assert r.algorithm == "rtn"
+    assert r.algorithm.name == "rtn"
     w_exp, a_exp = EXPECTED_PRESETS[name]
     assert r.weights is not None
     for k, v in w_exp.items():
