@@ -17,6 +17,7 @@ FORMAT = "secquant.artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "secquant.json"
 WEIGHTS_NAME = "model.safetensors"
+SAFETENSORS_METADATA = {"format": FORMAT, "format_version": "1"}  # in model.safetensors' header
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 32  # a real manifest nests about 6 deep
 

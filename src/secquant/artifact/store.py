@@ -21,28 +21,14 @@ from torch import nn
 from .._version import __version__
 from ..errors import ArtifactError
 from ..models.base import ModelHandle
-from ..quant.modules import build_empty
+from ..quant.modules import build_empty, tensors_for_save
 from .checks import check_files
 from .fsutil import atomic_dir
 from .hashing import file_sha256
 from .manifest import (
-    MANIFEST_NAME, WEIGHTS_NAME, CalibrationEntry, Manifest, ModelEntry, PrivacyLedger, SourceEntry,
+    MANIFEST_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, CalibrationEntry, Manifest, ModelEntry, PrivacyLedger, SourceEntry,
     read_manifest,
 )
-
-
-def tensors_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous copies; tensors that share storage are cloned (safetensors refuses aliasing)."""
-    out, seen = {}, set()
-    for k, v in module.state_dict().items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
-        if key is not None and key in seen:
-            v = v.clone()
-        elif key is not None:
-            seen.add(key)
-        out[k] = v.contiguous()
-    return out
 
 
 def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source: SourceEntry,
@@ -66,7 +52,7 @@ def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, lay
     """Write the artifact directory atomically and return its manifest."""
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors_for_save(module), str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "secquant.artifact", "format_version": "1"})
+                  metadata=SAFETENSORS_METADATA)
         for rel, src in handle.arch_files.items():
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
