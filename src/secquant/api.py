@@ -436,7 +436,7 @@ def qat(
     secquant.privacy.dp_training for what that does and does not cover); its noise and sampling come from
     an unrecorded OS-seeded generator, so a `seed` is refused. `calib` must then be public data with no
     training sample in it (checked). Files are identified by hash; names only with `record_source_name`."""
-    from .quant.algorithms import convert_qat, init_activation_ranges, prepare_qat, train_qat
+    from .quant.algorithms.qat import retrain
 
     if epochs < 1:
         raise SecquantError("--epochs must be at least 1")
@@ -483,40 +483,11 @@ def qat(
         qm.source_commitment_key = key
         return qm
     seed = 0 if seed is None else int(seed)
-    torch.manual_seed(seed)
-    qmodule = copy.deepcopy(float_module)
-    for p in qmodule.parameters():
-        p.requires_grad_(True)
-    prepare_qat(qmodule, recipe)
-    calib_batches = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else \
-        (x[i:i + cal.batch_size] for i in range(0, min(len(x), cal.num_samples), cal.batch_size))
-    init_activation_ranges(qmodule, calib_batches, handle.run)
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches():
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(perm), batch_size):
-            b = perm[i:i + batch_size]
-            yield x[b], y[b]
-
-    ckpt = None
-    if checkpoint_dir is not None:
-        from safetensors.torch import save_file
-
-        cdir = Path(checkpoint_dir)
-        cdir.mkdir(parents=True, exist_ok=True)
-
-        def ckpt(epoch: int, m: nn.Module) -> None:
-            tmp = cdir / f".epoch-{epoch}.tmp"
-            save_file({k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}, str(tmp))
-            tmp.replace(cdir / f"epoch-{epoch}.safetensors")
-
-    losses = train_qat(qmodule, batches, torch.nn.functional.cross_entropy, epochs, lr, checkpoint_fn=ckpt,
-                       progress=progress("training", epochs))
-    layers = convert_qat(qmodule)
-    qmodule.eval()
-    for p in qmodule.parameters():
-        p.requires_grad_(False)
+    qmodule, layers, losses = retrain(
+        float_module, recipe, x, y, handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size)
+        if calib else None, handle.run, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        checkpoint_fn=_checkpoints(checkpoint_dir) if checkpoint_dir is not None else None,
+        progress=progress("training", epochs))
     if train:
         fields, _ = _file_source(train, record_source_name, private=False, what="training file")
     else:
@@ -526,3 +497,18 @@ def qat(
                 "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "train_samples": int(len(y)),
                 "losses": [round(v, 6) for v in losses]}
     return _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training)
+
+
+def _checkpoints(directory: str | Path) -> Callable[[int, nn.Module], None]:
+    """A QAT checkpoint writer: DIR/epoch-N.safetensors after every epoch, each written whole or not at all."""
+    from safetensors.torch import save_file
+
+    cdir = Path(directory)
+    cdir.mkdir(parents=True, exist_ok=True)
+
+    def write(epoch: int, m: nn.Module) -> None:
+        tmp = cdir / f".epoch-{epoch}.tmp"
+        save_file({k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}, str(tmp))
+        tmp.replace(cdir / f"epoch-{epoch}.safetensors")
+
+    return write

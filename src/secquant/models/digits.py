@@ -75,21 +75,15 @@ def cache_dir() -> Path:
 
 def train_digits(epochs: int = 40, seed: int = 0) -> DigitsCNN:
     """Deterministic training on the member split (full batch order fixed by the seed)."""
+    from ..quant.algorithms.training import fit, gradient_step, shuffled
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitsCNN()
     data = splits()
-    x, y = data["train_x"], data["train_y"]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    return model.eval()
+    fit(model, shuffled(data["train_x"], data["train_y"], 64, g), epochs, gradient_step(model, opt))
+    return model
 
 
 def pretrained_digits() -> DigitsCNN:

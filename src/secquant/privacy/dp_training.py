@@ -63,6 +63,7 @@ from ..errors import CalibrationError, ModelError
 from ..quant.algorithms import convert_qat, init_activation_ranges, prepare_qat
 from ..quant.algorithms.qat import QATLayer
 from ..quant.algorithms.rtn import set_submodule
+from ..quant.algorithms.training import fit
 from .budget import NEIGHBOURS, PrivacyError, check_delta, check_epsilon, dp_count, resolve_delta
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -280,29 +281,29 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
     dp_opt = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=sigma, max_grad_norm=float(max_grad_norm),
                          expected_batch_size=batch_size, generator=gen, secure_mode=True)
     acct = create_accountant(accountant)
-    model.train()  # the model holds no BatchNorm, so train/eval only matters for dropout
     names = [nm for nm, p in model.named_parameters() if p.requires_grad]
     by_name = dict(model.named_parameters())
     ps_grad = _per_sample_grad_fn(model, loss_fn)
     done = 0
-    for _ in range(epochs):
-        for xb, yb in loader:
-            current = {nm: by_name[nm].detach() for nm in names}
-            if len(xb):
-                grads = ps_grad(current, xb, yb)
-            else:  # Poisson sampling can draw an empty batch: the step still happens (noise only)
-                grads = {nm: torch.zeros((0, *by_name[nm].shape)) for nm in names}
-            for nm in names:
-                by_name[nm].grad_sample = grads[nm].detach()
-            dp_opt.step()
-            dp_opt.zero_grad(set_to_none=True)
-            acct.step(noise_multiplier=sigma, sample_rate=sample_rate)
-            done += 1
-        if progress:
-            progress(1)
+
+    def step(xb, yb) -> None:  # per-sample gradients, clipped and noised by the DP optimizer; no loss computed
+        nonlocal done
+        current = {nm: by_name[nm].detach() for nm in names}
+        if len(xb):
+            grads = ps_grad(current, xb, yb)
+        else:  # Poisson sampling can draw an empty batch: the step still happens (noise only)
+            grads = {nm: torch.zeros((0, *by_name[nm].shape)) for nm in names}
+        for nm in names:
+            by_name[nm].grad_sample = grads[nm].detach()
+        dp_opt.step()
+        dp_opt.zero_grad(set_to_none=True)
+        acct.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        done += 1
+
+    # the model holds no BatchNorm, so train/eval mode only matters for dropout
+    fit(model, lambda: loader, epochs, step, progress=progress)
     for p in params:
         p.grad_sample = None
-    model.eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps_sgd = float(acct.get_epsilon(delta))

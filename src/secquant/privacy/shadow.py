@@ -22,13 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SecquantError
-from ..quant.algorithms import (
-    convert_qat,
-    init_activation_ranges,
-    prepare_qat,
-    quantize_model,
-    train_qat,
-)
+from ..quant.algorithms import quantize_model
+from ..quant.algorithms.qat import retrain
+from ..quant.algorithms.training import fit, gradient_step, shuffled
 from ..quant.schema import Recipe
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -149,15 +145,7 @@ def train_classifier(template: nn.Module, x: torch.Tensor, y: torch.Tensor, seed
         torch.manual_seed(seed)
         model = reinitialized(template)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        model.train()
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), cfg.batch_size):
-                b = perm[i:i + cfg.batch_size]
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[b]), y[b]).backward()
-                opt.step()
-    model.eval()
+        fit(model, shuffled(x, y, cfg.batch_size, g), cfg.epochs, gradient_step(model, opt))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -186,29 +174,11 @@ def quantize_like(model: nn.Module, target: TargetRecipe, x_in: torch.Tensor, y_
             quantize_model(q, recipe, lambda: (xc[i:i + cal.batch_size] for i in range(0, len(xc), cal.batch_size)),
                            _run)
             return q.eval()
-        # The steps of secquant.api.qat, repeated here on the shadow's own training set.
+        # secquant.api.qat's retraining, on the shadow's own training set
         t = target.qat
-        torch.manual_seed(t["seed"])
-        q = copy.deepcopy(model)
-        for p in q.parameters():
-            p.requires_grad_(True)
-        prepare_qat(q, recipe)
         xc = x_in[:cal.num_samples]
-        init_activation_ranges(q, (xc[i:i + cal.batch_size] for i in range(0, len(xc), cal.batch_size)), _run)
-        gen = torch.Generator().manual_seed(t["seed"])
-        bs = t["batch_size"]
-
-        def batches():
-            perm = torch.randperm(len(y_in), generator=gen)
-            for i in range(0, len(perm), bs):
-                b = perm[i:i + bs]
-                yield x_in[b], y_in[b]
-
-        train_qat(q, batches, nn.functional.cross_entropy, t["epochs"], t["lr"])
-        convert_qat(q)
-        q.eval()
-        for p in q.parameters():
-            p.requires_grad_(False)
+        q, _, _ = retrain(model, recipe, x_in, y_in, (xc[i:i + cal.batch_size] for i in range(0, len(xc), cal.batch_size)),
+                          _run, epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"], seed=t["seed"])
         return q
 
 

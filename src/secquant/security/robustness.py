@@ -15,7 +15,6 @@ FGSM/PGD are written here (a dozen lines each) because no adversarial-attack lib
 
 from __future__ import annotations
 
-import copy
 import math
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -217,33 +216,16 @@ def defensive_qat(float_model: nn.Module, recipe, x: torch.Tensor, y: torch.Tens
 
     Returns the converted quantized module (ordinary secquant quantized layers) and the epoch losses.
     """
-    from ..quant.algorithms import convert_qat, init_activation_ranges, prepare_qat, train_qat
+    from ..quant.algorithms.qat import retrain
 
     if epochs < 1:
         raise SecquantError("defensive QAT needs at least one epoch")
     if beta < 0:
         raise SecquantError("--beta (Lipschitz penalty weight) must be >= 0")
-    torch.manual_seed(seed)
-    model = copy.deepcopy(float_model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    prepare_qat(model, recipe)
-    init_activation_ranges(model, (x[i:i + batch_size] for i in range(0, min(len(x), calib_samples), batch_size)),
-                           lambda m, b: m(b))
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches():
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(perm), batch_size):
-            b = perm[i:i + batch_size]
-            yield x[b], y[b]
-
-    reg = (lambda m: lipschitz_penalty(m, beta)) if beta > 0 else None
-    losses = train_qat(model, batches, F.cross_entropy, epochs, lr, regularizer=reg)
-    convert_qat(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    calib = (x[i:i + batch_size] for i in range(0, min(len(x), calib_samples), batch_size))
+    model, _, losses = retrain(float_model, recipe, x, y, calib, lambda m, b: m(b), epochs=epochs, lr=lr,
+                               batch_size=batch_size, seed=seed, loss_fn=F.cross_entropy,
+                               regularizer=(lambda m: lipschitz_penalty(m, beta)) if beta > 0 else None)
     return model, losses
 
 

@@ -9,6 +9,7 @@ secquant quantized modules, so a retrained model saves and loads like any other 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +25,7 @@ from ..primitives import (
     PerGroup, PerTensor, PerToken, choose_qparams, group_view, qrange, reduce_range, ungroup_view,
 )
 from ..primitives.affine import expand_qparam
+from .training import fit, gradient_step, shuffled
 from .rtn import check_finite, plan, set_submodule
 
 
@@ -186,34 +188,43 @@ def train_qat(model: nn.Module, train_batches: Callable[[], Iterable], loss_fn: 
               *, checkpoint_fn: Callable[[int, nn.Module], None] | None = None,
               progress: Callable[[int], None] | None = None,
               regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> list[float]:
-    """Adam on weights, biases, step sizes and zero points; returns the mean loss of each epoch.
+    """Adam (cosine-annealed) on weights, biases, step sizes and zero points; returns each epoch's mean loss.
 
     `regularizer(model)`, when given, is added to every batch's loss (e.g. a Lipschitz penalty).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    losses = []
-    for epoch in range(epochs):
-        model.train()
-        total, n = 0.0, 0
-        for x, y in train_batches():
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            if regularizer is not None:
-                loss = loss + regularizer(model)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-        sched.step()
-        losses.append(total / max(1, n))
-        if checkpoint_fn:
-            checkpoint_fn(epoch + 1, model)
-        if progress:
-            progress(1)
+    return fit(model, train_batches, epochs, gradient_step(model, opt, loss_fn, regularizer), scheduler=sched,
+               checkpoint_fn=checkpoint_fn, progress=progress)
+
+
+def retrain(float_module: nn.Module, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
+            calib_batches: Iterable | None, run_batch: Callable[[nn.Module, Any], Any], *, epochs: int, lr: float,
+            batch_size: int, seed: int, loss_fn: Callable = F.cross_entropy,
+            regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+            checkpoint_fn: Callable[[int, nn.Module], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> tuple[nn.Module, dict[str, dict], list[float]]:
+    """Quantization-aware retraining (LSQ) of a copy of `float_module` on (x, y): wrap the recipe's layers,
+    start static activation ranges from `calib_batches` (default: the first training samples), train with a
+    seeded shuffle, and convert to ordinary quantized layers. Returns (module, layers, epoch losses)."""
+    cal = recipe.calibration
+    torch.manual_seed(seed)
+    model = copy.deepcopy(float_module)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    prepare_qat(model, recipe)
+    if calib_batches is None:
+        xc = x[:cal.num_samples]
+        calib_batches = (xc[i:i + cal.batch_size] for i in range(0, len(xc), cal.batch_size))
+    init_activation_ranges(model, calib_batches, run_batch)
+    batches = shuffled(x, y, batch_size, torch.Generator().manual_seed(seed))
+    losses = train_qat(model, batches, loss_fn, epochs, lr, checkpoint_fn=checkpoint_fn, progress=progress,
+                       regularizer=regularizer)
+    layers = convert_qat(model)
     model.eval()
-    return losses
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, layers, losses
 
 
 @torch.no_grad()
