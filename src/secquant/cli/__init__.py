@@ -369,7 +369,7 @@ def demo(
 # Command groups that live in their own modules (cli/<area>.py, each with `register(app, audit)`).
 audit = typer.Typer(no_args_is_help=True, help="Audit models: privacy leakage, robustness, quantization divergence.")
 app.add_typer(audit, name="audit")
-_COMMAND_MODULES = ("export", "integrity", "mask", "membership", "robustness", "server", "watermark")
+_COMMAND_MODULES = ("export", "integrity", "mask", "membership", "private", "robustness", "server", "watermark")
 
 
 def _register_all() -> None:
