@@ -48,8 +48,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         the plaintext quantized model."""
         from ..runtime.private import private_evaluate
 
-        err.print(f"running {samples} sample(s) among {parties} parties on 127.0.0.1 (this takes seconds per sample)")
-        res = private_evaluate(artifact, samples=samples, parties=parties, data=data, precision_bits=precision_bits)
+        res = private_evaluate(artifact, samples=samples, parties=parties, data=data, precision_bits=precision_bits,
+                               log=lambda s: err.print(s, highlight=False, soft_wrap=True))
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return

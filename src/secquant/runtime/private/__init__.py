@@ -4,13 +4,15 @@ The client's input and the model's weights are both secret-shared (Shamir, thres
 honest majority); only the client learns the predicted label. The quantized model maps exactly onto
 integer arithmetic (compile.py), the field is chosen from proved bounds (program.analyse), and MPyC
 runs it (engine.py) in three local processes authenticated with TLS (launch.py, tls.py).
-MPyC is imported only inside the party processes.
+Exports are lazy, so a party process imports neither torch nor the compiler; MPyC is imported only there.
 """
 
-from .backend import PrivateBackend, PrivateResult, private_evaluate
-from .compile import DEFAULT_PRECISION_BITS, UnsupportedLayerError, compile_program, encode_inputs
-from .program import Program, analyse, run_reference, worst_case_input
+from ..._lazy import lazy_exports
 
-__all__ = ["PrivateBackend", "PrivateResult", "private_evaluate", "compile_program", "encode_inputs",
-           "UnsupportedLayerError", "DEFAULT_PRECISION_BITS", "Program", "analyse", "run_reference",
-           "worst_case_input"]
+_EXPORTS = {"PrivateBackend": "backend", "PrivateResult": "backend", "private_evaluate": "backend",
+            "compile_program": "compile", "encode_inputs": "compile", "UnsupportedLayerError": "compile",
+            "DEFAULT_PRECISION_BITS": "compile", "Program": "program", "analyse": "program",
+            "run_reference": "program", "worst_case_input": "program"}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -52,14 +52,14 @@ class PrivateBackend:
         self.sample_shape = sample_shape
 
     @classmethod
-    def load(cls, artifact: Any, precision_bits: int = DEFAULT_PRECISION_BITS) -> "PrivateBackend":
+    def load(cls, artifact: Any, precision_bits: int = DEFAULT_PRECISION_BITS, exact: bool = True) -> "PrivateBackend":
         """From an artifact directory, a QuantizedModel, or a quantized nn.Module (with sample_shape known)."""
         qm = _as_quantized(artifact)
         shape = getattr(qm.handle.adapter, "sample_shape", None)
         if qm.handle.kind != "classifier" or shape is None:
             raise SecquantError(f"private inference runs tensor classifiers; {qm.manifest.model.spec} is an "
                                 f"{qm.handle.kind} without a fixed input shape")
-        return cls(compile_program(qm.module, tuple(shape), precision_bits), qm.module, tuple(shape))
+        return cls(compile_program(qm.module, tuple(shape), precision_bits, exact), qm.module, tuple(shape))
 
     def encode(self, x: torch.Tensor) -> np.ndarray:
         """The client's local step: raw inputs -> centered integer codes."""
@@ -91,14 +91,16 @@ class PrivateBackend:
 
 
 def _as_quantized(artifact: Any):
-    from ...api import QuantizedModel, load
-
-    if isinstance(artifact, QuantizedModel):
+    """A loaded model (anything with .module, .manifest, .handle: QuantizedModel, LoadedArtifact) or an
+    artifact directory, loaded with its hashes verified (naming a plain directory is the opt-in, as in eval)."""
+    if all(hasattr(artifact, a) for a in ("module", "manifest", "handle")):
         return artifact
     p = Path(artifact)
     if p.is_dir():
-        return load(p, allow_unsealed=True)
-    raise SecquantError(f"{p}: give an artifact directory or a QuantizedModel (open a sealed file first with "
+        from ...artifact.store import load_artifact
+
+        return load_artifact(p)
+    raise SecquantError(f"{p}: give an artifact directory or a loaded model (open a sealed file first with "
                         "`secquant open` or secquant.load(..., identity=, verify_key=))")
 
 
@@ -119,7 +121,8 @@ def _eval_samples(qm, data, samples: int) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def private_evaluate(artifact: Any, *, samples: int = 10, parties: int = 3, data: str | Path | None = None,
-                     precision_bits: int = DEFAULT_PRECISION_BITS, timeout: float = 1800.0) -> dict[str, Any]:
+                     precision_bits: int = DEFAULT_PRECISION_BITS, exact: bool = True, timeout: float = 1800.0,
+                     log=lambda s: None) -> dict[str, Any]:
     """Run `samples` held-out inputs through the secret-shared model on localhost and compare with the
     plaintext quantized model: agreement (top-1), accuracy, plain_accuracy, cost per sample, p, engine."""
     if parties != 3:
@@ -128,12 +131,14 @@ def private_evaluate(artifact: Any, *, samples: int = 10, parties: int = 3, data
     if not 1 <= samples <= 256:
         raise SecquantError("--samples must be between 1 and 256 (one secure session holds them all)")
     qm = _as_quantized(artifact)
-    backend = PrivateBackend.load(qm, precision_bits)
+    backend = PrivateBackend.load(qm, precision_bits, exact)
     x, y = _eval_samples(qm, data, samples)
     with torch.no_grad():
         plain_logits = qm.module(x).numpy()
     plain = plain_logits.argmax(axis=1)
     ref = backend.reference(x)
+    log(f"running {len(x)} sample(s) among 3 parties on 127.0.0.1 (MPyC, p of {backend.program.bit_length + 32} "
+        "bits): seconds per sample")
     res = backend.run(x, reveal_logits=True, timeout=timeout)
     n = len(x)
     out = {
@@ -145,6 +150,6 @@ def private_evaluate(artifact: Any, *, samples: int = 10, parties: int = 3, data
         "max_logit_diff": float(np.abs(res.logits - plain_logits).max()),
         "seconds_per_sample": res.seconds / n, "bytes_per_sample": res.bytes_total / n,
         "p": str(res.p), "p_bits": res.p.bit_length(), "bit_length": backend.program.bit_length,
-        "precision_bits": precision_bits, "recipe": qm.manifest.recipe.name,
+        "precision_bits": precision_bits, "exact_rounding": exact, "recipe": qm.manifest.recipe.name,
     }
     return out

@@ -148,8 +148,9 @@ def _shift_for(values: np.ndarray, precision_bits: int) -> int:
 
 
 def compile_program(module: nn.Module, sample_shape: tuple[int, ...],
-                    precision_bits: int = DEFAULT_PRECISION_BITS) -> Program:
-    """The integer program computing `module` (a quantized classifier) on one sample of `sample_shape`."""
+                    precision_bits: int = DEFAULT_PRECISION_BITS, exact: bool = True) -> Program:
+    """The integer program computing `module` (a quantized classifier) on one sample of `sample_shape`.
+    `exact=False` lets the engine round requantizations probabilistically (cheaper; not bit-exact)."""
     if not 8 <= precision_bits <= 48:
         raise SecquantError("precision_bits must be between 8 and 48")
     chain = trace_chain(module)
@@ -177,6 +178,9 @@ def compile_program(module: nn.Module, sample_shape: tuple[int, ...],
         end = layers[j + 1] if j + 1 < len(layers) else len(chain)
         shape, s_in = _segment(prog, name, layer, chain[li + 1:end], shape, s_in,
                                chain[end] if end < len(chain) else None, precision_bits)
+    for op in prog.ops:
+        if op["op"] == "requant":
+            op["exact"] = exact
     return analyse(prog)
 
 

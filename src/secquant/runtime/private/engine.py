@@ -50,11 +50,13 @@ def _maximum(mpc, a, b, bits: int):
 
 def _requant(mpc, v, m, n, op):
     """clamp(floor((m v + n) / 2^F), lo, hi): MPyC's probabilistic truncation gives floor or floor + 1;
-    one comparison of the remainder (in (-2^F, 2^F]) removes the + 1, so the result is exact."""
+    one comparison of the remainder (in (-2^F, 2^F]) removes the + 1, so the result is exact (op "exact":
+    False keeps MPyC's probabilistic rounding: cheaper, off by one now and then)."""
     f = op["shift"]
     u = v * m + n
     y = mpc.np_trunc(u, f=f, l=op["trunc_bits"])
-    y = y - _less_than_zero(mpc, u - y * (1 << f), op["fix_bits"])
+    if op.get("exact", True):
+        y = y - _less_than_zero(mpc, u - y * (1 << f), op["fix_bits"])
     lo, hi = op["lo"], op["hi"]
     y = y + _less_than_zero(mpc, y - lo, op["clamp_bits"]) * (lo - y)
     return y + _less_than_zero(mpc, hi - y, op["clamp_bits"]) * (hi - y)

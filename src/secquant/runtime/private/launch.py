@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
-def run_local(prog: Program, codes: np.ndarray, *, reveal_logits: bool = False, timeout: float = 600.0) -> dict:
+def run_local(prog: Program | Any, codes: np.ndarray, *, reveal_logits: bool = False, timeout: float = 600.0) -> dict:
     """Run `prog` on input codes [N, D] with three local party processes; returns the client's result
     with `bytes_total` (all parties) and `seconds` (the client's wall time from connection to output)."""
     root = Path(tempfile.mkdtemp(prefix="secquant-mpc-"))
@@ -64,7 +65,7 @@ def run_local(prog: Program, codes: np.ndarray, *, reveal_logits: bool = False, 
         public = root / "public.json"
         public.write_text(prog.public_json())
         np.savez(homes[1] / "secrets.npz", **prog.secrets)
-        np.save(homes[0] / "inputs.npy", np.ascontiguousarray(codes, dtype=np.int64))
+        np.save(homes[0] / "inputs.npy", np.ascontiguousarray(codes))
         peers = [f"127.0.0.1:{p}" for p in free_ports(PARTIES)]
         for i, home in enumerate(homes):
             cmd = party_command(i, peers, home, public, result=home / "result.json", reveal_logits=reveal_logits,

@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while args.sessions == 0 or done < args.sessions:
         try:
-            res = mpc.run(run_program(mpc, public, secrets, codes, args.reveal_logits))
+            if public.get("mode") == "fixed-point":  # the benchmark's peer (fixedpoint.py)
+                from .fixedpoint import run_fixed_point
+
+                res = mpc.run(run_fixed_point(mpc, public, secrets, codes))
+            else:
+                res = mpc.run(run_program(mpc, public, secrets, codes, args.reveal_logits))
         except ValueError as e:  # a refused session (e.g. batch too large): report it, keep serving
             print(f"party {args.pid}: session refused: {e}", file=sys.stderr, flush=True)
             if args.sessions:

@@ -75,10 +75,11 @@ def _floor_div_pow2(v: np.ndarray, f: int) -> np.ndarray:
     return v >> f if v.dtype != object else np.vectorize(lambda a: a >> f, otypes=[object])(v)
 
 
-def run_reference(prog: Program, x: np.ndarray, dtype=None) -> dict[str, np.ndarray]:
+def run_reference(prog: Program, x: np.ndarray, dtype=None, trace: list | None = None) -> dict[str, np.ndarray]:
     """The integer arithmetic of `prog` on centered input codes x [N, D]: {'logits', 'labels'}.
 
-    Computed in int64 when `analyse` proved every value fits, else in Python integers (exact either way)."""
+    Computed in int64 when `analyse` proved every value fits, else in Python integers (exact either way).
+    `trace`, if given, receives each op's output (and, for requant/logits, the value before truncation)."""
     if dtype is None:
         dtype = np.int64 if prog.stats.get("max_bits", INT64_SAFE_BITS + 1) <= INT64_SAFE_BITS else object
     v = np.asarray(x).astype(dtype)
@@ -98,7 +99,10 @@ def run_reference(prog: Program, x: np.ndarray, dtype=None) -> dict[str, np.ndar
             v = win.sum(axis=1) if kind == "sumpool" else win.max(axis=1)
         elif kind == "requant":
             m, n = prog.secrets[f"{i}.mult"].astype(dtype), prog.secrets[f"{i}.offset"].astype(dtype)
-            v = np.clip(_floor_div_pow2(v * m + n, op["shift"]), op["lo"], op["hi"])
+            u = v * m + n
+            if trace is not None:
+                trace.append(u)
+            v = np.clip(_floor_div_pow2(u, op["shift"]), op["lo"], op["hi"])
         elif kind == "logits":
             m, n = prog.secrets[f"{i}.mult"].astype(dtype), prog.secrets[f"{i}.offset"].astype(dtype)
             v = v * m + n
@@ -106,6 +110,8 @@ def run_reference(prog: Program, x: np.ndarray, dtype=None) -> dict[str, np.ndar
             out["labels"] = np.argmax(v, axis=1)
         else:
             raise ValueError(f"unknown op {kind!r}")
+        if trace is not None:
+            trace.append(v)
     return out
 
 
@@ -124,6 +130,7 @@ def analyse(prog: Program) -> Program:
     lo = np.full((1, d), inp["lo"], dtype=object)
     hi = np.full((1, d), inp["hi"], dtype=object)
     need = [bits_signed(inp["lo"], inp["hi"])]
+    bounds: list[tuple[np.ndarray, np.ndarray]] = []  # per element, in run_reference's trace order (owner only)
     for i, op in enumerate(prog.ops):
         kind = op["op"]
         if kind in ("conv", "dense"):
@@ -152,6 +159,8 @@ def analyse(prog: Program) -> Program:
             if (m < 0).any():
                 raise ValueError("requantization multipliers must be non-negative (sign folded into weights)")
             vlo, vhi = lo * m + n, hi * m + n
+            if kind == "requant":
+                bounds.append((vlo, vhi))
             vb = bits_signed(int(vlo.min()), int(vhi.max()))
             need.append(vb)
             if kind == "logits":
@@ -159,19 +168,23 @@ def analyse(prog: Program) -> Program:
                 # the engine's argmax compares differences of logits at the full bit length l
                 need.append(bits_signed(int(vlo.min() - vhi.max()), int(vhi.max() - vlo.min())))
                 lo, hi = vlo, vhi
+                bounds.append((lo, hi))
                 continue
             f = op["shift"]
             tlo, thi = np.floor_divide(vlo, 1 << f), np.floor_divide(vhi, 1 << f)
             op["trunc_bits"] = vb                                   # l for the engine's truncation
             op["fix_bits"] = f + 2                                  # y*2^f - v lies in (-2^f, 2^f]
-            op["clamp_bits"] = bits_signed(int(tlo.min()) - op["hi"], int(thi.max()) - op["lo"])
+            # + 1: probabilistic rounding (op "exact" False) may give floor + 1
+            op["clamp_bits"] = bits_signed(int(tlo.min()) - op["hi"], int(thi.max()) + 1 - op["lo"])
             need += [op["fix_bits"], op["clamp_bits"]]
             lo, hi = np.clip(tlo, op["lo"], op["hi"]), np.clip(thi, op["lo"], op["hi"])
         else:
             raise ValueError(f"unknown op {kind!r}")
+        bounds.append((lo, hi))
         need.append(bits_signed(int(lo.min()), int(hi.max())))
     prog.bit_length = max(need)
     prog.stats["max_bits"] = max(need)
+    prog.stats["bounds"] = bounds
     return prog
 
 
