@@ -347,13 +347,16 @@ def demo(
     preset: Optional[list[str]] = typer.Option(None, "--preset", help="restrict to these presets"),
     privacy: bool = typer.Option(True, "--privacy/--no-privacy", help="add the privacy part: DP calibration, "
                                                                        "PII masking, membership-inference audit"),
+    private_inference: bool = typer.Option(True, "--private-inference/--no-private-inference",
+                                           help="run digits-w8a8 secret-shared among 3 local parties (MPyC)"),
 ) -> None:
     """Quantize the built-in models with several presets, evaluate them (PyTorch and ONNX Runtime) and write a report."""
     from ..demo import run_demo
 
     with RichProgress() as prog:
         report = run_demo(out_dir, overwrite, model or None, preset or None, progress=prog,
-                          log=lambda s: err.print(s, highlight=False, soft_wrap=True), privacy=privacy)
+                          log=lambda s: err.print(s, highlight=False, soft_wrap=True), privacy=privacy,
+                          private_inference=private_inference)
     onnx_ms = {(s["model"], s["recipe"]): s["latency_ms"] for s in report["speed"]}
     t = Table(title=f"secquant demo ({out_dir}/report.html)")
     for c in ["model", "preset", "data", "metric", "value", "fp32", "size ratio", "ORT ms", "fp32 torch ms"]:

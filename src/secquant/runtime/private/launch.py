@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -46,12 +47,14 @@ def party_command(pid: int, peers: list[str], home: Path, public: Path, *, secre
     return cmd + (["--reveal-logits"] if reveal_logits else [])
 
 
-def _tail(path: Path, n: int = 3) -> str:
+def _tail(path: Path, n: int = 2) -> str:
+    """The first exception line a party printed (its cause, not the event loop's aftermath), else its last lines."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return " | ".join(lines[-n:])
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    return errors[0] if errors else " | ".join(lines[-n:])
 
 
 def run_local(prog: Program | Any, codes: np.ndarray, *, reveal_logits: bool = False, timeout: float = 600.0) -> dict:
