@@ -99,8 +99,10 @@ async def run_fixed_point(mpc, public: dict, secrets: dict | None, x: np.ndarray
     n = int(await mpc.output(mpc.input(mpc.SecInt(16)(len(x) if mpc.pid == CLIENT else 0), senders=CLIENT)))
 
     def share(value, shape, sender):
+        # integral=False for everyone: MPyC would mark the others' zeros integral and skip truncations they
+        # then do not run in step with the sender (a deadlock)
         arr = value if mpc.pid == sender else np.zeros(shape)
-        return mpc.input(secfxp.array(np.asarray(arr, dtype=np.float64)), senders=sender)
+        return mpc.input(secfxp.array(np.asarray(arr, dtype=np.float64), integral=False), senders=sender)
 
     v = share(x, (n, d), CLIENT)
     sec = {k: share(None if secrets is None else secrets[k], tuple(s), OWNER)
