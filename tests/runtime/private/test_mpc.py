@@ -137,6 +137,10 @@ def test_cli_private_eval_json_contract(cli, digits_artifact):
     assert res["agreement"] == 1.0 and res["bit_exact"] is True
     assert res["engine"].startswith("mpyc ") and int(res["p"]).bit_length() == res["bit_length"] + K + 2
     assert res["seconds_per_sample"] > 0 and res["bytes_per_sample"] > 0
+    from secquant.report.sections import private_inference_section  # the demo report renders this result
+
+    html = private_inference_section(res)["html"]
+    assert "2: helper" in html and "<td>bit_exact</td><td>True</td>" in html and res["engine"] in html
 
 
 def test_cli_refuses_two_parties_and_unsupported_artifacts(cli, digits_artifact, assert_user_error):
