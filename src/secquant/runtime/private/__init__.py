@@ -15,4 +15,5 @@ _EXPORTS = {"PrivateBackend": "backend", "PrivateResult": "backend", "private_ev
             "run_reference": "program", "worst_case_input": "program"}
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["DEFAULT_PRECISION_BITS", "PrivateBackend", "PrivateResult", "Program", "UnsupportedLayerError", "analyse",
+           "compile_program", "encode_inputs", "private_evaluate", "run_reference", "worst_case_input"]

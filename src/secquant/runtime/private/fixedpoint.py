@@ -48,7 +48,7 @@ def float_program(module: nn.Module, sample_shape: tuple[int, ...], bit_length: 
             continue
         m = mods.get(node.target) if node.op == "call_module" else None
         if isinstance(m, nn.Conv2d):
-            idx, ho, wo = conv_index(*shape, m.kernel_size, m.stride, m.padding)
+            _, ho, wo = conv_index(*shape, m.kernel_size, m.stride, m.padding)
             last = len(prog.ops)
             prog.ops.append({"op": "conv", "in_shape": list(shape), "kernel": list(m.kernel_size),
                              "stride": list(m.stride), "padding": list(m.padding)})
