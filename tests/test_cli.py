@@ -202,6 +202,8 @@ def test_demo_digits(cli, tmp_path):
         secquant.load(out / x["artifact"], allow_unsealed=True)
     html = (out / "report.html").read_text()
     assert "<svg" in html and "</svg>" in html and "<table>" in html
+    pi = report["private_inference"]  # digits-w8a8 secret-shared among 3 local parties (issue 17)
+    assert pi["agreement"] == 1.0 and pi["bit_exact"] is True and "<h2>Private inference</h2>" in html
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     # an existing output directory is refused...
     r = cli("demo", "--model", "builtin:digits", "--preset", "w8a16", "--out", out, "--no-privacy")

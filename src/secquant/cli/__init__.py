@@ -399,13 +399,16 @@ def demo(
     preset: Optional[list[str]] = typer.Option(None, "--preset", help="restrict to these presets"),
     privacy: bool = typer.Option(True, "--privacy/--no-privacy", help="add the privacy part: DP calibration, "
                                                                        "PII masking, membership-inference audit"),
+    private_inference: bool = typer.Option(True, "--private-inference/--no-private-inference",
+                                           help="run digits-w8a8 secret-shared among 3 local parties (MPyC)"),
 ) -> None:
     """Quantize the built-in models with several presets, evaluate them (PyTorch and ONNX Runtime) and write a report."""
     from ..demo import run_demo
 
     with RichProgress() as prog:
         report = run_demo(out_dir, overwrite, model or None, preset or None, progress=prog,
-                          log=lambda s: err.print(s, highlight=False, soft_wrap=True), privacy=privacy)
+                          log=lambda s: err.print(s, highlight=False, soft_wrap=True), privacy=privacy,
+                          private_inference=private_inference)
     onnx_ms = {(s["model"], s["recipe"]): s["latency_ms"] for s in report["speed"]}
     t = Table(title=f"secquant demo ({out_dir}/report.html)")
     for c in ["model", "preset", "data", "metric", "value", "fp32", "size ratio", "ORT ms", "fp32 torch ms"]:
@@ -421,7 +424,7 @@ def demo(
 # Command groups that live in their own modules (cli/<area>.py, each with `register(app, audit)`).
 audit = typer.Typer(no_args_is_help=True, help="Audit models: privacy leakage, robustness, quantization divergence.")
 app.add_typer(audit, name="audit")
-_COMMAND_MODULES = ("export", "integrity", "mask", "membership", "robustness", "server", "watermark")
+_COMMAND_MODULES = ("export", "integrity", "mask", "membership", "private", "robustness", "server", "watermark")
 
 
 def _register_all() -> None:

@@ -57,3 +57,30 @@ def security_section(info: dict[str, Any]) -> dict[str, str]:
             "recipients), opened again in memory, its integrity checksums checked (and a flipped bit caught and "
             "repaired), and a keyed watermark embedded and verified.</p>")
     return {"title": "Security", "html": note + _table(rows, ["check", "result"])}
+
+
+PARTY_VIEWS = [
+    {"party": "0: client", "holds": "its input (quantized locally to integer codes)",
+     "sees": "one Shamir share of every secret value; masked openings of comparisons and truncations "
+             "(statistically hiding, 2^-30); the public program; the predicted label (only it receives output)"},
+    {"party": "1: model owner", "holds": "integer weights, requantization multipliers and offsets",
+     "sees": "one share of every secret value (the client's input included); masked openings; the public "
+             "program; the batch size. Not the input, not the label"},
+    {"party": "2: helper", "holds": "nothing of its own",
+     "sees": "one share of every secret value; masked openings; the public program. Nothing in the clear"},
+]
+
+
+def private_inference_section(res: dict[str, Any]) -> dict[str, str]:
+    """Secret-shared inference of one artifact among 3 parties: fidelity, cost, and what each party sees."""
+    note = (f"<p class='note'>{html.escape(res['recipe'])} digits CNN secret-shared among 3 local processes "
+            f"({html.escape(res['engine'])}; {html.escape(res['protocol'])}) on {res['samples']} held-out images "
+            "(<code>secquant private-eval</code>). The model maps exactly onto integers in Z_p; p is chosen from "
+            "proved bounds on every intermediate value, so nothing wraps. Public to every party: the architecture, "
+            "the input quantizer, shifts, clamp bounds and comparison bit lengths (these reveal a few bits about "
+            "the weights' magnitudes).</p>")
+    rows = [{"metric": k, "value": res[k]} for k in ("agreement", "accuracy", "plain_accuracy", "bit_exact",
+                                                     "seconds_per_sample", "bytes_per_sample", "p_bits")]
+    return {"title": "Private inference",
+            "html": note + _table(rows, ["metric", "value"]) + "<h3>What each party sees</h3>"
+            + _table(PARTY_VIEWS, ["party", "holds", "sees"])}
