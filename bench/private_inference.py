@@ -35,7 +35,7 @@ from machine import cpu_counters, machine_line, other_load, replace_section, sou
 from secquant.models.digits import pretrained_digits, splits  # noqa: E402
 from secquant.recipes import Recipe  # noqa: E402
 from secquant.recipes.presets import A8_STATIC  # noqa: E402
-from secquant.recipes.schema import QuantArgs, Smoothing  # noqa: E402
+from secquant.quant.schema import QuantArgs, Smoothing  # noqa: E402
 from secquant.runtime.private import PrivateBackend, compile_program, run_reference  # noqa: E402
 from secquant.runtime.private.fixedpoint import float_program  # noqa: E402
 from secquant.runtime.private.launch import run_local  # noqa: E402

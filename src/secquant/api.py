@@ -158,119 +158,23 @@ def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dic
     return QuantizedModel(qmodule, manifest, handle, Path(out))
 
 
-def _file_source(path, record_name: bool, private: bool, what: str = "calibration file") -> tuple[dict, str | None]:
-    """CalibrationEntry fields naming a data file (hash; name only on request) and the commitment key, if any."""
-    from .privacy.provenance import file_commitment, file_sha256
-
-    fields: dict[str, Any] = {"source": str(path) if record_name else f"{what} (name not recorded)"}
-    if private:
-        fields["source_hmac_sha256"], key = file_commitment(path)
-        return fields, key
-    fields["source_sha256"] = file_sha256(path)
-    return fields, None
-
-
-def _presets_reading_private_data() -> tuple[list[str], list[str]]:
-    """(presets whose static activation ranges read --calib under --dp-epsilon, the others)."""
-    from .recipes import PRESETS
-
-    def static(r: Recipe) -> bool:
-        return any(a is not None and not a.dynamic for a in [r.activations] + [o.activations for o in r.overrides])
-
-    return [n for n, r in PRESETS.items() if static(r)], [n for n, r in PRESETS.items() if not static(r)]
-
-
-def _public_stages(recipe: Recipe) -> list[str]:
-    """The data-reading steps other than static activation ranges: under DP they run on synthetic inputs."""
-    stages = []
-    if recipe.smoothing is not None:
-        stages.append("activation-aware scale search (AWQ/SmoothQuant-style scales and clipping)")
-    if recipe.algorithm.needs_data:
-        stages.append(f"the {recipe.algorithm.name.upper()} weight algorithm's calibration statistics")
-    return stages
-
-
-def _no_private_data_entry(recipe: Recipe, handle: ModelHandle) -> dict[str, Any]:
-    """The ledger entry of a --dp-epsilon run whose recipe read no private data."""
-    from .privacy.synthetic import prior_provenance
-
-    reads, free = _presets_reading_private_data()
-    stages = _public_stages(recipe)
-    return {
-        "stage": "none: this artifact read no private data (epsilon = 0)",
-        "epsilon": 0.0, "delta": 0.0,
-        "statement": (f"--dp-epsilon spends budget only on static activation ranges, the one step that reads the "
-                      f"private calibration data; recipe {recipe.name!r} has no static activation quantizer, so the "
-                      f"private data was not read. Presets with static activation ranges (they read it, under DP): "
-                      f"{', '.join(reads)}. Presets that do not: {', '.join(free)}."),
-        "public_stages": ({st: "synthetic (data-free) inputs only" for st in stages} if stages
-                          else "none: the weights are quantized without data"),
-        "public_prior": prior_provenance(handle) if stages else None,
-    }
-
-
 def _quantize(handle: ModelHandle, recipe: Recipe, calib, data, progress: Progress, dp_epsilon, dp_delta,
               record_source_name: bool = False):
     """(quantized module, layers, calibration entry, privacy ledger entries, commitment key) for one recipe run."""
-    from .privacy.synthetic import SYNTHETIC, describe, prior_provenance, synthetic_source
+    from .privacy.plan import CalibrationPlan
 
+    plan = CalibrationPlan.decide(recipe, handle, calib, dp_epsilon, dp_delta)
     qmodule = copy.deepcopy(handle.module).eval()
-    cal = recipe.calibration
-    synthetic = calib == SYNTHETIC
-    if synthetic and dp_epsilon is not None:
-        raise SecquantError("--calib synthetic reads no private data, so there is nothing to spend a DP budget "
-                            "on: drop --dp-epsilon, or pass the private calibration file")
-    if dp_epsilon is not None and calib is None:
-        raise SecquantError("DP calibration needs the private calibration data: pass --calib FILE")
-    if dp_epsilon is None and dp_delta is not None:
-        raise SecquantError("--dp-delta needs --dp-epsilon")
-    if dp_epsilon is not None:
-        from .privacy.dp_calibration import check_budget
-
-        dp_delta = check_budget(dp_epsilon, dp_delta)
-    builtin_free = isinstance(handle.adapter, TensorClassifierAdapter) and handle.adapter.builtin is None
-    public = synthetic_source(handle, cal.num_samples, cal.seed) \
-        if (synthetic or dp_epsilon is not None) and recipe.needs_calibration else None
-    if synthetic or dp_epsilon is not None:
-        batches = (lambda: public(cal.batch_size)) if public else None  # noqa: E731
-    elif calib is not None or not builtin_free:
-        batches = lambda: handle.adapter.calibration_batches(data, cal.num_samples, cal.batch_size)  # noqa: E731
-    else:
-        batches = None
     try:
-        layers, n_samples = quantize_model(qmodule, recipe, batches, handle.run, progress)
-        privacy: list[dict] = []
-        static = any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values())
-        if dp_epsilon is not None and static:
-            from .privacy.dp_calibration import dp_calibrate
-
-            # one sample per batch, private and public: a sample's statistic is everything the quantizer saw
-            # while it ran alone, so neither padding nor a reshape of samples into rows can mix samples
-            res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, 1), public(1),
-                               handle.run, dp_epsilon, dp_delta, progress("DP calibration", None))
-            res.ledger["public_prior"] = prior_provenance(handle)
-            res.ledger["public_stages"] = {st: "synthetic (data-free) inputs only" for st in _public_stages(recipe)}
-            privacy.append(res.ledger)
-        elif dp_epsilon is not None:
-            privacy.append(_no_private_data_entry(recipe, handle))
+        layers, n_samples = quantize_model(qmodule, recipe, plan.stage_batches(recipe, handle, data), handle.run,
+                                           progress)
+        privacy = plan.spend(qmodule, layers, recipe, handle, data, progress)
     except SecquantError:
         raise
     except (RuntimeError, ValueError) as e:
         raise CalibrationError(f"quantization failed: the calibration data does not fit the model "
                                f"({str(e).splitlines()[0]})") from None
-    key = None
-    if dp_epsilon is not None and static:
-        fields, key = _file_source(calib, record_source_name, private=True, what="private calibration file")
-        calibration = CalibrationEntry(data="private", num_samples=None, **fields)
-    elif n_samples and (synthetic or dp_epsilon is not None):
-        calibration = CalibrationEntry(data="synthetic", source=describe(handle), num_samples=n_samples)
-    elif n_samples and calib is not None:
-        fields, _ = _file_source(calib, record_source_name, private=False)
-        calibration = CalibrationEntry(data="raw", num_samples=n_samples, **fields)
-    elif n_samples:
-        calibration = CalibrationEntry(data="raw", source=f"{handle.spec} (built-in)", num_samples=n_samples)
-    else:
-        calibration = CalibrationEntry(data="none")
+    calibration, key = plan.record(layers, n_samples, handle, record_source_name)
     return qmodule, layers, calibration, privacy, key
 
 
@@ -436,6 +340,7 @@ def qat(
     secquant.privacy.dp_training for what that does and does not cover); its noise and sampling come from
     an unrecorded OS-seeded generator, so a `seed` is refused. `calib` must then be public data with no
     training sample in it (checked). Files are identified by hash; names only with `record_source_name`."""
+    from .privacy.plan import file_source
     from .quant.algorithms.qat import retrain
 
     if epochs < 1:
@@ -473,7 +378,7 @@ def qat(
         spent = f" (DP-SGD, epsilon={training['dp']['epsilon']:.3g}, delta={training['dp']['delta']:.3g})"
         key = None
         if train:
-            fields, key = _file_source(train, record_source_name, private=True, what="private training file")
+            fields, key = file_source(train, record_source_name, private=True, what="private training file")
             fields["source"] += spent
         else:
             fields = {"source": f"{handle.spec} training split (built-in){spent}"}
@@ -489,7 +394,7 @@ def qat(
         checkpoint_fn=_checkpoints(checkpoint_dir) if checkpoint_dir is not None else None,
         progress=progress("training", epochs))
     if train:
-        fields, _ = _file_source(train, record_source_name, private=False, what="training file")
+        fields, _ = file_source(train, record_source_name, private=False, what="training file")
     else:
         fields = {"source": f"{handle.spec} training split (built-in)"}
     calibration = CalibrationEntry(data="raw", num_samples=int(len(y)), **fields)

@@ -34,6 +34,7 @@ class Adapter:
     """How to feed batches to a family of models and which data they have built in."""
 
     kind: Literal["classifier", "encoder"] = "classifier"
+    has_builtin_data: bool = False  # calibration/evaluation data to use when the user gives none
 
     def run(self, module: nn.Module, batch: Any) -> torch.Tensor:
         raise NotImplementedError

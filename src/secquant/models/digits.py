@@ -113,6 +113,10 @@ class TensorClassifierAdapter(Adapter):
         self.sample_shape = sample_shape
         self.builtin = builtin
 
+    @property
+    def has_builtin_data(self) -> bool:
+        return self.builtin is not None
+
     def run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return module(batch)
 

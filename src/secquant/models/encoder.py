@@ -139,6 +139,7 @@ def load_float_weights(enc: SentenceEncoder, sd: dict[str, torch.Tensor], source
 
 class EncoderAdapter(Adapter):
     kind = "encoder"
+    has_builtin_data = True  # the built-in sentence corpus
 
     def __init__(self, model_dir: Path, max_length: int) -> None:
         from transformers import AutoTokenizer

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from secquant.quant.modules import QuantLinear
-from secquant.recipes.schema import QuantArgs
+from secquant.quant.schema import QuantArgs
 
 W8 = QuantArgs(bits=8, symmetric=True, granularity="channel", axis=0)
 A8 = QuantArgs(bits=8, symmetric=False, granularity="tensor", observer="minmax")
