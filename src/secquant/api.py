@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from .artifact import (
     CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, load_artifact, save_artifact, state_dict_sha256,
 )
+from .artifact.fsutil import atomic_file, private_dir, refuse_existing
 from .artifact.store import build_manifest, describe
 from .errors import ArtifactError, CalibrationError, ModelError, SecquantError
 from .fidelity import compare, float_size_bytes
@@ -92,9 +92,8 @@ def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelH
 
 def _check_out(out: str | Path | None, overwrite: bool) -> None:
     """Fail before any work when the output exists (the write itself is atomic anyway)."""
-    if out is not None and Path(out).exists() and not overwrite:
-        from .errors import OutputExistsError
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    if out is not None:
+        refuse_existing(out, overwrite)
 
 
 def source_entry(float_module: nn.Module) -> SourceEntry:
@@ -221,26 +220,16 @@ def _integrity_guard(la: LoadedArtifact):
 
 
 def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory, min_release=None) -> QuantizedModel:
-    import shutil
-    import tempfile
-
     from .security import open_sealed, read_release
 
     if identity is None or verify_key is None:
         raise SecquantError(f"{p} is a file, so it is opened as a sealed model: give the age identity and the "
                             "signer's public key (--identity KEY --verify-key PUB, or identity= and verify_key=)")
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        raise SecquantError("no memory-backed /dev/shm to open the sealed model in: use `secquant open` to "
-                            "write a verified artifact directory, then load that")
-    work = Path(tempfile.mkdtemp(prefix="secquant-", dir=shm))  # mode 0700
-    try:
+    with private_dir("load", "use `secquant open` to write a verified artifact directory, then load that") as work:
         art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase,
                           min_release=min_release)
         la = load_artifact(art, model=model, factory=factory)
         return QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la), read_release(art))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, weights: str | None = None) -> nn.Module:
@@ -412,8 +401,7 @@ def _checkpoints(directory: str | Path) -> Callable[[int, nn.Module], None]:
     cdir.mkdir(parents=True, exist_ok=True)
 
     def write(epoch: int, m: nn.Module) -> None:
-        tmp = cdir / f".epoch-{epoch}.tmp"
-        save_file({k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}, str(tmp))
-        tmp.replace(cdir / f"epoch-{epoch}.safetensors")
+        with atomic_file(cdir / f"epoch-{epoch}.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}, str(tmp))
 
     return write

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .artifact.fsutil import refuse_existing
 from .artifact.manifest import SAFETENSORS_METADATA
-from .errors import ModelError, OutputExistsError, RecipeError
+from .errors import ModelError, RecipeError
 from .fidelity import float_size_bytes
 from .models import ModelHandle, load_model
 from .quant.algorithms.base import handler_for
@@ -71,8 +72,8 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     config = MixedPrecision(max_drop, metric, size_budget, time_budget, tuple(candidates)
                             if isinstance(candidates, Iterable) and not isinstance(candidates, str) else candidates)
     say = log or (lambda msg: None)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    if out is not None:
+        refuse_existing(out, overwrite)
     if isinstance(model, ModelHandle):
         handle = model
     elif isinstance(model, (str, Path)):

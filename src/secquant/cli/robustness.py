@@ -135,8 +135,10 @@ def _robustness_html(res: dict[str, Any], svgs: list[str]) -> str:
 
 
 def _check_out(out_dir: Path | None, overwrite: bool) -> None:
-    if out_dir is not None and out_dir.exists() and not overwrite:
-        raise SecquantError(f"{out_dir} already exists: choose another --out or pass --overwrite")
+    from ..artifact.fsutil import refuse_existing
+
+    if out_dir is not None:
+        refuse_existing(out_dir, overwrite)
 
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:

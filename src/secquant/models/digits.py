@@ -97,10 +97,10 @@ def pretrained_digits() -> DigitsCNN:
         except Exception:
             pass  # a corrupt cache is rebuilt below, never trusted
     model = train_digits()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    from ..artifact.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return model
 
 

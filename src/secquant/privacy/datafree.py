@@ -15,13 +15,13 @@ The method is a ~30-line optimization loop over torch hooks, written here.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifact.fsutil import atomic_file
 from ..errors import CalibrationError, ModelError
 
 DATA_LABEL = "synthetic (ZeroQ: inputs optimized to match BatchNorm running statistics)"
@@ -144,10 +144,6 @@ def save_calibration_file(x: torch.Tensor, path: str | Path) -> Path:
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         raise CalibrationError(f"{p}: synthetic calibration data is written as .safetensors")
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(p) as tmp:
         save_file({"inputs": x.detach().float().contiguous()}, str(tmp))
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
     return p

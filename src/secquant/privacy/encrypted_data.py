@@ -7,12 +7,10 @@ read from there, and removed when the caller is done: the plaintext never reache
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..artifact.fsutil import atomic_file, private_dir
 from ..errors import SecquantError
 
 AGE_SUFFIX = ".age"
@@ -39,12 +37,7 @@ def plaintext_path(path: str | Path | None, identity: str | Path | None = None,
     if identity is None:
         raise SecquantError(f"{src} is age-encrypted: pass --identity KEY (identity=...) to decrypt it in memory")
     ids = load_identities(identity, passphrase)
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        raise SecquantError("no memory-backed /dev/shm to decrypt the data in: decrypt it yourself to a "
-                            "protected location")
-    work = Path(tempfile.mkdtemp(prefix="secquant-data-", dir=shm))  # mode 0700
-    try:
+    with private_dir("data", "decrypt it yourself to a protected location") as work:
         plain = work / src.name[: -len(AGE_SUFFIX)]
         try:
             with open(src, "rb") as f, open(plain, "wb") as out:
@@ -53,8 +46,6 @@ def plaintext_path(path: str | Path | None, identity: str | Path | None = None,
             raise SecquantError(f"{src} cannot be decrypted with {identity}: it is not encrypted to this identity, "
                                 "or its bytes were modified") from None
         yield plain
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def encrypt_file(path: str | Path, recipients: list[str], out: str | Path | None = None) -> Path:
@@ -67,11 +58,6 @@ def encrypt_file(path: str | Path, recipients: list[str], out: str | Path | None
     if not src.is_file():
         raise SecquantError(f"{src} does not exist")
     dst = Path(out) if out else src.with_name(src.name + AGE_SUFFIX)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as f, open(tmp, "wb") as o:
-            pyrage.encrypt_io(f, o, load_recipients(list(recipients)))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(dst) as tmp, open(src, "rb") as f, open(tmp, "wb") as o:
+        pyrage.encrypt_io(f, o, load_recipients(list(recipients)))
     return dst

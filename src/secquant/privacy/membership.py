@@ -454,12 +454,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    from ..artifact.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(result: dict[str, Any], out: Path, overwrite: bool = False) -> tuple[Path, Path]:

@@ -149,7 +149,7 @@ class AlgorithmConfig(Strict):
         if not isinstance(value, dict):
             raise ValueError("algorithm must be a name or a mapping with a 'name'")
         name = value.get("name", "rtn")
-        if name not in cls.registry:
+        if not isinstance(name, str) or name not in cls.registry:
             raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(sorted(cls.registry))}")
         return cls.registry[name].model_validate(value)
 

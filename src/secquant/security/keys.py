@@ -20,7 +20,6 @@ read prints a warning.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import stat
 import sys
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pyrage import x25519
 
+from ..artifact.fsutil import atomic_file
 from ..errors import SecquantError
 from .pkcs8_scrypt import KeyProtection, encrypt_private_key, key_protection
 
@@ -52,16 +52,9 @@ class KeyFiles:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively with `mode` (temp name + link, so it appears whole or not at all)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.link(tmp, path)  # fails if path exists: never overwrite a key
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Create `path` with `mode`, whole or not at all, never replacing an existing key."""
+    with atomic_file(path, mode=mode, exclusive=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def keygen(out: str | Path, passphrase: str | None = None) -> KeyFiles:
@@ -207,12 +200,6 @@ def reprotect_sign_key(path: str | Path, passphrase: str, log_n: int | None = No
             log_n = age_scrypt_log_n(ident.read_bytes()[:4096])
         log_n = log_n or age_scrypt_log_n(pyrage.passphrase.encrypt(b"", passphrase)) or AGE_DEFAULT_LOG_N
     data = encrypt_private_key(key, passphrase, log_n)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(p, mode=0o600) as tmp:
+        tmp.write_bytes(data)
     return key_protection(data)

@@ -24,10 +24,10 @@ from pathlib import Path
 import pyrage
 
 from ..artifact.checks import check_files, verify_artifact_dir
-from ..artifact.fsutil import atomic_dir
+from ..artifact.fsutil import atomic_dir, atomic_file, refuse_existing
 from ..artifact.hashing import file_sha256
 from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
-from ..errors import ArtifactError, OutputExistsError, SecquantError
+from ..errors import ArtifactError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
 from .keys import check_sign_key, load_identities, load_recipients
 from .release import RELEASE_NAME, MAX_RELEASE, Release, check_release, new_release, read_release, write_release
@@ -127,15 +127,13 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
         raise ArtifactError(f"{src} is not an artifact directory")
     recips = load_recipients(list(recipients))
     rel = new_release(release)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
+    refuse_existing(out, overwrite)
     signer = _signer(Path(sign_key), sign_key_passphrase)
     with _staging_area(src) as stage_root, tempfile.TemporaryDirectory(prefix="secquant-seal-") as td:
         d = Path(stage_root) / "artifact"
         _stage_with_integrity(src, d, rel)
         files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
         sig = Path(td) / SIG_NAME
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         r_fd, w_fd = _wide_pipe()
         failure: list[BaseException] = []
 
@@ -151,22 +149,16 @@ def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, 
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(e)
 
-        with ThreadPoolExecutor(2) as ex:
+        with ThreadPoolExecutor(2) as ex, atomic_file(out) as tmp:
             signing = ex.submit(signer.sign, d, sig)
             producer = ex.submit(produce, signing)
-            try:
-                with os.fdopen(r_fd, "rb", buffering=_BUF) as r, open(tmp, "wb", buffering=_BUF) as dst:
-                    pyrage.encrypt_io(r, dst, recips)
-                producer.result()
-                if failure:
-                    if signing.done() and signing.exception():
-                        e = signing.exception()
-                        raise SecquantError(f"signing with {sign_key} failed: {e}")
-                    raise SecquantError(f"sealing failed while reading the artifact: {failure[0]}")
-                os.replace(tmp, out)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            with os.fdopen(r_fd, "rb", buffering=_BUF) as r, open(tmp, "wb", buffering=_BUF) as dst:
+                pyrage.encrypt_io(r, dst, recips)
+            producer.result()
+            if failure:
+                if signing.done() and signing.exception():
+                    raise SecquantError(f"signing with {sign_key} failed: {signing.exception()}")
+                raise SecquantError(f"sealing failed while reading the artifact: {failure[0]}")
     return out
 
 
@@ -276,18 +268,13 @@ def reseal(sealed: str | Path, identity: str | Path, recipients: list[str], out:
         raise SealError(f"sealed file {src} does not exist")
     ids = load_identities(identity, identity_passphrase)
     recips = load_recipients(list(recipients))
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    refuse_existing(out, overwrite)
     dec = _Decrypting(src, ids, identity)
     try:
-        with open(tmp, "wb") as dst:
-            pyrage.encrypt_io(dec.reader, dst, recips)
-        dec.finish()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(out) as tmp:
+            with open(tmp, "wb") as dst:
+                pyrage.encrypt_io(dec.reader, dst, recips)
+            dec.finish()
     finally:
         dec.reader.close()
     return out

@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-import tempfile
 from pathlib import Path
 
+from ..artifact.fsutil import atomic_file
+from ..errors import OutputExistsError
 from .db import ServerDBError
 
 SECRET_BYTES = 32
@@ -69,19 +70,12 @@ def load_or_create_secret(path: str | os.PathLike) -> bytes:
 
 def _create(path: Path) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # mode 0600
+        # exclusive: never replaces a secret another server just made (that one is then used)
+        with atomic_file(path, mode=0o600, exclusive=True) as tmp, open(tmp, "wb") as f:
+            f.write((secrets.token_bytes(SECRET_BYTES).hex() + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OutputExistsError:
+        pass
     except OSError as e:
         raise ServerSecretError(f"cannot create the server secret {path}: {e.strerror}") from None
-    try:
-        os.write(fd, (secrets.token_bytes(SECRET_BYTES).hex() + "\n").encode())
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        try:
-            os.link(tmp, path)  # atomic, and never replaces a secret another server just made
-        except FileExistsError:
-            pass
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ...artifact.fsutil import UMASK, atomic_file
 from ...errors import OutputExistsError
 from .common import ENTITIES, FORMATS, MaskingError
 from .operators import Masker, MaskKey, Replacement, read_key_material
@@ -19,17 +20,8 @@ from .reverse import TABLE_SUFFIX, decrypt_table, encrypt_table, sha256_file
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, mode=mode) as tmp:
+        tmp.write_bytes(data)
 
 
 class _AtomicFiles:
@@ -45,9 +37,7 @@ class _AtomicFiles:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         self.pending.append((Path(tmp), target))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions (keys stay 0600)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions (keys stay 0600)
         return fd, Path(tmp)
 
     def open(self, target: Path, newline: str | None = None):

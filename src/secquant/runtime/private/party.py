@@ -19,9 +19,10 @@ from .engine import CLIENT, OWNER, import_mpyc, run_program
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    from ...artifact.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj))
 
 
 def main(argv: list[str] | None = None) -> int:
