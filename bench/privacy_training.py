@@ -26,11 +26,8 @@ import torch
 
 import secquant
 from secquant.models import load_model
-from secquant.privacy.datafree import (
-    bn_mismatch,
-    save_calibration_file,
-    synthesize_from_batchnorm,
-)
+from secquant.models.data import write_tensors as save_calibration_file
+from secquant.quant.algorithms.datafree import bn_mismatch, synthesize_from_batchnorm
 
 QAT = {"w8a8": {"epochs": 3, "lr": 1e-3}, "w2a8": {"epochs": 10, "lr": 3e-3}}
 EPSILONS = [8.0, 1.0]
@@ -144,7 +141,7 @@ def write_md(path: Path, rows: list[dict], total: float, seeds: int) -> None:
             s = f"{r['seconds']:.1f}" if r.get("seconds") is not None else ""
             lines.append(f"| {r['preset']} | {r['data']} | {100 * r['acc']:.2f}% | {r['bn_mismatch']:.4f} | {s} |")
     lines += ["", ("BN mismatch: mean over BatchNorm layers of |batch mean - running mean| + |batch std - running "
-                   "std| per channel (secquant.privacy.datafree.bn_mismatch); 0 is a perfect match."), ""]
+                   "std| per channel (secquant.quant.algorithms.datafree.bn_mismatch); 0 is a perfect match."), ""]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)

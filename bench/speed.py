@@ -308,7 +308,7 @@ def bench_minilm(tmp: Path, repeats: int) -> None:
     add(V, "torch", "fp32", fp32_torch)
 
     fp32_onnx = tmp / "minilm-fp32.onnx"
-    export_float_onnx(fmod, "encoder", handle.adapter.encode(sents[:2]), fp32_onnx)
+    export_float_onnx(fmod, handle.adapter, handle.adapter.encode(sents[:2]), fp32_onnx)
 
     def ort_file(path_fn, note=""):
         def build(v):
@@ -394,7 +394,7 @@ def bench_digits(tmp: Path, repeats: int) -> None:
         v.fidelity = fidelity(v.run)
     add(V, "torch", "fp32", fp32_torch)
     fp32_onnx = tmp / "digits-fp32.onnx"
-    export_float_onnx(fmod, "classifier", tx[:2], fp32_onnx)
+    export_float_onnx(fmod, handle.adapter, tx[:2], fp32_onnx)
 
     def ort_file(path_fn):
         def build(v):

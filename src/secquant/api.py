@@ -60,9 +60,7 @@ class QuantizedModel:
             return self.module(*args, **kwargs)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Sentence embeddings (encoders only)."""
-        if self.handle.kind != "encoder":
-            raise ModelError("encode() is for sentence encoders; call the model on tensors instead")
+        """Outputs for raw texts (text models: sentence embeddings for encoders)."""
         with torch.no_grad():
             return self.handle.run(self.module, self.handle.adapter.encode(list(texts)))
 
@@ -84,7 +82,7 @@ def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelH
         return model
     if isinstance(model, nn.Module):
         shape = getattr(model, "sample_shape", None)
-        return ModelHandle(model.eval(), "classifier", f"python:{type(model).__qualname__}",
+        return ModelHandle(model.eval(), f"python:{type(model).__qualname__}",
                            {"loader": "module", "sample_shape": list(shape) if shape else None},
                            TensorClassifierAdapter(tuple(shape) if shape else None))
     return load_model(str(model), weights)
@@ -346,9 +344,6 @@ def qat(
     recipe = resolve_recipe(recipe)
     handle = _handle(model, weights)
     _check_out(out, overwrite)
-    if handle.kind != "classifier" or not hasattr(handle.adapter, "train_set"):
-        raise ModelError(f"QAT needs a labelled training set and a classification loss; {handle.spec} is an "
-                         f"{handle.kind}: use `secquant quantize` (PTQ) for it")
     x, y = handle.adapter.train_set(train)
     float_module = handle.module
     source = source_entry(float_module)

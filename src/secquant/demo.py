@@ -134,19 +134,7 @@ def run_demo(out: Path, overwrite: bool = False, models: list[str] | None = None
 
 def _private_calibration_file(spec: str, handle, scratch: Path) -> Path:
     """The model's built-in calibration set as a file, standing in for a user's private data."""
-    if handle.kind == "encoder":
-        from .models.encoder import builtin_sentences
-
-        p = scratch / "private-calibration.txt"
-        p.write_text("\n".join(builtin_sentences()[1]) + "\n", encoding="utf-8")
-        return p
-    from safetensors.torch import save_file
-
-    from .models.digits import splits
-
-    p = scratch / "private-calibration.safetensors"
-    save_file({"inputs": splits()["train_x"][:256].contiguous()}, str(p))
-    return p
+    return handle.adapter.write_builtin_calibration(scratch, 256)
 
 
 def _security(tmp: Path, scratch: Path, handle) -> dict[str, Any]:

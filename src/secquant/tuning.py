@@ -31,7 +31,6 @@ from .quant.schema import Recipe
 if TYPE_CHECKING:  # the api imports are done lazily (api.py may import this module)
     from .api import QuantizedModel
 
-TUNING_SAMPLES = {"classifier": 256, "encoder": 64}
 EVAL_BATCH_SIZE = 32
 Progress = Callable[[str, int | None], Callable[[int], None]]
 __all__ = ["tune", "TuneResult", "candidate_args"]
@@ -83,12 +82,12 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     check_finite(handle.module)
     batches = list(handle.adapter.eval_batches(data, EVAL_BATCH_SIZE))
     labelled = bool(batches) and all(y is not None for _, y in batches)
-    metric = config.metric or ("accuracy" if handle.kind == "classifier" and labelled else "cosine")
-    if metric == "accuracy" and handle.kind != "classifier":
-        raise RecipeError("metric 'accuracy' is for classifiers; use metric 'cosine' for this encoder")
+    metric = config.metric or ("accuracy" if handle.adapter.labelled and labelled else "cosine")
+    if metric == "accuracy" and not handle.adapter.labelled:
+        raise RecipeError(f"metric 'accuracy' is for classifiers; use metric 'cosine' for this {handle.kind}")
     scorer = Scorer(batches, handle.run, handle.module, metric)
     say(f"tuning {handle.spec}")
-    found = handler_for(config)(handle.module, config, scorer, tuning_samples=TUNING_SAMPLES.get(handle.kind, 256),
+    found = handler_for(config)(handle.module, config, scorer, tuning_samples=handle.adapter.tuning_samples,
                                 float_size=float_size_bytes(handle.module), progress=progress, log=log,
                                 artifact_metadata=SAFETENSORS_METADATA, saved=out is not None)
     summary = dict(found.summary, seconds=round(time.perf_counter() - t0, 3))

@@ -15,7 +15,7 @@ from secquant.errors import SecquantError
 from secquant.models.digits import splits
 from secquant.privacy.dp_calibration import gaussian_scale
 from secquant.privacy.encrypted_data import encrypt_file
-from secquant.privacy.synthetic import random_vocabulary_sentences
+from secquant.models.encoder import random_vocabulary_sentences
 from secquant.recipes import get_preset
 from secquant.security import keygen
 

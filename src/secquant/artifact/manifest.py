@@ -43,7 +43,8 @@ class LayerEntry(Strict):
 
 class ModelEntry(Strict):
     spec: str
-    kind: Literal["classifier", "encoder"]
+    kind: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", description="the model kind (models.ADAPTERS) that "
+                      "rebuilds it; an unknown kind is refused when loading")
     rebuild: dict[str, Any]
 
 

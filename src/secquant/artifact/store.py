@@ -7,7 +7,6 @@ and every tensor's name and shape before the weights are used.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import ArtifactError
-from ..models.base import ModelHandle
+from ..models import ModelHandle, rebuild_float
 from ..quant.modules import build_empty, tensors_for_save
 from .checks import check_files
 from .fsutil import atomic_dir
@@ -74,58 +73,6 @@ class LoadedArtifact:
     handle: ModelHandle
 
 
-# A float architecture rebuilt from an artifact's config may hold at most this many bytes per byte of the
-# artifact's weights file (2-bit codes are 16x smaller than fp32), so a config cannot ask for terabytes.
-MAX_FLOAT_BYTES_PER_WEIGHT_BYTE = 32
-MAX_SAMPLE_ELEMENTS = 2**24
-
-
-def _sample_shape(rb: dict[str, Any]) -> tuple[int, ...] | None:
-    """The per-sample input shape a manifest records, bounded (the server allocates canaries from it)."""
-    shape = rb.get("sample_shape")
-    if shape is None:
-        return None
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or \
-            not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 2**20 for n in shape) or \
-            math.prod(shape) > MAX_SAMPLE_ELEMENTS:
-        raise ArtifactError(f"the manifest's sample_shape {str(shape)[:80]} is not a plausible input shape "
-                            f"(1 to 8 positive sizes, at most {MAX_SAMPLE_ELEMENTS} elements)")
-    return tuple(shape)
-
-
-def _float_arch(d: Path, manifest: Manifest, model: nn.Module | None, factory: str | None) -> ModelHandle:
-    from ..models.digits import SAMPLE_SHAPE, DigitsCNN, TensorClassifierAdapter, splits
-    from ..models.encoder import EncoderAdapter, arch_files_of, build_encoder_arch
-
-    rb = manifest.model.rebuild
-    loader = rb.get("loader")
-    spec = manifest.model.spec
-    if model is not None:
-        return ModelHandle(model, manifest.model.kind, spec, rb, TensorClassifierAdapter(_sample_shape(rb)))
-    if loader == "builtin" and rb.get("name") == "digits":
-        return ModelHandle(DigitsCNN().eval(), "classifier", spec, rb, TensorClassifierAdapter(SAMPLE_SHAPE, splits()))
-    if loader == "hf-encoder":
-        max_bytes = MAX_FLOAT_BYTES_PER_WEIGHT_BYTE * (d / WEIGHTS_NAME).stat().st_size
-        enc = build_encoder_arch(d, rb.get("pooling", "mean"), bool(rb.get("normalize", False)), max_bytes=max_bytes)
-        max_length = rb.get("max_length", 128)
-        if not isinstance(max_length, int) or not 1 <= max_length <= 2**20:
-            raise ArtifactError(f"the manifest's max_length {str(max_length)[:40]} is not a sequence length")
-        return ModelHandle(enc, "encoder", spec, rb, EncoderAdapter(d, max_length), arch_files_of(d))
-    if loader == "factory":
-        if factory != rb.get("factory"):
-            raise ArtifactError(
-                f"this artifact is rebuilt by calling {str(rb.get('factory'))[:120]!r}; secquant runs no code named "
-                "by a file unless you confirm it: pass factory=... with that name (CLI: --factory)"
-            )
-        from ..models.factory import call_factory
-        m = call_factory(factory)
-        return ModelHandle(m.eval(), "classifier", spec, rb, TensorClassifierAdapter(_sample_shape(rb)))
-    if loader == "module":
-        raise ArtifactError("this artifact was made from a Python nn.Module: pass model=<an instance of the same "
-                            "architecture> to secquant.load")
-    raise ArtifactError(f"unknown model loader {str(loader)[:40]!r} in the manifest")
-
-
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -137,7 +84,7 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
         raise ArtifactError(f"{d} is not an artifact directory")
     manifest = read_manifest(d)
     check_files(d, manifest)
-    handle = _float_arch(d, manifest, model, factory)
+    handle = rebuild_float(d, manifest.model.kind, manifest.model.spec, manifest.model.rebuild, model, factory)
     root = handle.module
     for name, entry in manifest.layers.items():
         try:

@@ -44,7 +44,7 @@ def _input_range(text: str) -> tuple[float, float]:
 
 def _labelled(handle, data: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """All evaluation inputs and labels of a classifier (built-in held-out split or --data FILE)."""
-    if handle.kind != "classifier":
+    if not handle.adapter.labelled:
         raise SecquantError(f"{handle.spec} is an {handle.kind}: robustness audits need a classifier with labels")
     xs, ys = [], []
     for x, y in handle.adapter.eval_batches(str(data) if data else None, 256):

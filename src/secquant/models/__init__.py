@@ -1,17 +1,23 @@
-"""Float models in: built-ins, Hugging Face directories, `package.module:factory`."""
+"""Float models in: built-ins, Hugging Face directories, `package.module:factory`; and the adapters that
+hold everything kind-specific (ADAPTERS: one per kind of model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ..errors import ModelError
-from .base import Adapter, ModelHandle
+from torch import nn
+
+from ..errors import ArtifactError, ModelError
+from .base import Adapter, GraphIO, ModelHandle
 from .checkpoint import load_state_dict
-from .digits import DigitsCNN, TensorClassifierAdapter, load_builtin_digits, splits
-from .encoder import load_builtin_minilm, load_encoder_dir
+from .classifier import TensorClassifierAdapter
+from .digits import DigitsCNN, load_builtin_digits, splits
+from .encoder import EncoderAdapter, load_builtin_minilm, load_encoder_dir
 from .factory import is_factory_spec, load_factory
 
 BUILTINS = {"builtin:digits": load_builtin_digits, "builtin:minilm": load_builtin_minilm}
+ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter)}
 
 
 def load_model(spec: str, weights: str | None = None) -> ModelHandle:
@@ -35,5 +41,30 @@ def load_model(spec: str, weights: str | None = None) -> ModelHandle:
     )
 
 
-__all__ = ["Adapter", "ModelHandle", "DigitsCNN", "TensorClassifierAdapter", "load_model", "load_state_dict",
-           "load_builtin_digits", "load_builtin_minilm", "load_encoder_dir", "splits", "BUILTINS"]
+def adapter_class(kind: str) -> type[Adapter]:
+    """The adapter of a kind of model a manifest names."""
+    if kind not in ADAPTERS:
+        raise ArtifactError(f"unknown model kind {str(kind)[:40]!r} in the manifest: this secquant knows "
+                            f"{', '.join(ADAPTERS)}")
+    return ADAPTERS[kind]
+
+
+def adapter_for_artifact(d: Path, kind: str, rebuild: dict[str, Any]) -> Adapter:
+    """The adapter of an artifact's model kind, without building the model (to feed an exported graph)."""
+    return adapter_class(kind).for_artifact(Path(d), rebuild)
+
+
+def rebuild_float(d: Path, kind: str, spec: str, rebuild: dict[str, Any], model: nn.Module | None = None,
+                  factory: str | None = None) -> ModelHandle:
+    """The float architecture (untrained) an artifact directory's manifest describes, with its adapter.
+    Nothing the manifest names is imported or called without the caller's confirmation (see the adapters)."""
+    cls = adapter_class(kind)
+    if model is None and rebuild.get("loader") not in cls.loaders:
+        raise ArtifactError(f"a {kind} is not rebuilt by loader {str(rebuild.get('loader'))[:40]!r}")
+    module, adapter = cls.rebuild(Path(d), rebuild, spec, model, factory)
+    return ModelHandle(module, spec, rebuild, adapter, adapter.architecture_files(Path(d)))
+
+
+__all__ = ["Adapter", "GraphIO", "ModelHandle", "ADAPTERS", "BUILTINS", "DigitsCNN", "TensorClassifierAdapter",
+           "EncoderAdapter", "adapter_class", "adapter_for_artifact", "load_model", "load_state_dict", "load_builtin_digits",
+           "load_builtin_minilm", "load_encoder_dir", "rebuild_float", "splits"]

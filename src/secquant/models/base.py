@@ -1,14 +1,100 @@
-"""A loaded float model plus what secquant needs to calibrate, evaluate and rebuild it."""
+"""A loaded float model plus what secquant needs to calibrate, evaluate, export, serve and rebuild it.
+
+Everything that depends on the kind of model (a tensor classifier, a sentence encoder, ...) lives in one
+`Adapter` subclass per kind; the rest of secquant asks the adapter and never checks the kind. A new kind
+is a subclass registered in `models.ADAPTERS`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclass
+class GraphIO:
+    """How an adapter's batch becomes a traced graph's inputs and output (names, dynamic axes)."""
+
+    names: list[str]
+    args: tuple
+    kwargs: dict[str, Any] | None
+    output: str
+    axes: dict[str, dict[int, str]]
+
+
+class Adapter:
+    """How to feed a family of models: batches, data, metric, export and serving glue."""
+
+    kind: ClassVar[str] = "model"  # recorded in the manifest; models.ADAPTERS[kind] rebuilds it
+    loaders: ClassVar[tuple[str, ...]] = ()  # manifest `rebuild.loader` values this kind rebuilds
+    task: ClassVar[str] = "predict"  # what the server offers: "predict" (class scores) or "embed"
+    labelled: ClassVar[bool] = False  # outputs are class scores, so accuracy on labels is its metric
+    has_builtin_data: bool = False  # calibration/evaluation data to use when the user gives none
+    tuning_samples: ClassVar[int] = 64  # evaluation samples the mixed-precision search measures sensitivity on
+
+    # -- data --------------------------------------------------------------------------------------
+    def run(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calibration_batches(self, source: str | Path | None, num_samples: int, batch_size: int) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def eval_batches(self, source: str | Path | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        """(inputs, labels) batches; labels are None for models scored by cosine to the float outputs."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> Any:
+        """A batch from raw texts (text models)."""
+        raise ModelError(f"this model is a {self.kind}: it takes tensors, not texts")
+
+    def train_set(self, source: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) to retrain on (labelled models)."""
+        raise ModelError(f"retraining needs a labelled training set and a classification loss; this model is a "
+                         f"{self.kind}: use `secquant quantize` (post-training quantization) for it")
+
+    def architecture_files(self, directory: Path) -> dict[str, Path]:
+        """Files beside the weights that rebuild the float architecture (copied into artifacts)."""
+        return {}
+
+    def write_builtin_calibration(self, directory: Path, n: int) -> Path:
+        """The first `n` samples of the built-in calibration data as a file `--calib` reads."""
+        raise ModelError(f"this {self.kind} has no built-in calibration data")
+
+    # -- data-free inputs ----------------------------------------------------------------------------
+    def synthetic_batches(self, module: nn.Module, n: int, seed: int = 0) -> Callable[[int], Iterator[Any]]:
+        """`n` public calibration samples made without reading data; call the result with a batch size."""
+        raise ModelError(f"secquant cannot make data-free calibration inputs for a {self.kind}: pass --calib FILE")
+
+    synthetic_description: ClassVar[str] = "synthetic"
+
+    def synthetic_prior(self, spec: str) -> str:
+        """Where the data-free inputs' information comes from, for the privacy ledger."""
+        return self.synthetic_description
+
+    # -- export and serving --------------------------------------------------------------------------
+    def sample_batch(self) -> Any:
+        """A small batch to trace the model with (and to run integrity canaries on)."""
+        raise ModelError(f"this {self.kind} has no sample input: pass sample_input=<a batch>")
+
+    def graph_io(self, sample: Any) -> GraphIO:
+        raise NotImplementedError
+
+    def feeds(self, batch: Any, input_names: list[str]) -> dict[str, np.ndarray]:
+        """ONNX Runtime feeds for a batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_artifact(cls, directory: Path, rebuild: dict[str, Any]) -> Adapter:
+        """The adapter for an artifact directory of this kind, without its model."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -20,28 +106,14 @@ class ModelHandle:
     """
 
     module: nn.Module
-    kind: Literal["classifier", "encoder"]
     spec: str
     rebuild: dict[str, Any]
-    adapter: "Adapter"
+    adapter: Adapter
     arch_files: dict[str, Path] = field(default_factory=dict)  # artifact-relative name -> source file
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
 
     def run(self, module: nn.Module, batch: Any) -> torch.Tensor:
         return self.adapter.run(module, batch)
-
-
-class Adapter:
-    """How to feed batches to a family of models and which data they have built in."""
-
-    kind: Literal["classifier", "encoder"] = "classifier"
-    has_builtin_data: bool = False  # calibration/evaluation data to use when the user gives none
-
-    def run(self, module: nn.Module, batch: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def calibration_batches(self, source: str | Path | None, num_samples: int, batch_size: int) -> Iterator[Any]:
-        raise NotImplementedError
-
-    def eval_batches(self, source: str | Path | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        """(inputs, labels) for classifiers; (inputs, None) for encoders."""
-        raise NotImplementedError

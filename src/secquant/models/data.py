@@ -105,3 +105,17 @@ def input_tensor(data: dict[str, torch.Tensor], path: str | Path, sample_shape: 
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise CalibrationError(f"{path}: the inputs contain NaN or Inf")
     return x.float() if x.is_floating_point() else x
+
+
+def write_tensors(x: torch.Tensor, path: str | Path) -> Path:
+    """Write inputs as a `.safetensors` data file (key 'inputs') that --calib / --data read, atomically."""
+    from safetensors.torch import save_file
+
+    from ..artifact.fsutil import atomic_file
+
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise CalibrationError(f"{p}: tensor data is written as .safetensors")
+    with atomic_file(p) as tmp:
+        save_file({"inputs": x.detach().float().contiguous()}, str(tmp))
+    return p

@@ -10,7 +10,7 @@ presets) does not open it once the weights are cached.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import Adapter, ModelHandle
-from .data import input_tensor, read_tensors
+from .base import ModelHandle
+from .classifier import TensorClassifierAdapter
 
 SAMPLE_SHAPE = (1, 8, 8)
 CACHE_NAME = "digits-cnn-v1.safetensors"
@@ -104,69 +104,11 @@ def pretrained_digits() -> DigitsCNN:
     return model
 
 
-class TensorClassifierAdapter(Adapter):
-    """Models fed one float tensor, returning logits; data from the built-in set or a file."""
-
-    kind = "classifier"
-
-    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.sample_shape = sample_shape
-        self.builtin = builtin
-
-    @property
-    def has_builtin_data(self) -> bool:
-        return self.builtin is not None
-
-    def run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return module(batch)
-
-    def _file_inputs(self, source) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data = read_tensors(source)
-        x = input_tensor(data, source, self.sample_shape)
-        return x, data.get("labels")
-
-    def calibration_batches(self, source, num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
-        if source is not None:
-            x, _ = self._file_inputs(source)
-        elif self.builtin is not None:
-            x = self.builtin["train_x"]
-        else:
-            from ..errors import CalibrationError
-            raise CalibrationError("this model has no built-in data: pass --calib FILE (.safetensors or .npy)")
-        x = x[:num_samples]
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size]
-
-    def train_set(self, source) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) to train on: the built-in member split, or a file with 'inputs' and 'labels'."""
-        from ..errors import CalibrationError
-        if source is not None:
-            x, y = self._file_inputs(source)
-            if y is None:
-                raise CalibrationError(f"{source}: training needs a 'labels' tensor next to 'inputs'")
-            if len(y) != len(x):
-                raise CalibrationError(f"{source}: {len(x)} inputs but {len(y)} labels")
-            return x, y.long()
-        if self.builtin is not None:
-            return self.builtin["train_x"], self.builtin["train_y"]
-        raise CalibrationError("this model has no built-in training set: pass --train FILE.safetensors "
-                               "with 'inputs' and 'labels'")
-
-    def eval_batches(self, source, batch_size: int):
-        if source is not None:
-            x, y = self._file_inputs(source)
-        elif self.builtin is not None:
-            x, y = self.builtin["test_x"], self.builtin["test_y"]
-        else:
-            from ..errors import CalibrationError
-            raise CalibrationError("this model has no built-in data: pass --data FILE (.safetensors with 'inputs' [and 'labels'])")
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
-
-
 def load_builtin_digits() -> ModelHandle:
-    return ModelHandle(
-        module=pretrained_digits(), kind="classifier", spec="builtin:digits",
-        rebuild={"loader": "builtin", "name": "digits"},
-        adapter=TensorClassifierAdapter(SAMPLE_SHAPE, LazySplits()),
-    )
+    return ModelHandle(module=pretrained_digits(), spec="builtin:digits", rebuild={"loader": "builtin", "name": "digits"},
+                       adapter=TensorClassifierAdapter(SAMPLE_SHAPE, LazySplits()))
+
+
+def digits_architecture() -> tuple[nn.Module, TensorClassifierAdapter]:
+    """The float architecture (untrained) and its adapter, for rebuilding an artifact made from builtin:digits."""
+    return DigitsCNN().eval(), TensorClassifierAdapter(SAMPLE_SHAPE, LazySplits())

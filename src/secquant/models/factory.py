@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import ModelError
 from .base import ModelHandle
 from .checkpoint import load_state_dict
-from .digits import TensorClassifierAdapter
+from .classifier import TensorClassifierAdapter
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -44,7 +44,7 @@ def load_factory(spec: str, weights: str | None) -> ModelHandle:
             raise ModelError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
     sample_shape = getattr(model, "sample_shape", None)
     return ModelHandle(
-        module=model.eval(), kind="classifier", spec=spec,
+        module=model.eval(), spec=spec,
         rebuild={"loader": "factory", "factory": spec,
                  "sample_shape": list(sample_shape) if sample_shape else None},
         adapter=TensorClassifierAdapter(tuple(sample_shape) if sample_shape else None),

@@ -19,7 +19,6 @@ _LAZY = {
     "generate_key": "masking",
     "dp_calibrate": "dp_calibration",
     "synthetic_source": "synthetic",
-    "synthesize_from_batchnorm": "datafree",
     "dp_qat": "dp_training",
     "verify_commitment": "provenance",
     "plaintext_path": "encrypted_data",

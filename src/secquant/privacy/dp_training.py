@@ -31,7 +31,7 @@ Privacy of what else the run reads: static activation ranges need an initial cal
 Under DP it never uses the private training set: it uses a file the caller declares public
 (`calib`), which must share no sample with the training set (checked by per-sample digests), or,
 without one, ZeroQ synthetic inputs distilled from the float model's BatchNorm statistics
-(secquant.privacy.datafree). Per-epoch training losses are statistics of the private data not
+(secquant.quant.algorithms.datafree). Per-epoch training losses are statistics of the private data not
 covered by epsilon, so they are not recorded.
 
 Randomness: the noise and the Poisson sampling both come from one torch Generator seeded from
@@ -361,7 +361,7 @@ def dp_qat(float_module: nn.Module, recipe, x: torch.Tensor, y: torch.Tensor, ru
                 raise CalibrationError("DP QAT with static activations needs public data for the initial activation "
                                        "ranges (the private training set is not used for them): pass --calib FILE, "
                                        "or use a dynamic-activation or weight-only preset")
-            from .datafree import DATA_LABEL, check_batchnorm, synthesize_from_batchnorm
+            from ..quant.algorithms.datafree import DATA_LABEL, check_batchnorm, synthesize_from_batchnorm
             try:
                 check_batchnorm(float_module)
             except CalibrationError:

@@ -147,7 +147,7 @@ def lira_offline_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, keep: np
 
 def _float_handle(model: str | ModelHandle) -> ModelHandle:
     handle = model if isinstance(model, ModelHandle) else load_model(str(model))
-    if handle.kind != "classifier":
+    if not handle.adapter.labelled:
         raise ModelError(f"{handle.spec} is an {handle.kind}: the membership audit needs a classifier "
                          "(labels and a classification loss)")
     split = getattr(handle.adapter, "builtin", None)
@@ -158,7 +158,9 @@ def _float_handle(model: str | ModelHandle) -> ModelHandle:
 
 
 def _check_source(m: Manifest, label: str, source_sha: str, float_spec: str) -> None:
-    if m.model.kind != "classifier":
+    from ..models import adapter_class
+
+    if not adapter_class(m.model.kind).labelled:
         raise ModelError(f"{label} is an {m.model.kind}: the membership audit needs a classifier")
     if m.source.weights_sha256 != source_sha:
         raise ModelError(f"{label} was quantized from a different model than {float_spec} (source weights hash "

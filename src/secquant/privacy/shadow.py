@@ -188,8 +188,7 @@ def _synthetic_source(model: nn.Module, shape: tuple[int, ...], cal: Any):
     from ..models import ModelHandle, TensorClassifierAdapter
     from .synthetic import synthetic_source
 
-    h = ModelHandle(module=model, kind="classifier", spec="shadow model", rebuild={},
-                    adapter=TensorClassifierAdapter(shape))
+    h = ModelHandle(module=model, spec="shadow model", rebuild={}, adapter=TensorClassifierAdapter(shape))
     return synthetic_source(h, cal.num_samples, cal.seed)
 
 

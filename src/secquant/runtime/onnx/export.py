@@ -8,7 +8,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,10 +15,8 @@ from ..._version import __version__
 from ...errors import SecquantError
 from .info import (
     DEFAULT_OPSET,
-    ENCODER_INPUTS,
     METADATA_KEY,
     ONNX_NAME,
-    SAMPLE_TEXTS,
     ExportFallbackWarning,
     ExportInfo,
     require_onnx,
@@ -30,11 +27,11 @@ from .trace import TRACE_LOCK, rewrite_layers, simplify, trace_model
 # Building, checking and writing
 # ----------------------------------------------------------------------------------------------
 
-def build_onnx(module: nn.Module, kind: str, sample, *, opset: int = DEFAULT_OPSET, strict: bool = False,
+def build_onnx(module: nn.Module, adapter, sample, *, opset: int = DEFAULT_OPSET, strict: bool = False,
                accuracy_level: int = 0, quantized: bool = True):
     """The ONNX ModelProto of a secquant model (quantized layers rewritten; float layers as traced)
-    and its ExportInfo, in memory. `kind` is "encoder" (sample: tokenizer dict) or "classifier"
-    (sample: input tensor); `quantized=False` exports every layer as a float layer."""
+    and its ExportInfo, in memory. The model's adapter (models.Adapter) names the graph's inputs and
+    output for `sample`, a batch as it makes them; `quantized=False` exports every layer as a float layer."""
     require_onnx()
     import onnx
     import onnx.version_converter
@@ -48,14 +45,14 @@ def build_onnx(module: nn.Module, kind: str, sample, *, opset: int = DEFAULT_OPS
     with tempfile.TemporaryDirectory(prefix="secquant-onnx-") as td:
         raw = Path(td) / "traced.onnx"
         with TRACE_LOCK:
-            names, output, layers, ranks = trace_model(module, kind, sample, opset, raw, quantized)
+            names, output, layers, ranks = trace_model(module, adapter, sample, opset, raw, quantized)
         model = onnx.load(str(raw))
     if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < opset:
         model = onnx.version_converter.convert_version(model, opset)
     simplify(model)
     records = rewrite_layers(model, layers, ranks, strict, accuracy_level) if layers else []
     model.producer_name, model.producer_version = "secquant", __version__
-    info = ExportInfo(__version__, opset, kind, names, output, records)
+    info = ExportInfo(__version__, opset, adapter.kind, names, output, records)
     _set_info(model, info)
     return model, info
 
@@ -80,18 +77,9 @@ def _save(model, path: Path, threshold: int) -> list[Path]:
     return [path]
 
 
-def _run_torch(module: nn.Module, kind: str, batch) -> torch.Tensor:
+def _run_torch(module: nn.Module, adapter, batch) -> torch.Tensor:
     with torch.no_grad():
-        if kind == "encoder":
-            return module(**{k: v for k, v in batch.items() if k in ENCODER_INPUTS}).float()
-        return module(batch).float()
-
-
-def _feeds(sess, kind: str, batch) -> dict[str, np.ndarray]:
-    names = [i.name for i in sess.get_inputs()]
-    if kind == "encoder":
-        return {n: batch[n].detach().cpu().numpy().astype(np.int64) for n in names}
-    return {names[0]: batch.detach().cpu().float().numpy()}
+        return adapter.run(module, batch).float()
 
 
 def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -118,7 +106,7 @@ def agrees(v: dict[str, float]) -> bool:
     return v["mean_cosine"] >= 0.999 and v["min_cosine"] >= 0.98
 
 
-def validate_onnx(path: str | os.PathLike, reference: torch.Tensor, kind: str, batch,
+def validate_onnx(path: str | os.PathLike, reference: torch.Tensor, adapter, batch,
                   threads: int = 1) -> dict[str, float]:
     """Run an ONNX file in ONNX Runtime (all graph optimizations on) and compare with `reference`."""
     import onnxruntime as ort
@@ -128,27 +116,16 @@ def validate_onnx(path: str | os.PathLike, reference: torch.Tensor, kind: str, b
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return agreement(torch.from_numpy(sess.run(None, _feeds(sess, kind, batch))[0]).float(), reference)
+    feeds = adapter.feeds(batch, [i.name for i in sess.get_inputs()])
+    return agreement(torch.from_numpy(sess.run(None, feeds)[0]).float(), reference)
 
 
-def _sample(handle, kind: str, sample_input):
-    if sample_input is not None:
-        return dict(sample_input) if kind == "encoder" else sample_input
-    if kind == "encoder":
-        return dict(handle.adapter.encode(SAMPLE_TEXTS))
-    shape = getattr(handle.adapter, "sample_shape", None)
-    if not shape:
-        raise SecquantError("this classifier does not record its input shape: pass sample_input=<a batch tensor>")
-    return torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
-
-
-def _validation_batch(handle, kind: str, sample):
+def _validation_batch(handle, sample):
     """A realistic batch for the check after export: the model's built-in evaluation data if any."""
     try:
-        batch = next(iter(handle.adapter.eval_batches(None, 32)))[0]
+        return next(iter(handle.adapter.eval_batches(None, 32)))[0]
     except Exception:  # no built-in data: the tracing sample
         return sample
-    return dict(batch) if kind == "encoder" else batch
 
 
 def _loaded(artifact, model=None, factory=None):
@@ -235,18 +212,18 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
         out = out / ONNX_NAME if out.is_dir() else out
     if out.suffix != ".onnx":
         raise SecquantError(f"{out}: the ONNX file name must end in .onnx")
-    kind = la.manifest.model.kind
-    sample = _sample(la.handle, kind, sample_input)
+    adapter = la.handle.adapter
+    sample = sample_input if sample_input is not None else adapter.sample_batch()
     module = la.module
-    proto, info = build_onnx(module, kind, sample, opset=opset, strict=strict, accuracy_level=accuracy_level)
+    proto, info = build_onnx(module, adapter, sample, opset=opset, strict=strict, accuracy_level=accuracy_level)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(out, art_dir)
     try:
         written = _save(proto, staging / out.name, external_data_threshold)
         del proto
         if validate:
-            batch = _validation_batch(la.handle, kind, sample)
-            v = validate_onnx(written[0], _run_torch(module, kind, batch), kind, batch)
+            batch = _validation_batch(la.handle, sample)
+            v = validate_onnx(written[0], _run_torch(module, adapter, batch), adapter, batch)
             if not agrees(v):
                 raise SecquantError(
                     f"the exported ONNX model does not reproduce the PyTorch quantized model (mean cosine "
@@ -283,10 +260,10 @@ def export_info(path: str | os.PathLike) -> ExportInfo | None:
     return None
 
 
-def export_float_onnx(module: nn.Module, kind: str, sample, path: str | os.PathLike, *,
+def export_float_onnx(module: nn.Module, adapter, sample, path: str | os.PathLike, *,
                       opset: int = DEFAULT_OPSET) -> Path:
     """A float model (e.g. the source of an artifact) as ONNX with the same tracing, for baselines."""
-    proto, _ = build_onnx(module, kind, sample, opset=opset, quantized=False)
+    proto, _ = build_onnx(module, adapter, sample, opset=opset, quantized=False)
     p = Path(path)
     _save(proto, p, 2**31 - 1)
     return p

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +180,7 @@ class Session:
             self._sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_name = self._sess.get_outputs()[0].name
-        if optimize and transformer_fusions and self.kind == "encoder" and not external:
+        if optimize and transformer_fusions and not external:  # BERT-like configs only (see _transformer_optimize)
             proto, self.fusions = _transformer_optimize(model_bytes, self._config())
             if proto is not None:
                 self._use_if_consistent(ort.InferenceSession(proto.SerializeToString(), so,
@@ -207,10 +206,12 @@ class Session:
                             f"(mean cosine {v['mean_cosine']:.6f})")
 
     def _adapter_for(self):
+        """The model kind's adapter for this artifact (tokenizer, input shape), made on first use."""
         if self._adapter is None:
-            from ...models.encoder import EncoderAdapter
+            from ...models import adapter_for_artifact
 
-            self._adapter = EncoderAdapter(self.path, int(self.manifest.model.rebuild.get("max_length", 128)))
+            m = self.manifest.model
+            self._adapter = adapter_for_artifact(self.path, m.kind, m.rebuild)
         return self._adapter
 
     def _config(self) -> dict[str, Any]:
@@ -221,29 +222,7 @@ class Session:
             return {}
 
     def _feeds(self, batch) -> dict[str, np.ndarray]:
-        if self.kind == "encoder":
-            if not isinstance(batch, Mapping):
-                raise SecquantError("an encoder session runs a dict of tensors (input_ids, attention_mask, ...) "
-                                    "as the tokenizer returns it; use encode(texts) for raw text")
-            if "input_ids" not in batch:
-                raise SecquantError("the batch has no input_ids")
-            ids = np.asarray(_numpy(batch["input_ids"]), dtype=np.int64)
-            feeds = {}
-            for n in self.input_names:
-                if n in batch:
-                    feeds[n] = np.asarray(_numpy(batch[n]), dtype=np.int64)
-                elif n == "token_type_ids":
-                    feeds[n] = np.zeros_like(ids)
-                elif n == "attention_mask":
-                    feeds[n] = np.ones_like(ids)
-                else:
-                    raise SecquantError(f"the batch lacks the model input {n!r}")
-            return feeds
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, np.ndarray)):
-            batch = batch[0]  # (inputs, labels) pairs as eval batches come
-        if isinstance(batch, Mapping):
-            raise SecquantError("a classifier session runs one input tensor, not a dict")
-        return {self.input_names[0]: np.ascontiguousarray(_numpy(batch), dtype=np.float32)}
+        return self._adapter_for().feeds(batch, self.input_names)
 
     def run(self, batch) -> torch.Tensor:
         """Outputs for one batch (logits for classifiers, embeddings for encoders) as a float tensor."""
@@ -253,9 +232,7 @@ class Session:
     __call__ = run
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Sentence embeddings of raw texts, tokenized with the artifact's own tokenizer (encoders only)."""
-        if self.kind != "encoder":
-            raise SecquantError("encode() is for sentence encoders; run(tensor) a classifier instead")
+        """Outputs for raw texts, tokenized with the artifact's own tokenizer (text models: encoders)."""
         return self.run(self._adapter_for().encode(list(texts)))
 
     @property

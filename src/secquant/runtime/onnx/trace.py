@@ -12,7 +12,6 @@ from torch import nn
 from ...errors import SecquantError
 from .emitter import Emitter
 from .info import (
-    ENCODER_INPUTS,
     MS,
     PLACEHOLDER,
     PLACEHOLDER_DOMAIN,
@@ -83,8 +82,8 @@ def _set_sub(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def trace_model(module: nn.Module, kind: str, sample, opset: int, path: Path,
-           quantized: bool) -> tuple[list[str], str, dict[str, nn.Module], dict[str, int]]:
+def trace_model(module: nn.Module, adapter, sample, opset: int, path: Path,
+                quantized: bool) -> tuple[list[str], str, dict[str, nn.Module], dict[str, int]]:
     """torch.onnx.export with every quantized layer swapped for a placeholder (all restored afterwards)."""
     layers = _quant_layers(module) if quantized else {}
     grads = {p: p.requires_grad for p in module.parameters()}
@@ -102,14 +101,8 @@ def trace_model(module: nn.Module, kind: str, sample, opset: int, path: Path,
             p.requires_grad_(False)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = "eager"  # MatMul/Softmax attention: traceable, and ORT fuses it
-        if kind == "encoder":
-            names = [n for n in ENCODER_INPUTS if n in sample]
-            args, kwargs, output = (), {n: sample[n] for n in names}, "embeddings"
-            axes = {n: {0: "batch", 1: "sequence"} for n in names}
-        else:
-            names, args, kwargs, output = ["input"], (sample,), None, "logits"
-            axes = {"input": {0: "batch"}}
-        axes[output] = {0: "batch"}
+        io = adapter.graph_io(sample)
+        names, args, kwargs, output, axes = io.names, io.args, io.kwargs, io.output, io.axes
         module.eval()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -56,7 +56,7 @@ class PrivateBackend:
         """From an artifact directory, a QuantizedModel, or a quantized nn.Module (with sample_shape known)."""
         qm = _as_quantized(artifact)
         shape = getattr(qm.handle.adapter, "sample_shape", None)
-        if qm.handle.kind != "classifier" or shape is None:
+        if not qm.handle.adapter.labelled or shape is None:
             raise SecquantError(f"private inference runs tensor classifiers; {qm.manifest.model.spec} is an "
                                 f"{qm.handle.kind} without a fixed input shape")
         return cls(compile_program(qm.module, tuple(shape), precision_bits, exact), qm.module, tuple(shape))

@@ -15,14 +15,11 @@ The method is a ~30-line optimization loop over torch hooks, written here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifact.fsutil import atomic_file
-from ..errors import CalibrationError, ModelError
+from ...errors import CalibrationError, ModelError
 
 DATA_LABEL = "synthetic (ZeroQ: inputs optimized to match BatchNorm running statistics)"
 
@@ -126,24 +123,3 @@ def bn_mismatch(module: nn.Module, x: torch.Tensor) -> float:
             h.remove()
         module.train(was_training)
     return sum(vals) / len(vals)
-
-
-def synthetic_calibration(handle, n: int = 256, steps: int = 500, seed: int = 0, **kw) -> torch.Tensor:
-    """ZeroQ inputs for a tensor classifier `ModelHandle` (its per-sample shape comes from the adapter)."""
-    shape = getattr(handle.adapter, "sample_shape", None)
-    if getattr(handle, "kind", None) != "classifier" or not shape:
-        raise CalibrationError(f"synthetic (ZeroQ) calibration needs a tensor model with a known input shape; "
-                               f"{getattr(handle, 'spec', 'this model')} has none: pass --calib FILE instead")
-    return synthesize_from_batchnorm(handle.module, n, tuple(shape), steps, seed, **kw)
-
-
-def save_calibration_file(x: torch.Tensor, path: str | Path) -> Path:
-    """Write inputs as a `.safetensors` calibration file (key 'inputs'), atomically."""
-    from safetensors.torch import save_file
-
-    p = Path(path)
-    if p.suffix.lower() != ".safetensors":
-        raise CalibrationError(f"{p}: synthetic calibration data is written as .safetensors")
-    with atomic_file(p) as tmp:
-        save_file({"inputs": x.detach().float().contiguous()}, str(tmp))
-    return p

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -10,12 +9,8 @@ from torch import nn
 
 import secquant
 from secquant.errors import CalibrationError, SecquantError
-from secquant.privacy.datafree import (
-    bn_mismatch,
-    save_calibration_file,
-    synthesize_from_batchnorm,
-    synthetic_calibration,
-)
+from secquant.models.data import write_tensors
+from secquant.quant.algorithms.datafree import bn_mismatch, synthesize_from_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def test_seeded_and_shaped(digits):
     b = synthesize_from_batchnorm(digits.module, 5, (1, 8, 8), steps=5, seed=3)
     c = synthesize_from_batchnorm(digits.module, 5, (1, 8, 8), steps=5, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert synthetic_calibration(digits, n=3, steps=2).shape == (3, 1, 8, 8)
+    assert next(iter(digits.adapter.synthetic_batches(digits.module, 3)(3))).shape == (3, 1, 8, 8)
 
 
 def test_diversity_spreads_the_samples_over_the_classes(digits):
@@ -63,7 +58,7 @@ def test_diversity_spreads_the_samples_over_the_classes(digits):
 
 
 def test_w8a8_on_synthetic_data_is_within_a_point_of_real_calibration(digits, synth, tmp_path):
-    f = save_calibration_file(synth, tmp_path / "synthetic.safetensors")
+    f = write_tensors(synth, tmp_path / "synthetic.safetensors")
     real = secquant.evaluate(secquant.quantize(digits, "w8a8"))
     syn = secquant.evaluate(secquant.quantize(digits, "w8a8", calib=f))
     assert real["metric"] == syn["metric"] == "accuracy"
@@ -74,11 +69,11 @@ def test_w8a8_on_synthetic_data_is_within_a_point_of_real_calibration(digits, sy
 def test_calibration_file_round_trip_and_refusals(synth, tmp_path):
     from secquant.models.data import read_tensors
 
-    p = save_calibration_file(synth[:4], tmp_path / "s.safetensors")
+    p = write_tensors(synth[:4], tmp_path / "s.safetensors")
     assert torch.equal(read_tensors(p)["inputs"], synth[:4])
     assert [q.name for q in tmp_path.iterdir()] == ["s.safetensors"]  # no temp file left
     with pytest.raises(CalibrationError, match="safetensors"):
-        save_calibration_file(synth[:4], tmp_path / "s.pt")
+        write_tensors(synth[:4], tmp_path / "s.pt")
 
 
 def test_models_without_batchnorm_are_refused_clearly():
@@ -92,8 +87,10 @@ def test_models_without_batchnorm_are_refused_clearly():
         synthesize_from_batchnorm(bn_batch_only, 4, (1, 8, 8), steps=1)
 
 
-def test_encoder_handles_are_refused(digits):
-    enc = copy.copy(digits)
-    enc.kind = "encoder"
+def test_models_without_a_known_input_shape_are_refused(digits):
+    from secquant.models import Adapter, TensorClassifierAdapter
+
     with pytest.raises(CalibrationError, match="--calib"):
-        synthetic_calibration(enc, n=2, steps=1)
+        TensorClassifierAdapter(None).synthetic_batches(digits.module, 2)
+    with pytest.raises(SecquantError, match="--calib"):  # a kind with no data-free inputs at all
+        Adapter().synthetic_batches(digits.module, 2)

@@ -1,0 +1,179 @@
+"""Tensor classifiers: models fed one float tensor per batch, returning class scores (logits).
+
+The adapter for builtin:digits, `package.module:factory` models and Python modules: data from a
+built-in split or a tensor file, accuracy as the metric, ZeroQ data-free inputs from BatchNorm
+statistics, one `input` tensor in ONNX graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from .base import Adapter, GraphIO
+from .data import input_tensor, read_tensors, write_tensors
+
+MAX_SAMPLE_ELEMENTS = 2**24
+ZEROQ_STEPS = 200  # ZeroQ optimization steps for data-free inputs: within 0.2 points of 500 on digits
+
+
+class TensorClassifierAdapter(Adapter):
+    """Models fed one float tensor, returning logits; data from the built-in set or a file."""
+
+    kind = "classifier"
+    loaders = ("builtin", "factory", "module")
+    task = "predict"
+    labelled = True
+    tuning_samples = 256
+    synthetic_description = "synthetic (ZeroQ: inputs optimized to match BatchNorm running statistics)"
+
+    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.sample_shape = sample_shape
+        self.builtin = builtin
+
+    @property
+    def has_builtin_data(self) -> bool:
+        return self.builtin is not None
+
+    def run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return module(batch)
+
+    def _file_inputs(self, source) -> tuple[torch.Tensor, torch.Tensor | None]:
+        data = read_tensors(source)
+        x = input_tensor(data, source, self.sample_shape)
+        return x, data.get("labels")
+
+    def calibration_batches(self, source, num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
+        if source is not None:
+            x, _ = self._file_inputs(source)
+        elif self.builtin is not None:
+            x = self.builtin["train_x"]
+        else:
+            from ..errors import CalibrationError
+            raise CalibrationError("this model has no built-in data: pass --calib FILE (.safetensors or .npy)")
+        x = x[:num_samples]
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size]
+
+    def train_set(self, source) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) to train on: the built-in member split, or a file with 'inputs' and 'labels'."""
+        from ..errors import CalibrationError
+        if source is not None:
+            x, y = self._file_inputs(source)
+            if y is None:
+                raise CalibrationError(f"{source}: training needs a 'labels' tensor next to 'inputs'")
+            if len(y) != len(x):
+                raise CalibrationError(f"{source}: {len(x)} inputs but {len(y)} labels")
+            return x, y.long()
+        if self.builtin is not None:
+            return self.builtin["train_x"], self.builtin["train_y"]
+        raise CalibrationError("this model has no built-in training set: pass --train FILE.safetensors "
+                               "with 'inputs' and 'labels'")
+
+    def eval_batches(self, source, batch_size: int):
+        if source is not None:
+            x, y = self._file_inputs(source)
+        elif self.builtin is not None:
+            x, y = self.builtin["test_x"], self.builtin["test_y"]
+        else:
+            from ..errors import CalibrationError
+            raise CalibrationError("this model has no built-in data: pass --data FILE (.safetensors with 'inputs' [and 'labels'])")
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
+
+    def write_builtin_calibration(self, directory: Path, n: int) -> Path:
+        if self.builtin is None:
+            return super().write_builtin_calibration(directory, n)
+        return write_tensors(self.builtin["train_x"][:n], Path(directory) / "calibration.safetensors")
+
+    def synthetic_batches(self, module: nn.Module, n: int, seed: int = 0) -> Callable[[int], Iterator[Any]]:
+        from ..quant.algorithms.datafree import synthesize_from_batchnorm
+
+        if not self.sample_shape:
+            raise CalibrationError("synthetic (ZeroQ) calibration needs a tensor model with a known input shape "
+                                   "(a `sample_shape` attribute): pass --calib FILE instead")
+        x = synthesize_from_batchnorm(module, n, tuple(self.sample_shape), ZEROQ_STEPS, seed)
+        return lambda batch_size: (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+
+    def synthetic_prior(self, spec: str) -> str:
+        who = ("the member split of builtin:digits, trained without differential privacy" if spec == "builtin:digits"
+               else "whatever data the float model was trained on, without differential privacy as far as secquant "
+                    "knows")
+        return (f"{self.synthetic_description}; no data file is read, but the BatchNorm running statistics the "
+                f"inputs are distilled from summarize the float model's training data ({who}). This ledger covers "
+                "the calibration data only: the prior, like the float model itself, is not independent of that "
+                "training data")
+
+    def sample_batch(self) -> torch.Tensor:
+        if not self.sample_shape:
+            return super().sample_batch()
+        return torch.rand((2, *self.sample_shape), generator=torch.Generator().manual_seed(0))
+
+    def graph_io(self, sample: torch.Tensor) -> GraphIO:
+        return GraphIO(["input"], (sample,), None, "logits", {"input": {0: "batch"}, "logits": {0: "batch"}})
+
+    def feeds(self, batch: Any, input_names: list[str]) -> dict[str, np.ndarray]:
+        from ..errors import SecquantError
+
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, np.ndarray)):
+            batch = batch[0]  # (inputs, labels) pairs as eval batches come
+        if isinstance(batch, Mapping):
+            raise SecquantError("a classifier runs one input tensor, not a dict")
+        arr = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        return {input_names[0]: np.ascontiguousarray(arr, dtype=np.float32)}
+
+    @classmethod
+    def for_artifact(cls, directory: Path, rebuild: dict[str, Any]) -> "TensorClassifierAdapter":
+        if rebuild.get("loader") == "builtin" and rebuild.get("name") == "digits":
+            from .digits import digits_architecture
+
+            return digits_architecture()[1]
+        return cls(sample_shape_of(rebuild))
+
+    @classmethod
+    def rebuild(cls, d: Path, rebuild: dict[str, Any], spec: str, model: nn.Module | None,
+                factory: str | None) -> tuple[nn.Module, "TensorClassifierAdapter"]:
+        """The float architecture an artifact names, and its adapter: a built-in from a fixed table, a factory
+        only when the caller confirms the same name, a Python module only when the caller passes one."""
+        from ..errors import ArtifactError
+
+        loader = rebuild.get("loader")
+        if model is not None:
+            return model, cls(sample_shape_of(rebuild))
+        if loader == "builtin" and rebuild.get("name") == "digits":
+            from .digits import digits_architecture
+
+            return digits_architecture()
+        if loader == "factory":
+            if factory != rebuild.get("factory"):
+                raise ArtifactError(
+                    f"this artifact is rebuilt by calling {str(rebuild.get('factory'))[:120]!r}; secquant runs no "
+                    "code named by a file unless you confirm it: pass factory=... with that name (CLI: --factory)")
+            from .factory import call_factory
+
+            return call_factory(factory).eval(), cls(sample_shape_of(rebuild))
+        if loader == "module":
+            raise ArtifactError("this artifact was made from a Python nn.Module: pass model=<an instance of the same "
+                                "architecture> to secquant.load")
+        raise ArtifactError(f"unknown model loader {str(loader)[:40]!r} for a {cls.kind} in the manifest")
+
+
+def sample_shape_of(rebuild: dict[str, Any]) -> tuple[int, ...] | None:
+    """The per-sample input shape a manifest records, bounded (the server allocates canaries from it)."""
+    from ..errors import ArtifactError
+
+    shape = rebuild.get("sample_shape")
+    if shape is None:
+        return None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 2**20 for n in shape) or \
+            int(np.prod(shape)) > MAX_SAMPLE_ELEMENTS:
+        raise ArtifactError(f"the manifest's sample_shape {str(shape)[:80]} is not a plausible input shape "
+                            f"(1 to 8 positive sizes, at most {MAX_SAMPLE_ELEMENTS} elements)")
+    return tuple(shape)
