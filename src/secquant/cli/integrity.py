@@ -1,4 +1,4 @@
-"""CLI commands: integrity (check a model's weights against the checksums recorded at seal time)."""
+"""CLI commands: integrity (check every tensor of a model against the checksums recorded at seal time)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
         ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
     ) -> None:
-        """Check every quantized weight group against the keyed checksums sealed with the model; print JSON."""
+        """Check every tensor the model computes with (codes, scales, biases, caches, ...) against the keyed
+        checksums sealed with it; print JSON."""
         from ..api import load
         from ..errors import SecquantError
 
@@ -31,7 +32,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                   allow_unsealed=True)  # loading checks the record and refuses a mismatch
         found = qm.check_integrity()
         g = qm.integrity
-        res = {"model": str(model), "intact": not found, "layers": len(g.layers),
+        res = {"model": str(model), "intact": not found, "layers": len(g.layers), "tensors": len(g.tensors),
                "groups": g.groups, "group_bytes": g.group_bytes}
         typer.echo(json.dumps(res))
-        err.print(f"intact: every weight group of {len(g.layers)} layers matches the sealed checksums")
+        err.print(f"intact: every group of the {len(g.tensors)} tensors of {len(g.layers)} quantized layers matches "
+                  "the sealed checksums")

@@ -183,19 +183,23 @@ def random_flips(model: nn.Module, n: int, seed: int) -> list[Flip]:
 
 
 def _detection(guard: IntegrityGuard, flips: list[Flip], evaluate) -> dict[str, Any]:
-    """Check, count the flips inside corrupted groups, repair, and measure accuracy after repair."""
+    """Check, count the flips inside corrupted code groups, repair, and measure accuracy after repair.
+
+    The guard also reports the layers' dequantized-weight caches, recomputed from the flipped codes;
+    repair zeroes the code groups and rebuilds those caches from the repaired codes."""
     bad = guard.check()
-    groups = {(c.layer, c.group) for c in bad}
+    groups = {(c.layer, c.group) for c in bad if c.kind == "codes"}
     detected = 0
     for f in flips:
         bits = guard.layers[f.layer].weight_args.bits
         byte = (f.index * bits) // 8
         detected += (f.layer, byte // guard.group_bytes) in groups
-    guard.repair(bad)
+    left = guard.repair(bad)
     return {"flips": len(flips), "detected_flips": detected,
             "detection_rate": detected / len(flips) if flips else None,
-            "corrupted_groups": len(bad), "accuracy_after_repair": accuracy(guard.model, *evaluate),
-            "clean_after_repair": not guard.check()}
+            "corrupted_groups": len(groups), "corrupted_cache_groups": sum(c.kind == "derived" for c in bad),
+            "accuracy_after_repair": accuracy(guard.model, *evaluate),
+            "clean_after_repair": not left and not guard.check()}
 
 
 def bitflip_audit(qmodel: nn.Module, attack: tuple[torch.Tensor, torch.Tensor],

@@ -1,0 +1,146 @@
+"""Secret canary inputs: the run-time check for copies of the weights no checksum can read (ONNX
+Runtime keeps its own), and a second line behind the checksums for the PyTorch module.
+
+The canaries are drawn once per process from a secret seed (`secrets`; the seed is neither stored
+nor logged), so an attacker cannot choose flips that are silent on them. They are realistic inputs
+(the model's built-in data: the training split of a classifier, never the held-out split accuracy is
+measured on; the built-in calibration sentences and random-vocabulary sentences for encoders;
+random inputs otherwise), and the draw is extended until every unit (each element of a ReLU/GELU
+input, per channel for sequences) that any input of the pool activates is active on at least one
+canary: a flip that moves the outputs of inputs that use a unit then moves a canary's outputs too.
+The reference outputs are taken right after the model was verified; `outputs_match` compares later runs.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+CLASSIFIER_CANARIES = 64  # drawn at random; the coverage pass adds more (bench/integrity.py measures the bar)
+ENCODER_CANARIES = 16
+_POOL = 1024  # candidate inputs the coverage pass may add from
+_ENCODER_POOL = 256
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish)
+
+
+@dataclass
+class Canaries:
+    """A batch of secret inputs (as the model's adapter runs them) and how much of the model they cover."""
+
+    batch: Any
+    count: int
+    units: int  # activation units that some input of the pool activates
+    covered: int  # of those, the ones active on at least one canary
+
+
+def _is_activation(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return isinstance(m, _ACTIVATIONS) or (name.endswith("Activation") and "GELU" in name.upper())
+
+
+def _active_units(x: torch.Tensor) -> torch.Tensor:
+    """Per sample, which units the activation input `x` switches on ([N, units] bool): every element
+    of a [N, C, H, W] or [N, F] tensor, every channel (last dim, any position) of a [N, T, C] sequence."""
+    pos = x.detach() > 0
+    if pos.dim() == 3:
+        return pos.any(dim=1)
+    return pos.reshape(pos.shape[0], -1)
+
+
+def _unit_masks(module: nn.Module, run: Callable[[Any], Any], batch: Any) -> torch.Tensor:
+    """[N, total units] bool: the units each sample of `batch` activates, over every activation module."""
+    found: list[torch.Tensor] = []
+
+    def hook(_m, inputs, _out):
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point() and inputs[0].dim() >= 2:
+            found.append(_active_units(inputs[0]))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if _is_activation(m)]
+    try:
+        with torch.no_grad():
+            run(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(found, dim=1) if found else torch.zeros(0, 0, dtype=torch.bool)
+
+
+def _pool(handle, rng: random.Random) -> list[Any]:
+    """Candidate canaries: realistic inputs for the model, in a secret random order."""
+    if handle.kind == "encoder":
+        from ..models.encoder import builtin_sentences
+        from ..privacy.synthetic import random_vocabulary_sentences
+
+        texts = list(builtin_sentences()[1])  # calibration sentences: disjoint from the evaluation ones
+        rng.shuffle(texts)
+        texts = texts[: _ENCODER_POOL // 2]
+        texts += random_vocabulary_sentences(handle.adapter.tokenizer, _ENCODER_POOL - len(texts),
+                                             seed=rng.getrandbits(63), max_words=24)
+        rng.shuffle(texts)
+        return texts
+    adapter = handle.adapter
+    builtin = getattr(adapter, "builtin", None)
+    if builtin is not None and "train_x" in builtin:
+        x = builtin["train_x"]
+        order = list(range(len(x)))
+        rng.shuffle(order)
+        return list(x[order[:_POOL]])
+    shape = getattr(adapter, "sample_shape", None)
+    if not shape:
+        return []
+    gen = torch.Generator().manual_seed(rng.getrandbits(63))
+    return list(torch.randn((_POOL, *shape), generator=gen))
+
+
+def draw_canaries(handle, module: nn.Module, count: int | None = None, *, seed: int | None = None,
+                  max_extra: int | None = None) -> Canaries | None:
+    """Secret canaries for `module` (run through `handle`): `count` drawn at random from a pool of realistic
+    inputs, then inputs of the pool added (at most `max_extra`) until every unit the pool activates is
+    active on some canary. `seed` is for tests and benchmarks only; by default it is secret and forgotten.
+    None when no input can be made (a classifier of unknown input shape)."""
+    rng = random.Random(secrets.randbits(128) if seed is None else seed)
+    pool = _pool(handle, rng)
+    if not pool:
+        return None
+    encoder = handle.kind == "encoder"
+    count = min(len(pool), count or (ENCODER_CANARIES if encoder else CLASSIFIER_CANARIES))
+    max_extra = count if max_extra is None and encoder else (3 * count if max_extra is None else max_extra)
+
+    def batch_of(items: list[Any]) -> Any:
+        return handle.adapter.encode(items) if encoder else torch.stack(items)
+
+    def masks(items: list[Any]) -> torch.Tensor:
+        step = 16 if encoder else 256
+        parts = [_unit_masks(module, lambda b: handle.run(module, b), batch_of(items[i:i + step]))
+                 for i in range(0, len(items), step)]
+        return torch.cat(parts, dim=0)
+
+    all_masks = masks(pool)
+    chosen = list(range(count))
+    covered = all_masks[:count].any(dim=0) if all_masks.numel() else torch.zeros(0, dtype=torch.bool)
+    extra = 0
+    for i in range(count, len(pool)):
+        if extra >= max_extra or not all_masks.numel():
+            break
+        if bool((all_masks[i] & ~covered).any()):
+            chosen.append(i)
+            covered |= all_masks[i]
+            extra += 1
+    reachable = all_masks.any(dim=0) if all_masks.numel() else covered
+    items = [pool[i] for i in chosen]
+    return Canaries(batch_of(items), len(items), int(reachable.sum()), int((covered & reachable).sum()))
+
+
+def outputs_match(ref: torch.Tensor, got: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Whether a canary run gives the reference outputs (up to float noise): same shape, finite, every
+    element within `rel` of the largest reference magnitude."""
+    if got.shape != ref.shape or not bool(torch.isfinite(got).all()):
+        return False
+    tol = rel * float(ref.abs().max()) + 1e-6
+    return float((got.float() - ref.float()).abs().max()) <= tol
