@@ -205,7 +205,7 @@ class QuantizedWeightMixin:
             else:
                 vals = self.codebook[codes.long()]
                 deq = dequantize(vals, self.weight_scale, torch.zeros_like(self.weight_scale), a.granule())
-            self._w_cache = deq.reshape(self.weight_shape)
+            self._w_cache = deq.reshape(self.weight_shape).contiguous()  # one dense copy: kernels and checksums read it as is
         return self._w_cache
 
     def refresh_derived(self) -> None:
