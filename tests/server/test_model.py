@@ -91,3 +91,31 @@ def test_embeddings_of_a_sentence_encoder(minilm_artifact, sqlite_url):
         assert c.post("/v1/embed", json={"texts": []}, headers=h).status_code == 422
         assert c.post("/v1/embed", json={"texts": ["x" * 3000]}, headers=h).status_code == 422
     store.close()
+
+
+def test_the_secret_canaries_watch_onnx_runtimes_own_copy(sealed_digits_onnx, server_keys, tmp_path):
+    """Issue 15: ORT holds its own copy of the weights, which no checksum reads. A bit flipped in that copy
+    (here bit 30 of one logit bias in the ORT session) is caught by the periodic check through the secret
+    canaries run on ORT, while the checksums of the intact PyTorch copy stay clean."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from secquant.security import open_sealed
+
+    owner, _ = server_keys
+    m = open_served(sealed_digits_onnx, owner.identity, owner.verify_key)
+    assert m.backend == "onnxruntime" and m.canaries.count >= 64 and m.info()["canaries"] == m.canaries.count
+    assert m.check() is None
+    x, y = splits()["test_x"], splits()["test_y"]
+    clean = float((m.logits(x).argmax(1) == y).float().mean())
+    proto = onnx.load_from_string((open_sealed(sealed_digits_onnx, owner.identity, owner.verify_key, tmp_path / "o")
+                                   / "model.onnx").read_bytes())
+    init = next(i for i in proto.graph.initializer if i.name == "classifier.3.bias")
+    b = onnx.numpy_helper.to_array(init).copy()
+    b.view(np.uint32)[4] ^= 1 << 30
+    init.CopyFrom(onnx.numpy_helper.from_array(b, init.name))
+    m.ort._sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert float((m.logits(x).argmax(1) == y).float().mean()) < clean - 0.05  # real damage, on ORT only
+    assert m.guard.check() == []  # the checksums read the PyTorch copy, which is intact
+    assert "secret canary" in m.check() and "onnxruntime" in m.corruption

@@ -73,6 +73,15 @@ def _set_code(m: QuantizedWeightMixin, index: int, code: int) -> None:
     m._w_cache = None  # the mixin's dequantized-weight cache is stale after a direct code edit
 
 
+def flip_tensor_bit(t: torch.Tensor, element: int, bit: int) -> None:
+    """Flip bit `bit` of element `element` (row-major index) of any tensor in place, in the memory that
+    holds it (strided views included), as a fault in that memory would: no cache is refreshed."""
+    index = [int(i) for i in torch.unravel_index(torch.tensor(element), t.shape)] if t.dim() else []
+    offset = t.storage_offset() + sum(i * s for i, s in zip(index, t.stride()))
+    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    raw[offset * t.element_size() + bit // 8] ^= 1 << (bit % 8)
+
+
 def flip_bit(m: QuantizedWeightMixin, index: int, bit: int) -> tuple[int, int]:
     """Flip one bit of one stored code in place; returns (old, new) code."""
     codes = unpack(m.qweight, m.weight_args.bits, m.rows * m.cols)

@@ -5,9 +5,11 @@ The canaries are drawn once per process from a secret seed (`secrets`; the seed 
 nor logged), so an attacker cannot choose flips that are silent on them. They are realistic inputs
 (the model's built-in data: the training split of a classifier, never the held-out split accuracy is
 measured on; the built-in calibration sentences and random-vocabulary sentences for encoders;
-random inputs otherwise), and the draw is extended until every unit (each element of a ReLU/GELU
-input, per channel for sequences) that any input of the pool activates is active on at least one
-canary: a flip that moves the outputs of inputs that use a unit then moves a canary's outputs too.
+random inputs otherwise), and the draw is extended until every unit that any input of the pool
+switches on is on for at least one canary. A unit is an input element of a layer that multiplies it
+by weights it holds, as that layer reads it (after its input quantizer: a value that rounds to 0
+reads no weight), and an element of a ReLU/GELU input that is positive; for sequences ([N, T, C])
+a channel. A flipped weight then moves the output of some canary whenever it moves any input's.
 The reference outputs are taken right after the model was verified; `outputs_match` compares later runs.
 """
 
@@ -35,7 +37,7 @@ class Canaries:
 
     batch: Any
     count: int
-    units: int  # activation units that some input of the pool activates
+    units: int  # units that some input of the pool switches on
     covered: int  # of those, the ones active on at least one canary
 
 
@@ -45,23 +47,36 @@ def _is_activation(m: nn.Module) -> bool:
 
 
 def _active_units(x: torch.Tensor) -> torch.Tensor:
-    """Per sample, which units the activation input `x` switches on ([N, units] bool): every element
-    of a [N, C, H, W] or [N, F] tensor, every channel (last dim, any position) of a [N, T, C] sequence."""
+    """Per sample, which units are on (> 0) in `x` ([N, units] bool): every element of a [N, C, H, W]
+    or [N, F] tensor, every channel (last dim, at any position) of a [N, T, C] sequence."""
     pos = x.detach() > 0
     if pos.dim() == 3:
         return pos.any(dim=1)
     return pos.reshape(pos.shape[0], -1)
 
 
+def _holds_weight(m: nn.Module) -> bool:
+    return any(n in ("weight", "qweight") for n in list(m._parameters) + list(m._buffers))
+
+
 def _unit_masks(module: nn.Module, run: Callable[[Any], Any], batch: Any) -> torch.Tensor:
-    """[N, total units] bool: the units each sample of `batch` activates, over every activation module."""
+    """[N, total units] bool: the units each sample of `batch` switches on (see the module docstring)."""
+    from ..quant.modules import ActQuant
+
     found: list[torch.Tensor] = []
 
-    def hook(_m, inputs, _out):
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point() and inputs[0].dim() >= 2:
-            found.append(_active_units(inputs[0]))
+    def record(x, positive: bool) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
+            found.append(_active_units(x if positive else x.abs()))
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if _is_activation(m)]
+    handles = []
+    for m in module.modules():
+        if _is_activation(m):
+            handles.append(m.register_forward_hook(lambda _m, i, _o: record(i[0] if i else None, True)))
+        elif isinstance(m, ActQuant):  # what the layer's weights read: the quantized input
+            handles.append(m.register_forward_hook(lambda _m, _i, o: record(o, False)))
+        elif _holds_weight(m) and getattr(m, "input_quant", None) is None:
+            handles.append(m.register_forward_hook(lambda _m, i, _o: record(i[0] if i else None, False)))
     try:
         with torch.no_grad():
             run(batch)

@@ -19,6 +19,7 @@ from secquant.models.digits import splits
 from secquant.recipes import QuantArgs, Recipe
 from secquant.recipes.schema import Rotation, Smoothing
 from secquant.security import keygen, seal
+from secquant.security.bitflip import flip_tensor_bit
 from secquant.security.integrity import reachable_tensors
 
 # three layer mixes: int8 + static activations + smoothing; NF4 codebooks in groups; rotated, smoothed
@@ -54,14 +55,6 @@ def loaded(digits, tmp_path_factory):
     return get
 
 
-def _flip(t: torch.Tensor, element: int, bit: int) -> None:
-    """Flip one bit of one element (row-major index) of `t` in place, in the memory that holds it."""
-    index = [int(i) for i in torch.unravel_index(torch.tensor(element), t.shape)] if t.dim() else []
-    offset = t.storage_offset() + sum(i * s for i, s in zip(index, t.stride()))
-    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-    raw[offset * t.element_size() + bit // 8] ^= 1 << (bit % 8)
-
-
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_flip_that_moves_accuracy_is_reported(loaded, name):
     qm = loaded(name)
@@ -83,10 +76,10 @@ def test_every_flip_that_moves_accuracy_is_reported(loaded, name):
         element = rng.randrange(t.numel())
         bit = (30 if t.is_floating_point() else 8 * t.element_size() - 1) if i % 3 else \
             rng.randrange(8 * t.element_size())
-        _flip(t, element, bit)
+        flip_tensor_bit(t, element, bit)
         acc = accuracy()
         found = qm.check_integrity()
-        _flip(t, element, bit)
+        flip_tensor_bit(t, element, bit)
         if abs(acc - clean) > 0.01:
             moved.append((tname, bit, round(clean - acc, 4)))
         if [c.name for c in found] != [tname]:
