@@ -208,3 +208,23 @@ def test_rotated_layers_read_their_own_hadamard_block():
     found = g.check()
     assert [(c.name, c.kind) for c in found] == [("rotation_hadamard", "derived")]
     assert g.repair(found) == [] and torch.equal(q.input_space(x), rotate(x, q.rotation_signs, 32))
+
+
+@pytest.mark.parametrize("nbytes", [1, 63, 64, 130])
+def test_every_single_bit_flip_changes_its_runtime_group_checksum(nbytes):
+    """The run-time checksums (no per-word keystream) still catch every single-bit flip, in its group,
+    including the zero-padded last group, and depend on the key."""
+    import numpy as np
+
+    from secquant.security.checksums import runtime_checksums
+
+    raw = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    ref = runtime_checksums(raw, b"s" * 32, "t", 64)
+    assert ref.shape == (-(-nbytes // 64),)
+    assert (runtime_checksums(raw, b"z" * 32, "t", 64) != ref).any()
+    for byte in range(nbytes):
+        for bit in range(8):
+            raw[byte] ^= 1 << bit
+            diff = np.flatnonzero(runtime_checksums(raw, b"s" * 32, "t", 64) != ref).tolist()
+            raw[byte] ^= 1 << bit
+            assert diff == [byte // 64]

@@ -10,6 +10,9 @@ switches on is on for at least one canary. A unit is an input element of a layer
 by weights it holds, as that layer reads it (after its input quantizer: a value that rounds to 0
 reads no weight), and an element of a ReLU/GELU input that is positive; for sequences ([N, T, C])
 a channel. A flipped weight then moves the output of some canary whenever it moves any input's.
+An encoder's embedding table is read row by row (a sentence reads its own tokens' rows only): its
+canaries also carry rows of the most frequent tokens of realistic text, and `vocabulary_sweep` gives
+a server a secret sweep over the whole vocabulary, one batch per check.
 The reference outputs are taken right after the model was verified; `outputs_match` compares later runs.
 """
 
@@ -25,20 +28,32 @@ import torch
 from torch import nn
 
 CLASSIFIER_CANARIES = 64  # drawn at random; the coverage pass adds more (bench/integrity.py measures the bar)
-ENCODER_CANARIES = 16
+ENCODER_CANARIES = 8  # short sentences: a canary run costs about one small request
 _POOL = 1024  # candidate inputs the coverage pass may add from
-_ENCODER_POOL = 256
+_ENCODER_POOL = 128
+_MAX_WORDS = 16
+_TOKEN_ROWS, _TOKEN_LEN = 2, 128  # encoders: the most frequent tokens, in two extra sequences
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish)
 
 
 @dataclass
 class Canaries:
-    """A batch of secret inputs (as the model's adapter runs them) and how much of the model they cover."""
+    """A batch of secret inputs (as the model's adapter runs them) and how much of the model they cover.
+
+    Encoders also get `tokens`: sequences of the most frequent tokens of realistic text (in a secret
+    order), so a flip in the embedding row of any common token moves a canary's output; a sentence's
+    embedding reads only the rows of its own tokens."""
 
     batch: Any
     count: int
     units: int  # units that some input of the pool switches on
     covered: int  # of those, the ones active on at least one canary
+    tokens: Any = None
+
+    @property
+    def batches(self) -> list[Any]:
+        """What a canary run feeds the model, one batch after the other."""
+        return [self.batch] + ([self.tokens] if self.tokens is not None else [])
 
 
 def _is_activation(m: nn.Module) -> bool:
@@ -92,11 +107,12 @@ def _pool(handle, rng: random.Random) -> list[Any]:
         from ..models.encoder import builtin_sentences
         from ..privacy.synthetic import random_vocabulary_sentences
 
-        texts = list(builtin_sentences()[1])  # calibration sentences: disjoint from the evaluation ones
+        # short calibration sentences (disjoint from the evaluation ones): a canary run stays cheap
+        texts = [t for t in builtin_sentences()[1] if len(t.split()) <= _MAX_WORDS]
         rng.shuffle(texts)
         texts = texts[: _ENCODER_POOL // 2]
         texts += random_vocabulary_sentences(handle.adapter.tokenizer, _ENCODER_POOL - len(texts),
-                                             seed=rng.getrandbits(63), max_words=24)
+                                             seed=rng.getrandbits(63), max_words=_MAX_WORDS)
         rng.shuffle(texts)
         return texts
     adapter = handle.adapter
@@ -149,7 +165,48 @@ def draw_canaries(handle, module: nn.Module, count: int | None = None, *, seed: 
             extra += 1
     reachable = all_masks.any(dim=0) if all_masks.numel() else covered
     items = [pool[i] for i in chosen]
-    return Canaries(batch_of(items), len(items), int(reachable.sum()), int((covered & reachable).sum()))
+    tokens = _frequent_token_batch(handle.adapter.tokenizer, rng) if encoder else None
+    return Canaries(batch_of(items), len(items), int(reachable.sum()), int((covered & reachable).sum()), tokens)
+
+
+def _token_rows(tokenizer, tokens: list[int]) -> dict[str, torch.Tensor]:
+    """A batch of [CLS] t1 ... tn [SEP] rows of _TOKEN_LEN holding `tokens` in order."""
+    per_row = _TOKEN_LEN - 2
+    rows = [tokens[i:i + per_row] for i in range(0, len(tokens), per_row)]
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), _TOKEN_LEN), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        seq = [cls, *r, sep]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+
+
+def vocabulary_sweep(tokenizer, rows_per_batch: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Every token of the vocabulary, in a secret order, as batches of token rows: a server whose weights
+    ORT holds runs one batch per check, so a flip in the embedding row of any token, however rare, is
+    seen within len(batches) checks (the checksums cover every row of the PyTorch copy at every check)."""
+    special = set(tokenizer.all_special_ids)
+    tokens = [t for t in range(len(tokenizer)) if t not in special]
+    random.Random(secrets.randbits(128)).shuffle(tokens)
+    step = rows_per_batch * (_TOKEN_LEN - 2)
+    return [_token_rows(tokenizer, tokens[i:i + step]) for i in range(0, len(tokens), step)]
+
+
+def _frequent_token_batch(tokenizer, rng: random.Random) -> dict[str, torch.Tensor]:
+    """[CLS] t1 ... tn [SEP] rows holding the most frequent tokens of the built-in calibration sentences
+    (realistic text, not the evaluation sentences), shuffled with the secret generator."""
+    from collections import Counter
+
+    from ..models.encoder import builtin_sentences
+
+    special = set(tokenizer.all_special_ids)
+    counts = Counter(t for s in builtin_sentences()[1] for t in tokenizer(s)["input_ids"] if t not in special)
+    per_row = _TOKEN_LEN - 2
+    top = [t for t, _ in counts.most_common(_TOKEN_ROWS * per_row)]
+    rng.shuffle(top)
+    return _token_rows(tokenizer, top)
 
 
 def outputs_match(ref: torch.Tensor, got: torch.Tensor, rel: float = 1e-5) -> bool:

@@ -12,8 +12,9 @@ Each tensor's raw bytes are cut into groups of `group_bytes` bytes with a keyed 
 security.checksums): every single-bit flip changes it, and without the key no compensating flips can
 be aimed. Sealing records the checksums of every tensor of model.safetensors under a fresh random key,
 signed and encrypted with the model. Loading (`from_record`) first checks the rebuilt model against
-that record and refuses a mismatch, then computes the derived tensors (caches) from the verified ones
-and takes their checksums, then keeps the guard for checks while the model runs.
+that record and refuses a mismatch, then takes the run-time reference (the faster
+`runtime_checksums`) of those verified tensors, computes the derived tensors (caches) from them and
+takes theirs, and keeps the guard for checks while the model runs.
 
 `repair()` repairs in place what can be: a corrupted group of packed codes is set to the code of 0.0
 (degrading gracefully instead of letting one flipped high bit dominate a layer), a corrupted cache is
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import pack, unpack
-from .checksums import DEFAULT_GROUP_BYTES, INTEGRITY_NAME, checksums_of, read_record
+from .checksums import DEFAULT_GROUP_BYTES, INTEGRITY_NAME, checksums_of, read_record, runtime_checksums
 
 __all__ = ["INTEGRITY_NAME", "Corruption", "IntegrityError", "IntegrityGuard", "reachable_tensors"]
 
@@ -163,9 +164,13 @@ class IntegrityGuard:
 
     # -- checksums -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _raw(t: torch.Tensor) -> np.ndarray:
+        return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
     def _sums(self, name: str, t: torch.Tensor) -> np.ndarray:
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        return checksums_of(raw, self.key, name, self.group_bytes)
+        """The run-time checksums (security.checksums.runtime_checksums) of a tensor's bytes."""
+        return runtime_checksums(self._raw(t), self.key, name, self.group_bytes)
 
     def _ref(self, name: str, t: torch.Tensor) -> _Ref:
         return _Ref(self._sums(name, t), t.dtype, tuple(t.shape))
@@ -183,9 +188,9 @@ class IntegrityGuard:
             groups = -(-t.numel() * t.element_size() // self.group_bytes)
             if record[name].shape != (groups,):
                 raise ArtifactError(f"integrity record for {name!r} has {record[name].size} groups, expected {groups}")
-            ref = _Ref(np.asarray(record[name], dtype=np.uint32), t.dtype, tuple(t.shape))
-            bad += self._compare(name, t, ref)
-            self.reference[name] = ref
+            sealed = _Ref(np.asarray(record[name], dtype=np.uint32), t.dtype, tuple(t.shape))
+            bad += self._compare(name, t, sealed, checksums_of(self._raw(t), self.key, name, self.group_bytes))
+            self.reference[name] = self._ref(name, t)  # the run-time reference, right after the check
         if bad:
             raise IntegrityError(f"integrity check failed: {len(bad)} group(s) in {_describe(bad)} do not match the "
                                  "checksums recorded at seal time; refusing to load", bad)
@@ -211,13 +216,13 @@ class IntegrityGuard:
             return "derived"
         return "codes" if attr == "qweight" and layer in self.layers else "tensor"
 
-    def _compare(self, name: str, t: torch.Tensor, ref: _Ref) -> list[Corruption]:
+    def _compare(self, name: str, t: torch.Tensor, ref: _Ref, sums: np.ndarray | None = None) -> list[Corruption]:
         layer, attr = self._where(name)
         if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
             return [Corruption(layer, -1, (0, 0), attr, "structure",
                                f"now {t.dtype} {tuple(t.shape)}, was {ref.dtype} {ref.shape}")]
         nbytes = t.numel() * t.element_size()
-        diff = np.flatnonzero(self._sums(name, t) != ref.sums).tolist()
+        diff = np.flatnonzero((self._sums(name, t) if sums is None else sums) != ref.sums).tolist()
         kind = self._kind(name)
         return [Corruption(layer, g, (g * self.group_bytes, min(nbytes, (g + 1) * self.group_bytes)), attr, kind)
                 for g in diff]

@@ -12,7 +12,9 @@ What the integrity check covers (`ServedModel.check`):
   run through the serving backend at start and compared on every check. With the ONNX Runtime
   backend they are the only check of ORT's own copy of the weights, which Python cannot read: a
   flip there is seen only if it moves a canary's outputs (bench/integrity.py measures how well
-  that holds).
+  that holds). An encoder served by ORT also runs, at each check, the next batch of a secret sweep
+  over its whole vocabulary, so a flip in the embedding row of a rare token is seen within one
+  sweep (`vocabulary_sweep_batches` checks).
 
 A failed check is final: the model is marked corrupted and never answers again until the
 server is restarted from the sealed file.
@@ -41,7 +43,7 @@ class ServedModel:
     """A loaded QuantizedModel plus an optional ONNX Runtime session that answers instead of it."""
 
     def __init__(self, qm, ort_session=None, *, integrity_key: bytes | None = None) -> None:
-        from ..security.canary import draw_canaries
+        from ..security.canary import draw_canaries, vocabulary_sweep
         from ..security.integrity import IntegrityGuard
 
         self.qm = qm
@@ -65,7 +67,13 @@ class ServedModel:
             raise SecquantError("no canary inputs can be made for this model (its input shape is unknown), and "
                                 "without them nothing would check ONNX Runtime's copy of the weights: serve it "
                                 "with --backend pytorch")
-        self._canary_out = self._forward(self.canaries.batch) if self.canaries is not None else None
+        self._canary_out = self._canary_run() if self.canaries is not None else None
+        # ORT's copy of an encoder's embedding table: a rare token's row is read by no canary, so each check
+        # also runs the next batch of a secret sweep over the whole vocabulary (its outputs recorded now)
+        self._sweep = vocabulary_sweep(qm.handle.adapter.tokenizer) if self.ort is not None and \
+            self.kind == "encoder" else []
+        self._sweep_out = [self._forward(b) for b in self._sweep]
+        self._sweep_next = 0
         self.checks = 0
 
     # -- inference -------------------------------------------------------------------------------
@@ -75,6 +83,9 @@ class ServedModel:
             if self.ort is not None:
                 return self.ort.run(batch)
             return self.qm.handle.run(self.qm.module, batch).float()
+
+    def _canary_run(self) -> list[torch.Tensor]:
+        return [self._forward(b) for b in self.canaries.batches]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "classifier":
@@ -102,8 +113,13 @@ class ServedModel:
         if bad:
             where = ", ".join(c.describe() for c in bad[:5])
             problem = f"{len(bad)} corrupted weight group(s): {where}" + (" ..." if len(bad) > 5 else "")
-        elif self._canary_out is not None and not outputs_match(self._canary_out, self._forward(self.canaries.batch)):
+        elif self._canary_out is not None and not all(map(outputs_match, self._canary_out, self._canary_run())):
             problem = f"the secret canary inputs no longer give the outputs recorded at start ({self.backend} backend)"
+        elif self._sweep:
+            i, self._sweep_next = self._sweep_next, (self._sweep_next + 1) % len(self._sweep)
+            if not outputs_match(self._sweep_out[i], self._forward(self._sweep[i])):
+                problem = (f"the secret vocabulary sweep (batch {i}) no longer gives the outputs recorded at start "
+                           f"({self.backend} backend): an embedding row is corrupted")
         self.checks += 1
         if problem is not None:
             self.corruption = problem
@@ -117,6 +133,7 @@ class ServedModel:
                 "quantized_layers_checked": len(self.guard.layers), "tensors_checked": len(self.guard.tensors),
                 "canaries": c.count if c else 0,
                 "canary_unit_coverage": round(c.covered / c.units, 4) if c and c.units else None,
+                "vocabulary_sweep_batches": len(self._sweep),
                 "integrity_checks": self.checks, "corrupted": self.corruption is not None,
                 "corruption": self.corruption}
 

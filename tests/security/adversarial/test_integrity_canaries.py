@@ -97,7 +97,7 @@ def test_canaries_come_from_a_secret_seed_and_cover_every_unit(qm, monkeypatch, 
     with caplog.at_level(logging.DEBUG):
         c = draw_canaries(qm.handle, qm.module)
     assert calls == [128]  # the seed comes from the secrets module, 128 bits ...
-    assert set(vars(c)) == {"batch", "count", "units", "covered"}  # ... and is not kept
+    assert set(vars(c)) == {"batch", "count", "units", "covered", "tokens"}  # ... and is not kept
     assert caplog.text == ""  # nor logged
 
 
