@@ -129,12 +129,13 @@ def part_bar(tmp: Path, flips: int) -> dict:
 # -- 2. canaries on the PyTorch module ---------------------------------------------------------------
 
 def candidate_flips(qm, per_tensor: int, rng: random.Random) -> list[tuple[str, int]]:
-    """(tensor, element): every element of small tensors, `per_tensor` random ones of large tensors. The
-    caches are left out: a flip in a code (the cache refreshed from it) is what ORT's copy would suffer."""
+    """(tensor, element): every element of small tensors, `per_tensor` random ones of large tensors. Both
+    the codes (the cache recomputed from them: what ORT's integer copy would suffer) and the float caches
+    (what the PyTorch forward reads; a float weight can become ~1e38, an int8 code cannot)."""
     out = []
     for name, t in reachable_tensors(qm.module).items():
-        if name.endswith("_w_cache") or name.endswith("num_batches_tracked"):
-            continue  # not in ORT's copy; num_batches_tracked is not read in eval mode
+        if name.endswith("num_batches_tracked"):
+            continue  # not read in eval mode
         n = t.numel()
         elems = range(n) if n <= per_tensor else rng.sample(range(n), per_tensor)
         out += [(name, e) for e in elems]
@@ -169,7 +170,8 @@ def part_canaries(tmp: Path, per_tensor: int, secret_draws: int) -> tuple[list[d
     # a flip in anything a quantized layer's cache is computed from (codes, scales, zero points, codebooks)
     # is made visible by recomputing the cache, as ORT, which holds no such cache, would compute with it
     layers = {n: mod for n, mod in m.named_modules() if hasattr(mod, "refresh_derived")}
-    owners = {name: layers[name.rpartition(".")[0]] for name in tensors if name.rpartition(".")[0] in layers}
+    owners = {name: layers[name.rpartition(".")[0]] for name in tensors
+              if name.rpartition(".")[0] in layers and not name.endswith("._w_cache")}
     cands = candidate_flips(qm, per_tensor, random.Random(7))
     log(f"canaries: {len(cands)} candidate flips, {len(batch)} canary inputs in {len(sets)} sets")
     stats = {k: {"silent": 0, "silent_over_1pt": 0, "max_silent_drop": 0.0, "worst": ""} for k in sets}
@@ -377,8 +379,9 @@ def markdown(args, bar, canaries, attack, ort_row, cost, header: str) -> str:
         lines += ["### Canaries: flips silent on them, and what they cost in accuracy", "",
                  f"The PyTorch module stands in for ONNX Runtime's copy of the weights (no checksum reads that copy). "
                  f"Candidate flips: {canaries[0]['candidate_flips']} (every element of each tensor up to "
-                 f"{args.per_tensor} elements, {args.per_tensor} random ones of larger tensors; the layer's weight is "
-                 "dequantized again with the flipped codes, scales or zero points, as ORT would compute with them), at the damaging bit. A flip is *silent* on a canary set when "
+                 f"{args.per_tensor} elements, {args.per_tensor} random ones of larger tensors, the dequantized-weight "
+                 "caches the PyTorch forward reads included; after a flip in codes, scales or zero points the cache is "
+                 "recomputed from them, as ORT would compute with them), at the damaging bit. A flip is *silent* on a canary set when "
                  "every output stays within 1e-5 of the largest reference output. For each silent flip the held-out "
                  f"accuracy drop (899 samples, clean {pct(canaries[0]['clean_accuracy'])}%) is measured.", "",
                  "| canary set | inputs | unit coverage | silent flips | silent and > 1 point | worst silent drop (points) |",

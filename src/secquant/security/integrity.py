@@ -188,9 +188,10 @@ class IntegrityGuard:
             groups = -(-t.numel() * t.element_size() // self.group_bytes)
             if record[name].shape != (groups,):
                 raise ArtifactError(f"integrity record for {name!r} has {record[name].size} groups, expected {groups}")
+            raw = self._raw(t).copy()  # one snapshot: the run-time reference is of exactly the bytes verified
             sealed = _Ref(np.asarray(record[name], dtype=np.uint32), t.dtype, tuple(t.shape))
-            bad += self._compare(name, t, sealed, checksums_of(self._raw(t), self.key, name, self.group_bytes))
-            self.reference[name] = self._ref(name, t)  # the run-time reference, right after the check
+            bad += self._compare(name, t, sealed, checksums_of(raw, self.key, name, self.group_bytes))
+            self.reference[name] = _Ref(runtime_checksums(raw, self.key, name, self.group_bytes), t.dtype, tuple(t.shape))
         if bad:
             raise IntegrityError(f"integrity check failed: {len(bad)} group(s) in {_describe(bad)} do not match the "
                                  "checksums recorded at seal time; refusing to load", bad)
