@@ -22,7 +22,7 @@ from .artifact import (
 )
 from .artifact.fsutil import atomic_file, private_dir, refuse_existing
 from .artifact.store import build_manifest, describe
-from .errors import ArtifactError, CalibrationError, ModelError, SecquantError
+from .errors import CalibrationError, ModelError, SecquantError
 from .fidelity import compare, float_size_bytes
 from .models import BUILTINS, ModelHandle, TensorClassifierAdapter, load_model
 from .quant.algorithms import quantize_model
@@ -46,13 +46,26 @@ class QuantizedModel:
     source_commitment_key: str | None = None
 
     def check_integrity(self, repair: bool = False) -> list:
-        """Corrupted weight groups found by the integrity record's keyed checksums ([] when intact);
-        `repair=True` zeroes them. Raises if the artifact carries no integrity record (seal it)."""
+        """Corrupted groups of the model's tensors found by the integrity record's keyed checksums ([] when
+        intact): every tensor the forward pass reads is covered (codes, scales, biases, caches, ...).
+
+        `repair=True` zeroes corrupted groups of packed codes and recomputes corrupted caches; if other
+        tensors are corrupted it raises `IntegrityError` naming them (they cannot be rebuilt in memory:
+        reload the model). Raises if the artifact carries no integrity record (seal it)."""
         if self.integrity is None:
             raise SecquantError("this model has no integrity record: records are made by `secquant seal`")
         found = self.integrity.check()
         if found and repair:
-            self.integrity.repair(found)
+            from .security.integrity import IntegrityError
+
+            left = self.integrity.repair(found)
+            if left:
+                done = len(found) - len(left)
+                names = sorted({c.name for c in left})
+                raise IntegrityError(
+                    f"{len(left)} corrupted group(s) in {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
+                    f"cannot be repaired in place (only packed codes and caches can; {done} group(s) of those were "
+                    "repaired): reload the model from the sealed file", left)
         return found
 
     def __call__(self, *args, **kwargs):
@@ -204,17 +217,13 @@ def load(path: str | Path, *, model: nn.Module | None = None, factory: str | Non
 
 
 def _integrity_guard(la: LoadedArtifact):
-    """The guard for an artifact with an integrity record, checked now: a mismatch refuses the load."""
+    """The guard for an artifact with an integrity record: every stored tensor is checked against the
+    record now (a mismatch refuses the load), then the caches are computed and covered too."""
     from .security.integrity import INTEGRITY_NAME, IntegrityGuard
 
     if INTEGRITY_NAME not in la.manifest.files:
         return None
-    guard = IntegrityGuard.from_record(la.module, (Path(la.path) / INTEGRITY_NAME).read_bytes())
-    if bad := guard.check():
-        layers = sorted({c.layer for c in bad})
-        raise ArtifactError(f"integrity check failed: {len(bad)} weight group(s) in {', '.join(layers[:5])} do not "
-                            "match the checksums recorded at seal time; refusing to load")
-    return guard
+    return IntegrityGuard.from_record(la.module, (Path(la.path) / INTEGRITY_NAME).read_bytes())
 
 
 def _load_sealed(p: Path, identity, verify_key, passphrase, model, factory, min_release=None) -> QuantizedModel:

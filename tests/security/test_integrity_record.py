@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save as st_save
 
 import secquant
 from secquant.artifact import read_manifest
@@ -34,7 +37,11 @@ def test_seal_adds_a_signed_record_and_leaves_the_source_alone(sealed, tmp_path)
     assert m.files[INTEGRITY_NAME] == file_sha256(opened / INTEGRITY_NAME)
     key, group_bytes, sums = read_record((opened / INTEGRITY_NAME).read_bytes())
     assert len(key) == 32 and group_bytes == 64
-    assert set(sums) == set(m.layers)
+    with safe_open(str(opened / "model.safetensors"), "np") as f:  # every tensor of the file, not only the codes
+        stored = set(f.keys())
+    assert set(sums) == stored and {f"{n}.qweight" for n in m.layers} < stored
+    assert {"classifier.1.bias", "classifier.1.smooth_scale", "features.1.running_var",
+            "features.0.input_quant.scale"} < stored
 
 
 def test_fresh_key_per_seal(sealed, tmp_path):
@@ -49,16 +56,18 @@ def test_load_checks_and_keeps_the_guard_for_serving(sealed):
     path, alice, _ = sealed
     qm = secquant.load(path, identity=alice.identity, verify_key=alice.verify_key)
     assert qm.check_integrity() == []
+    assert "classifier.3._w_cache" in qm.integrity.tensors  # the cache, covered after the codes were verified
     x, y = splits()["test_x"], splits()["test_y"]
     clean = float((qm(x).argmax(1) == y).float().mean())
     layer = qm.integrity.layers["features.3"]
     layer.qweight.view(-1)[100] ^= 0x80  # a high-bit flip in memory, as a rowhammer attack would
-    layer._w_cache = None
     found = qm.check_integrity()
     assert [(c.layer, c.group) for c in found] == [("features.3", 100 // 64)]
     assert qm.check_integrity(repair=True) and qm.check_integrity() == []
     repaired = float((qm(x).argmax(1) == y).float().mean())
     assert repaired >= clean - 0.02
+    qm.module.get_submodule("features.0.input_quant").scale.view(torch.int32).view(-1)[0] ^= 1 << 30
+    assert [c.name for c in qm.check_integrity()] == ["features.0.input_quant.scale"]
 
 
 def test_a_mismatching_record_refuses_the_load(sealed, tmp_path):
@@ -72,12 +81,28 @@ def test_a_mismatching_record_refuses_the_load(sealed, tmp_path):
     (d / "secquant.json").write_text(json.dumps(raw))
     qm = secquant.load(d, allow_unsealed=True)  # key and checksums agree with each other: loads
     assert qm.check_integrity() == []
-    sums = {n: v.copy() for n, v in sums.items()}
-    sums["classifier.1"][5] ^= 1  # one checksum altered: as if those weights had been changed
-    (d / INTEGRITY_NAME).write_bytes(make_record(sums, key, gb))
+    for name, group in (("classifier.1.qweight", 5), ("classifier.1.bias", 0), ("features.1.running_mean", 0)):
+        bad = {n: v.copy() for n, v in sums.items()}
+        bad[name][group] ^= 1  # one checksum altered: as if that tensor had been changed after sealing
+        (d / INTEGRITY_NAME).write_bytes(make_record(bad, key, gb))
+        raw["files"][INTEGRITY_NAME] = file_sha256(d / INTEGRITY_NAME)
+        (d / "secquant.json").write_text(json.dumps(raw))
+        with pytest.raises(ArtifactError, match=f"integrity check failed: 1 group.* in {name}"):
+            secquant.load(d, allow_unsealed=True)
+
+
+def test_an_old_codes_only_record_is_refused_with_what_to_do(sealed, tmp_path):
+    path, alice, _ = sealed
+    d = open_sealed(path, alice.identity, alice.verify_key, tmp_path / "o")
+    key, gb, sums = read_record((d / INTEGRITY_NAME).read_bytes())
+    v2 = {"__scheme__": np.frombuffer(b"secquant.keyed-group-sum.v2", dtype=np.uint8),
+          "__key__": np.frombuffer(key, dtype=np.uint8), "__group_bytes__": np.array([gb], dtype=np.int64),
+          **{n[: -len(".qweight")]: v for n, v in sums.items() if n.endswith(".qweight")}}
+    (d / INTEGRITY_NAME).write_bytes(st_save(v2))
+    raw = json.loads((d / "secquant.json").read_text())
     raw["files"][INTEGRITY_NAME] = file_sha256(d / INTEGRITY_NAME)
     (d / "secquant.json").write_text(json.dumps(raw))
-    with pytest.raises(ArtifactError, match="integrity check failed"):
+    with pytest.raises(ArtifactError, match=r"covers only the packed weight codes.*seal the artifact again"):
         secquant.load(d, allow_unsealed=True)
 
 
@@ -98,5 +123,6 @@ def test_cli_integrity(sealed, cli, assert_user_error, tmp_path):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["intact"] is True and res["layers"] == 4 and res["groups"] > 0
+    assert res["tensors"] == 40  # 36 stored in model.safetensors + the 4 dequantized-weight caches
     assert_user_error(cli("integrity", art), contains=("no integrity record",))
     assert_user_error(cli("integrity", tmp_path / "missing.age"), contains=("does not exist",))

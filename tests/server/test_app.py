@@ -240,18 +240,19 @@ def test_the_periodic_check_catches_corruption_while_serving(make_server, served
     assert served.checks >= 2
 
 
-@pytest.mark.parametrize("where", ["bias", "dequantized cache"])
-def test_the_canary_catches_what_the_checksums_do_not_cover(served, where):
+@pytest.mark.parametrize("where", ["bias", "_w_cache"])
+def test_the_checksums_cover_the_float_state_outside_the_codes(served, where):
+    """Issue 15: the bias and the dequantized-weight cache the forward reads are checksummed like the codes
+    (the canary used to be their only check; it now watches what Python cannot read: tests/server/test_model.py)."""
     assert served.check() is None
     layer = served.qm.module.get_submodule("classifier.3")
-    with torch.no_grad():  # float state outside the packed codes: the checksums cannot see it
+    with torch.no_grad():
         if where == "bias":
             layer.bias.add_(0.5)
         else:
-            assert layer._w_cache is not None  # filled by the canary run at start
-            layer._w_cache[0] += 1.0  # one cached row (the canary sees only flips that move its outputs)
-    assert served.guard.check() == []
-    assert "canary" in served.check()
+            layer._w_cache[0] += 1.0  # one cached row
+    assert {c.name for c in served.guard.check()} == {f"classifier.3.{where}"}
+    assert "corrupted weight group" in served.check() and f"classifier.3.{where}" in served.corruption
 
 
 def test_the_server_on_each_database(db_url, served, store_factory):

@@ -89,3 +89,88 @@ def test_embeddings_of_a_sentence_encoder(minilm_artifact, sqlite_url):
         assert c.post("/v1/embed", json={"texts": []}, headers=h).status_code == 422
         assert c.post("/v1/embed", json={"texts": ["x" * 3000]}, headers=h).status_code == 422
     store.close()
+
+
+def test_the_secret_canaries_watch_onnx_runtimes_own_copy(sealed_digits_onnx, server_keys, tmp_path):
+    """Issue 15: ORT holds its own copy of the weights, which no checksum reads. A bit flipped in that copy
+    (here bit 30 of one logit bias in the ORT session) is caught by the periodic check through the secret
+    canaries run on ORT, while the checksums of the intact PyTorch copy stay clean."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from secquant.security import open_sealed
+
+    owner, _ = server_keys
+    m = open_served(sealed_digits_onnx, owner.identity, owner.verify_key)
+    assert m.backend == "onnxruntime" and m.canaries.count >= 64 and m.info()["canaries"] == m.canaries.count
+    assert m.check() is None
+    x, y = splits()["test_x"], splits()["test_y"]
+    clean = float((m.logits(x).argmax(1) == y).float().mean())
+    proto = onnx.load_from_string((open_sealed(sealed_digits_onnx, owner.identity, owner.verify_key, tmp_path / "o")
+                                   / "model.onnx").read_bytes())
+    init = next(i for i in proto.graph.initializer if i.name == "classifier.3.bias")
+    b = onnx.numpy_helper.to_array(init).copy()
+    b.view(np.uint32)[4] ^= 1 << 30
+    init.CopyFrom(onnx.numpy_helper.from_array(b, init.name))
+    m.ort._sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert float((m.logits(x).argmax(1) == y).float().mean()) < clean - 0.05  # real damage, on ORT only
+    assert m.guard.check() == []  # the checksums read the PyTorch copy, which is intact
+    assert "secret canary" in m.check() and "onnxruntime" in m.corruption
+
+
+
+def test_encoder_canaries_read_the_embedding_rows_of_common_tokens(minilm_artifact):
+    """A sentence's embedding reads only its own tokens' rows: the encoder canaries carry rows of the most
+    frequent tokens of realistic text, so a flip in such a row (as in ORT's copy, which no checksum reads)
+    moves their outputs."""
+    from secquant.security.bitflip import flip_tensor_bit
+    from secquant.security.canary import outputs_match
+
+    _, qm = minilm_artifact
+    m = ServedModel(qm)
+    tok = qm.handle.adapter.tokenizer
+    held = {t for b in m.canaries.batches for t in b["input_ids"][b["attention_mask"].bool()].tolist()}
+    common = [tok.convert_tokens_to_ids(w) for w in ("the", "for", "of", "and", "is")]
+    assert set(common) <= held and len(held) > 250
+    emb = qm.module.get_submodule("transformer.embeddings.word_embeddings")
+    cache = emb.dequantized_weight()
+    element = common[1] * cache.shape[1] + 7  # the row of "for"
+    flip_tensor_bit(cache, element, 30)
+    try:
+        assert not all(map(outputs_match, m._canary_out, m._canary_run()))
+        assert {c.name for c in m.guard.check()} == {"transformer.embeddings.word_embeddings._w_cache"}
+    finally:
+        flip_tensor_bit(cache, element, 30)
+    assert m.check() is None
+
+
+def test_a_vocabulary_sweep_reaches_the_rows_of_rare_tokens_in_the_ort_copy(minilm_artifact):
+    """With ORT serving an encoder, a flip in its copy of the embedding row of a token no canary holds is
+    seen by the secret vocabulary sweep, one batch per check, within one sweep."""
+    from secquant.security.bitflip import flip_tensor_bit
+
+    _, qm = minilm_artifact
+    table = qm.module.get_submodule("transformer.embeddings.word_embeddings").dequantized_weight()
+
+    class OwnCopy:  # stands in for ORT: its own copy of the table, read row by row like a Gather
+        def __init__(self) -> None:
+            self.table = table.clone()
+
+        def run(self, batch):
+            return (self.table[batch["input_ids"]] * batch["attention_mask"][..., None]).sum(1)
+
+    m = ServedModel(qm, OwnCopy())
+    sweep = m.info()["vocabulary_sweep_batches"]
+    assert sweep == len(m._sweep) >= 100
+    special = set(qm.handle.adapter.tokenizer.all_special_ids)
+    swept = [t for b in m._sweep for t in b["input_ids"][b["attention_mask"].bool()].tolist() if t not in special]
+    assert sorted(swept) == [t for t in range(30522) if t not in special]  # every row, once
+    held = {t for b in m.canaries.batches for t in b["input_ids"][b["attention_mask"].bool()].tolist()}
+    rare = qm.handle.adapter.tokenizer.convert_tokens_to_ids("zeppelin")
+    assert rare not in held
+    flip_tensor_bit(m.ort.table, rare * table.shape[1] + 3, 30)
+    for _ in range(sweep):
+        m.check()
+    assert m.guard.check() == []  # the PyTorch copy is intact
+    assert m.corruption is not None and "vocabulary sweep" in m.corruption

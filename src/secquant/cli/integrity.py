@@ -1,4 +1,4 @@
-"""CLI commands: integrity (check a model's weights against the checksums recorded at seal time)."""
+"""CLI commands: integrity (check every tensor of a model against the checksums recorded at seal time)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
         min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
     ) -> None:
-        """Check every quantized weight group against the keyed checksums sealed with the model; print JSON."""
+        """Check every tensor the model computes with (codes, scales, biases, caches, ...) against the keyed
+        checksums sealed with it; print JSON."""
         from ..api import load
         from ..errors import SecquantError
 
@@ -32,9 +33,10 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                   allow_unsealed=True, min_release=min_release)  # loading checks the record, refuses a mismatch
         found = qm.check_integrity()
         g = qm.integrity
-        res = {"model": str(model), "intact": not found, "layers": len(g.layers),
+        res = {"model": str(model), "intact": not found, "layers": len(g.layers), "tensors": len(g.tensors),
                "groups": g.groups, "group_bytes": g.group_bytes,
                "release": qm.release.release if qm.release is not None else None}
         typer.echo(json.dumps(res))
-        err.print(f"intact: every weight group of {len(g.layers)} layers matches the sealed checksums"
-                  + (f"; {describe_release(qm)}" if model.is_file() else ""), highlight=False, soft_wrap=True)
+        err.print(f"intact: every group of the {len(g.tensors)} tensors of {len(g.layers)} quantized layers matches "
+                  "the sealed checksums" + (f"; {describe_release(qm)}" if model.is_file() else ""),
+                  highlight=False, soft_wrap=True)

@@ -73,6 +73,15 @@ def _set_code(m: QuantizedWeightMixin, index: int, code: int) -> None:
     m._w_cache = None  # the mixin's dequantized-weight cache is stale after a direct code edit
 
 
+def flip_tensor_bit(t: torch.Tensor, element: int, bit: int) -> None:
+    """Flip bit `bit` of element `element` (row-major index) of any tensor in place, in the memory that
+    holds it (strided views included), as a fault in that memory would: no cache is refreshed."""
+    index = [int(i) for i in torch.unravel_index(torch.tensor(element), t.shape)] if t.dim() else []
+    offset = t.storage_offset() + sum(i * s for i, s in zip(index, t.stride()))
+    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    raw[offset * t.element_size() + bit // 8] ^= 1 << (bit % 8)
+
+
 def flip_bit(m: QuantizedWeightMixin, index: int, bit: int) -> tuple[int, int]:
     """Flip one bit of one stored code in place; returns (old, new) code."""
     codes = unpack(m.qweight, m.weight_args.bits, m.rows * m.cols)
@@ -183,19 +192,23 @@ def random_flips(model: nn.Module, n: int, seed: int) -> list[Flip]:
 
 
 def _detection(guard: IntegrityGuard, flips: list[Flip], evaluate) -> dict[str, Any]:
-    """Check, count the flips inside corrupted groups, repair, and measure accuracy after repair."""
+    """Check, count the flips inside corrupted code groups, repair, and measure accuracy after repair.
+
+    The guard also reports the layers' dequantized-weight caches, recomputed from the flipped codes;
+    repair zeroes the code groups and rebuilds those caches from the repaired codes."""
     bad = guard.check()
-    groups = {(c.layer, c.group) for c in bad}
+    groups = {(c.layer, c.group) for c in bad if c.kind == "codes"}
     detected = 0
     for f in flips:
         bits = guard.layers[f.layer].weight_args.bits
         byte = (f.index * bits) // 8
         detected += (f.layer, byte // guard.group_bytes) in groups
-    guard.repair(bad)
+    left = guard.repair(bad)
     return {"flips": len(flips), "detected_flips": detected,
             "detection_rate": detected / len(flips) if flips else None,
-            "corrupted_groups": len(bad), "accuracy_after_repair": accuracy(guard.model, *evaluate),
-            "clean_after_repair": not guard.check()}
+            "corrupted_groups": len(groups), "corrupted_cache_groups": sum(c.kind == "derived" for c in bad),
+            "accuracy_after_repair": accuracy(guard.model, *evaluate),
+            "clean_after_repair": not left and not guard.check()}
 
 
 def bitflip_audit(qmodel: nn.Module, attack: tuple[torch.Tensor, torch.Tensor],

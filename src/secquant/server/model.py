@@ -4,14 +4,17 @@ checked for corruption while it serves.
 
 What the integrity check covers (`ServedModel.check`):
 
-- keyed checksums (`secquant.security.integrity.IntegrityGuard`) over the packed integer codes
-  of every quantized layer of the PyTorch module, taken right after the signature and hashes of
-  the sealed file were verified. With the ONNX Runtime backend these PyTorch weights are the
-  reference copy: ORT holds its own copy of the weights in memory, which the checksums do not see;
-- a canary: a fixed input run through the serving backend at start, its outputs recorded and
-  compared on every check. This covers what the checksums miss (the ORT copy of the weights, the
-  dequantized-weight cache of the PyTorch layers, float parameters), though only for flips that
-  move the canary's outputs.
+- keyed checksums (`secquant.security.integrity.IntegrityGuard`) over every tensor the PyTorch
+  module holds (codes, scales, zero points, biases, normalization and activation-quantizer
+  parameters, codebooks, rotation and smoothing tensors, the dequantized-weight caches), judged
+  against the record sealed with the model right after the signature and hashes were verified;
+- secret canaries (`secquant.security.canary`): inputs drawn once per process from a secret seed,
+  run through the serving backend at start and compared on every check. With the ONNX Runtime
+  backend they are the only check of ORT's own copy of the weights, which Python cannot read: a
+  flip there is seen only if it moves a canary's outputs (bench/integrity.py measures how well
+  that holds). An encoder served by ORT also runs, at each check, the next batch of a secret sweep
+  over its whole vocabulary, so a flip in the embedding row of a rare token is seen within one
+  sweep (`vocabulary_sweep_batches` checks).
 
 A failed check is final: the model is marked corrupted and never answers again until the
 server is restarted from the sealed file.
@@ -33,7 +36,6 @@ import torch
 from ..errors import SecquantError
 
 log = logging.getLogger("secquant.server")
-_CANARY_TEXTS = ["secquant integrity canary: a fixed sentence.", "A second, longer canary sentence keeps padding in use."]
 BACKENDS = ("auto", "onnxruntime", "pytorch")
 
 
@@ -41,6 +43,7 @@ class ServedModel:
     """A loaded QuantizedModel plus an optional ONNX Runtime session that answers instead of it."""
 
     def __init__(self, qm, ort_session=None, *, integrity_key: bytes | None = None) -> None:
+        from ..security.canary import draw_canaries, vocabulary_sweep
         from ..security.integrity import IntegrityGuard
 
         self.qm = qm
@@ -49,7 +52,7 @@ class ServedModel:
         self.recipe: str = qm.manifest.recipe.name
         self.ort = ort_session
         self.backend = "onnxruntime" if ort_session is not None else "pytorch"
-        self._lock = threading.Lock()  # one check or forward pass at a time on the shared module
+        self._lock = threading.Lock()  # one forward pass at a time on the shared module
         # The checksums sealed with the model when it carries them (checked once already by load);
         # otherwise the only place the server builds a guard: a fresh random key per process.
         self.guard = qm.integrity if qm.integrity is not None and integrity_key is None else \
@@ -58,25 +61,31 @@ class ServedModel:
         rb = qm.manifest.model.rebuild
         shape = getattr(qm.handle.adapter, "sample_shape", None) or rb.get("sample_shape")
         self.sample_shape: tuple[int, ...] | None = tuple(shape) if shape else None
-        self._canary_in = self._canary_input()
-        self._canary_out = self._forward(self._canary_in) if self._canary_in is not None else None
+        # secret canaries, drawn from a per-process secret seed: never logged, never stored
+        self.canaries = draw_canaries(qm.handle, qm.module)
+        if self.canaries is None and self.ort is not None:
+            raise SecquantError("no canary inputs can be made for this model (its input shape is unknown), and "
+                                "without them nothing would check ONNX Runtime's copy of the weights: serve it "
+                                "with --backend pytorch")
+        self._canary_out = self._canary_run() if self.canaries is not None else None
+        # ORT's copy of an encoder's embedding table: a rare token's row is read by no canary, so each check
+        # also runs the next batch of a secret sweep over the whole vocabulary (its outputs recorded now)
+        self._sweep = vocabulary_sweep(qm.handle.adapter.tokenizer) if self.ort is not None and \
+            self.kind == "encoder" else []
+        self._sweep_out = [self._forward(b) for b in self._sweep]
+        self._sweep_next = 0
         self.checks = 0
 
     # -- inference -------------------------------------------------------------------------------
-
-    def _canary_input(self):
-        if self.kind == "encoder":
-            return self.qm.handle.adapter.encode(_CANARY_TEXTS)
-        if self.sample_shape is None:
-            return None
-        g = torch.Generator().manual_seed(1234)
-        return torch.rand((4, *self.sample_shape), generator=g)
 
     def _forward(self, batch) -> torch.Tensor:
         with self._lock, torch.no_grad():
             if self.ort is not None:
                 return self.ort.run(batch)
             return self.qm.handle.run(self.qm.module, batch).float()
+
+    def _canary_run(self) -> list[torch.Tensor]:
+        return [self._forward(b) for b in self.canaries.batches]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "classifier":
@@ -91,21 +100,26 @@ class ServedModel:
     # -- integrity -------------------------------------------------------------------------------
 
     def check(self) -> str | None:
-        """Run the integrity checks; returns (and keeps) a description of the corruption, or None."""
+        """Run the integrity checks; returns (and keeps) a description of the corruption, or None.
+
+        The checksums run without the forward lock (they only read the tensors), so serving goes on
+        while they run; the canaries run through the serving backend like any request."""
+        from ..security.canary import outputs_match
+
         if self.corruption is not None:
             return self.corruption
-        with self._lock:
-            bad = self.guard.check()
+        bad = self.guard.check()
         problem = None
         if bad:
-            where = ", ".join(f"{c.layer} bytes {c.byte_range[0]}-{c.byte_range[1]}" for c in bad[:5])
+            where = ", ".join(c.describe() for c in bad[:5])
             problem = f"{len(bad)} corrupted weight group(s): {where}" + (" ..." if len(bad) > 5 else "")
-        elif self._canary_out is not None:
-            got = self._forward(self._canary_in)
-            ref = self._canary_out
-            tol = 1e-5 * float(ref.abs().max()) + 1e-6
-            if got.shape != ref.shape or not bool(torch.isfinite(got).all()) or float((got - ref).abs().max()) > tol:
-                problem = f"the canary input no longer gives the outputs recorded at start ({self.backend} backend)"
+        elif self._canary_out is not None and not all(map(outputs_match, self._canary_out, self._canary_run())):
+            problem = f"the secret canary inputs no longer give the outputs recorded at start ({self.backend} backend)"
+        elif self._sweep:
+            i, self._sweep_next = self._sweep_next, (self._sweep_next + 1) % len(self._sweep)
+            if not outputs_match(self._sweep_out[i], self._forward(self._sweep[i])):
+                problem = (f"the secret vocabulary sweep (batch {i}) no longer gives the outputs recorded at start "
+                           f"({self.backend} backend): an embedding row is corrupted")
         self.checks += 1
         if problem is not None:
             self.corruption = problem
@@ -113,10 +127,15 @@ class ServedModel:
         return problem
 
     def info(self) -> dict[str, Any]:
+        c = self.canaries
         return {"model": self.spec, "kind": self.kind, "recipe": self.recipe, "backend": self.backend,
                 "input_shape": list(self.sample_shape) if self.sample_shape else None,
-                "quantized_layers_checked": len(self.guard.layers), "integrity_checks": self.checks,
-                "corrupted": self.corruption is not None, "corruption": self.corruption}
+                "quantized_layers_checked": len(self.guard.layers), "tensors_checked": len(self.guard.tensors),
+                "canaries": c.count if c else 0,
+                "canary_unit_coverage": round(c.covered / c.units, 4) if c and c.units else None,
+                "vocabulary_sweep_batches": len(self._sweep),
+                "integrity_checks": self.checks, "corrupted": self.corruption is not None,
+                "corruption": self.corruption}
 
 
 def _private_dir() -> Path:
@@ -133,7 +152,7 @@ def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_k
     """Decrypt and verify a sealed model into a private /dev/shm directory, load it (and its
     model.onnx into ONNX Runtime, from the verified bytes), then delete the directory: from then on
     the model exists only in this process's memory."""
-    from ..api import QuantizedModel
+    from ..api import QuantizedModel, _integrity_guard
     from ..artifact.store import load_artifact
     from ..security import open_sealed, read_release
 
@@ -147,7 +166,8 @@ def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_k
         art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase,
                           min_release=min_release)
         la = load_artifact(art, factory=factory)
-        qm = QuantizedModel(la.module, la.manifest, la.handle, None, release=read_release(art))
+        # the sealed integrity record is checked now, against every stored tensor (a mismatch refuses)
+        qm = QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la), read_release(art))
         has_onnx = "model.onnx" in la.manifest.files
         if backend == "onnxruntime" and not has_onnx:
             raise SecquantError(f"{p} carries no model.onnx: export it (`secquant export`) before sealing, or "

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..schema import QuantArgs
 from ..primitives import is_rotatable, rotate, rotate_hessian, rotation_signs, unrotate
+from ..primitives.rotation import hadamard
 from .activation import ActQuant
 from .weight import QuantizedWeightMixin
 
@@ -47,6 +48,7 @@ class QuantLinear(_QuantLayer):
     R the optional randomized block-Hadamard rotation (both exact in float)."""
 
     layer_type = "Linear"
+    derived_tensors = ("_w_cache", "rotation_hadamard")
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  wargs: QuantArgs | None, aargs: QuantArgs | None, smooth: bool = False,
@@ -64,8 +66,12 @@ class QuantLinear(_QuantLayer):
         self.rotation_block = rotation
         if rotation is not None:
             self.register_buffer("rotation_signs", torch.ones(in_features))
+            # the layer's own copy of the Hadamard block its forward multiplies by (not the process-wide
+            # cached one), so the integrity guard, which covers what the module holds, covers it too
+            self.register_buffer("rotation_hadamard", hadamard(rotation).clone(), persistent=False)
         else:
             self.rotation_signs = None
+            self.rotation_hadamard = None
 
     @classmethod
     def from_float(cls, mod: nn.Module, wargs, aargs, prep=None, rotation=None) -> "QuantLinear":
@@ -88,12 +94,21 @@ class QuantLinear(_QuantLayer):
         return q
 
     def input_space(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as its stored weight expects it: x / s, then rotated."""
+        """The layer's input as its stored weight expects it: x / s, then rotated (x D B, as
+        primitives.rotate computes it, with the layer's own Hadamard block B)."""
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
         if self.rotation_block is not None:
-            x = rotate(x, self.rotation_signs, self.rotation_block)
+            b = self.rotation_block
+            x = x * self.rotation_signs.to(x.dtype)
+            x = (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ self.rotation_hadamard.to(x.dtype)).reshape(x.shape)
         return x
+
+    def refresh_derived(self) -> None:
+        """Recompute the dequantized-weight cache and the Hadamard block from what defines them."""
+        if self.rotation_block is not None:
+            self.rotation_hadamard.copy_(hadamard(self.rotation_block))
+        super().refresh_derived()
 
     def weight_space(self, w: torch.Tensor) -> torch.Tensor:
         """A float weight [out, in] mapped to what the codes quantize: W s, then rotated."""

@@ -108,6 +108,10 @@ class QuantizedWeightMixin:
 
     weight_args: QuantArgs | None
     weight_shape: tuple[int, ...]
+    # Plain tensor attributes computed from the stored tensors. The integrity guard checksums them like
+    # every tensor the module holds, accepts their absence (the forward then recomputes them from the
+    # checked tensors) and repairs them with `refresh_derived`.
+    derived_tensors: tuple[str, ...] = ("_w_cache",)
 
     def _init_weight(self, weight_shape: tuple[int, ...], args: QuantArgs | None) -> None:
         self.weight_args = args
@@ -201,8 +205,13 @@ class QuantizedWeightMixin:
             else:
                 vals = self.codebook[codes.long()]
                 deq = dequantize(vals, self.weight_scale, torch.zeros_like(self.weight_scale), a.granule())
-            self._w_cache = deq.reshape(self.weight_shape)
+            self._w_cache = deq.reshape(self.weight_shape).contiguous()  # one dense copy: kernels and checksums read it as is
         return self._w_cache
+
+    def refresh_derived(self) -> None:
+        """Recompute the derived tensors (the dequantized-weight cache) from the stored ones, now."""
+        self._w_cache = None
+        self.dequantized_weight()
 
     def weight_space(self, w: torch.Tensor) -> torch.Tensor:
         """A float weight [rows, cols] mapped to what the codes quantize (identity here; QuantLinear
