@@ -7,6 +7,7 @@ is a subclass registered in `models.ADAPTERS`.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,29 @@ class Adapter:
     def synthetic_prior(self, spec: str) -> str:
         """Where the data-free inputs' information comes from, for the privacy ledger."""
         return self.synthetic_description
+
+    # -- realistic inputs (integrity canaries) ---------------------------------------------------------
+    takes_text: ClassVar[bool] = False  # inputs are texts (tokenized by the adapter), read row by row of a vocabulary
+
+    def realistic_inputs(self, rng: random.Random, n: int) -> list[Any]:
+        """Up to `n` realistic single inputs (never the held-out evaluation data), in `rng`'s order; `collate`
+        makes a batch of them. [] when the model has none to offer."""
+        return []
+
+    def collate(self, items: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def vocabulary_ids(self) -> list[int]:
+        """The token ids an embedding table holds (text models), special tokens left out."""
+        return []
+
+    def frequent_token_ids(self, n: int) -> list[int]:
+        """The `n` most frequent tokens of realistic text (text models)."""
+        return []
+
+    def token_rows(self, ids: list[int], length: int) -> Any:
+        """A batch of rows of `length` tokens holding `ids` in order (text models)."""
+        raise NotImplementedError
 
     # -- export and serving --------------------------------------------------------------------------
     def sample_batch(self) -> Any:

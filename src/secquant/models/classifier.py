@@ -110,6 +110,19 @@ class TensorClassifierAdapter(Adapter):
                 "the calibration data only: the prior, like the float model itself, is not independent of that "
                 "training data")
 
+    def realistic_inputs(self, rng, n: int) -> list[Any]:
+        if self.builtin is not None:
+            x = self.builtin["train_x"]  # the training split: accuracy is measured on the held-out one
+            order = list(range(len(x)))
+            rng.shuffle(order)
+            return list(x[order[:n]])
+        if not self.sample_shape:
+            return []
+        return list(torch.randn((n, *self.sample_shape), generator=torch.Generator().manual_seed(rng.getrandbits(63))))
+
+    def collate(self, items: list[Any]) -> torch.Tensor:
+        return torch.stack(items)
+
     def sample_batch(self) -> torch.Tensor:
         if not self.sample_shape:
             return super().sample_batch()

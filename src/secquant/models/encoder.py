@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,6 +206,47 @@ class EncoderAdapter(Adapter):
     def synthetic_prior(self, spec: str) -> str:
         return ("random whole words from the model's tokenizer vocabulary: the vocabulary is public and no sample "
                 "of anyone's data is read")
+
+    takes_text = True
+
+    def realistic_inputs(self, rng, n: int, max_words: int = 16) -> list[Any]:
+        """Short built-in calibration sentences (disjoint from the evaluation ones) and random-vocabulary
+        sentences, half each: a canary run stays cheap."""
+        texts = [t for t in builtin_sentences()[1] if len(t.split()) <= max_words]
+        rng.shuffle(texts)
+        texts = texts[: n // 2]
+        texts += random_vocabulary_sentences(self.tokenizer, n - len(texts), seed=rng.getrandbits(63),
+                                             max_words=max_words)
+        rng.shuffle(texts)
+        return texts
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return self.encode(items)
+
+    def vocabulary_ids(self) -> list[int]:
+        special = set(self.tokenizer.all_special_ids)
+        return [t for t in range(len(self.tokenizer)) if t not in special]
+
+    def frequent_token_ids(self, n: int) -> list[int]:
+        from collections import Counter
+
+        special = set(self.tokenizer.all_special_ids)
+        counts = Counter(t for s in builtin_sentences()[1] for t in self.tokenizer(s)["input_ids"] if t not in special)
+        return [t for t, _ in counts.most_common(n)]
+
+    def token_rows(self, ids: list[int], length: int) -> dict[str, torch.Tensor]:
+        """[CLS] t1 ... tn [SEP] rows of `length` holding `ids` in order."""
+        per_row = length - 2
+        rows = [ids[i:i + per_row] for i in range(0, len(ids), per_row)]
+        tok = self.tokenizer
+        cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id or 0
+        out = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(out)
+        for i, r in enumerate(rows):
+            seq = [cls, *r, sep]
+            out[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        return {"input_ids": out, "token_type_ids": torch.zeros_like(out), "attention_mask": mask}
 
     def sample_batch(self) -> dict[str, torch.Tensor]:
         return self.encode(SAMPLE_TEXTS)

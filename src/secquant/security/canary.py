@@ -102,31 +102,8 @@ def _unit_masks(module: nn.Module, run: Callable[[Any], Any], batch: Any) -> tor
 
 
 def _pool(handle, rng: random.Random) -> list[Any]:
-    """Candidate canaries: realistic inputs for the model, in a secret random order."""
-    if handle.kind == "encoder":
-        from ..models.encoder import builtin_sentences
-        from ..privacy.synthetic import random_vocabulary_sentences
-
-        # short calibration sentences (disjoint from the evaluation ones): a canary run stays cheap
-        texts = [t for t in builtin_sentences()[1] if len(t.split()) <= _MAX_WORDS]
-        rng.shuffle(texts)
-        texts = texts[: _ENCODER_POOL // 2]
-        texts += random_vocabulary_sentences(handle.adapter.tokenizer, _ENCODER_POOL - len(texts),
-                                             seed=rng.getrandbits(63), max_words=_MAX_WORDS)
-        rng.shuffle(texts)
-        return texts
-    adapter = handle.adapter
-    builtin = getattr(adapter, "builtin", None)
-    if builtin is not None and "train_x" in builtin:
-        x = builtin["train_x"]
-        order = list(range(len(x)))
-        rng.shuffle(order)
-        return list(x[order[:_POOL]])
-    shape = getattr(adapter, "sample_shape", None)
-    if not shape:
-        return []
-    gen = torch.Generator().manual_seed(rng.getrandbits(63))
-    return list(torch.randn((_POOL, *shape), generator=gen))
+    """Candidate canaries: realistic inputs for the model (its adapter's), in a secret random order."""
+    return handle.adapter.realistic_inputs(rng, _ENCODER_POOL if handle.adapter.takes_text else _POOL)
 
 
 def draw_canaries(handle, module: nn.Module, count: int | None = None, *, seed: int | None = None,
@@ -139,15 +116,14 @@ def draw_canaries(handle, module: nn.Module, count: int | None = None, *, seed: 
     pool = _pool(handle, rng)
     if not pool:
         return None
-    encoder = handle.kind == "encoder"
-    count = min(len(pool), count or (ENCODER_CANARIES if encoder else CLASSIFIER_CANARIES))
-    max_extra = count if max_extra is None and encoder else (3 * count if max_extra is None else max_extra)
-
-    def batch_of(items: list[Any]) -> Any:
-        return handle.adapter.encode(items) if encoder else torch.stack(items)
+    adapter = handle.adapter
+    texts = adapter.takes_text
+    count = min(len(pool), count or (ENCODER_CANARIES if texts else CLASSIFIER_CANARIES))
+    max_extra = count if max_extra is None and texts else (3 * count if max_extra is None else max_extra)
+    batch_of = adapter.collate
 
     def masks(items: list[Any]) -> torch.Tensor:
-        step = 16 if encoder else 256
+        step = 16 if texts else 256
         parts = [_unit_masks(module, lambda b: handle.run(module, b), batch_of(items[i:i + step]))
                  for i in range(0, len(items), step)]
         return torch.cat(parts, dim=0)
@@ -165,48 +141,27 @@ def draw_canaries(handle, module: nn.Module, count: int | None = None, *, seed: 
             extra += 1
     reachable = all_masks.any(dim=0) if all_masks.numel() else covered
     items = [pool[i] for i in chosen]
-    tokens = _frequent_token_batch(handle.adapter.tokenizer, rng) if encoder else None
+    tokens = _frequent_token_batch(adapter, rng) if adapter.vocabulary_ids() else None
     return Canaries(batch_of(items), len(items), int(reachable.sum()), int((covered & reachable).sum()), tokens)
 
 
-def _token_rows(tokenizer, tokens: list[int]) -> dict[str, torch.Tensor]:
-    """A batch of [CLS] t1 ... tn [SEP] rows of _TOKEN_LEN holding `tokens` in order."""
-    per_row = _TOKEN_LEN - 2
-    rows = [tokens[i:i + per_row] for i in range(0, len(tokens), per_row)]
-    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), _TOKEN_LEN), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        seq = [cls, *r, sep]
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
-
-
-def vocabulary_sweep(tokenizer, rows_per_batch: int = 2) -> list[dict[str, torch.Tensor]]:
+def vocabulary_sweep(adapter, rows_per_batch: int = 2) -> list[Any]:
     """Every token of the vocabulary, in a secret order, as batches of token rows: a server whose weights
     ORT holds runs one batch per check, so a flip in the embedding row of any token, however rare, is
-    seen within len(batches) checks (the checksums cover every row of the PyTorch copy at every check)."""
-    special = set(tokenizer.all_special_ids)
-    tokens = [t for t in range(len(tokenizer)) if t not in special]
+    seen within len(batches) checks (the checksums cover every row of the PyTorch copy at every check).
+    [] for models read by no vocabulary."""
+    tokens = adapter.vocabulary_ids()
     random.Random(secrets.randbits(128)).shuffle(tokens)
     step = rows_per_batch * (_TOKEN_LEN - 2)
-    return [_token_rows(tokenizer, tokens[i:i + step]) for i in range(0, len(tokens), step)]
+    return [adapter.token_rows(tokens[i:i + step], _TOKEN_LEN) for i in range(0, len(tokens), step)]
 
 
-def _frequent_token_batch(tokenizer, rng: random.Random) -> dict[str, torch.Tensor]:
-    """[CLS] t1 ... tn [SEP] rows holding the most frequent tokens of the built-in calibration sentences
-    (realistic text, not the evaluation sentences), shuffled with the secret generator."""
-    from collections import Counter
-
-    from ..models.encoder import builtin_sentences
-
-    special = set(tokenizer.all_special_ids)
-    counts = Counter(t for s in builtin_sentences()[1] for t in tokenizer(s)["input_ids"] if t not in special)
-    per_row = _TOKEN_LEN - 2
-    top = [t for t, _ in counts.most_common(_TOKEN_ROWS * per_row)]
+def _frequent_token_batch(adapter, rng: random.Random) -> Any:
+    """Rows holding the most frequent tokens of realistic text (not the evaluation sentences), shuffled with
+    the secret generator."""
+    top = adapter.frequent_token_ids(_TOKEN_ROWS * (_TOKEN_LEN - 2))
     rng.shuffle(top)
-    return _token_rows(tokenizer, top)
+    return adapter.token_rows(top, _TOKEN_LEN)
 
 
 def outputs_match(ref: torch.Tensor, got: torch.Tensor, rel: float = 1e-5) -> bool:

@@ -416,8 +416,8 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
     @app.post("/v1/predict")
     async def predict(body: PredictRequest, request: Request, p: Principal = Depends(principal)):
         serving(request)
-        if model.kind != "classifier":
-            raise HTTPException(404, "this server runs a sentence encoder: use /v1/embed")
+        if model.task != "predict":
+            raise HTTPException(404, f"this server runs a {model.kind}: use /v1/{model.task}")
         x = _as_batch(body.inputs, model.sample_shape)
         await charge(request, p, int(x.shape[0]))
         logits = await run_in_threadpool(model.logits, x)
@@ -433,8 +433,8 @@ def create_app(model: ServedModel, store: Store, config: ServerConfig | None = N
     @app.post("/v1/embed")
     async def embed(body: EmbedRequest, request: Request, p: Principal = Depends(principal)):
         serving(request)
-        if model.kind != "encoder":
-            raise HTTPException(404, "this server runs a classifier: use /v1/predict")
+        if model.task != "embed":
+            raise HTTPException(404, f"this server runs a {model.kind}: use /v1/{model.task}")
         if not body.texts:
             raise HTTPException(422, "texts must be a non-empty list of strings")
         if any(len(t) > cfg.max_text_chars for t in body.texts):

@@ -47,7 +47,8 @@ class ServedModel:
         from ..security.integrity import IntegrityGuard
 
         self.qm = qm
-        self.kind: str = qm.handle.kind
+        self.kind: str = qm.handle.kind  # for messages and /v1/info
+        self.task: str = qm.handle.adapter.task  # the route that answers: /v1/predict or /v1/embed
         self.spec: str = qm.manifest.model.spec
         self.recipe: str = qm.manifest.recipe.name
         self.ort = ort_session
@@ -70,8 +71,7 @@ class ServedModel:
         self._canary_out = self._canary_run() if self.canaries is not None else None
         # ORT's copy of an encoder's embedding table: a rare token's row is read by no canary, so each check
         # also runs the next batch of a secret sweep over the whole vocabulary (its outputs recorded now)
-        self._sweep = vocabulary_sweep(qm.handle.adapter.tokenizer) if self.ort is not None and \
-            self.kind == "encoder" else []
+        self._sweep = vocabulary_sweep(qm.handle.adapter) if self.ort is not None else []
         self._sweep_out = [self._forward(b) for b in self._sweep]
         self._sweep_next = 0
         self.checks = 0
@@ -88,13 +88,13 @@ class ServedModel:
         return [self._forward(b) for b in self.canaries.batches]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind != "classifier":
-            raise SecquantError("this model is a sentence encoder: use /v1/embed")
+        if self.task != "predict":
+            raise SecquantError(f"this model is a {self.kind}: use /v1/{self.task}")
         return self._forward(x)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        if self.kind != "encoder":
-            raise SecquantError("this model is a classifier: use /v1/predict")
+        if self.task != "embed":
+            raise SecquantError(f"this model is a {self.kind}: use /v1/{self.task}")
         return self._forward(self.qm.handle.adapter.encode(list(texts)))
 
     # -- integrity -------------------------------------------------------------------------------
