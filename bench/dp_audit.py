@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dp_audit.py [--canaries 1000] [--runs 800] [--results bench/RESULTS.md]
 
-Both directions, with the audit `secquant audit privacy` runs (secquant.privacy.dp_audit.audit_artifact):
+Both directions, with the audit `secquant audit privacy` runs (secquant.audits.dp_audit.audit_artifact):
 - DP-SGD QAT (w8a8, 15 epochs, lr 3e-3, batch 64) at epsilon 1 and 4, and the same QAT without DP (the
   control: the audit must find a clearly positive epsilon there, or it has no power);
 - DP calibration (w8a8 static ranges, 256 samples) at epsilon 1 and 4, and plain calibration (the control).
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 import secquant
 from secquant.models import load_model
-from secquant.privacy.dp_audit import EntryPoints, audit_artifact
+from secquant.audits.dp_audit import EntryPoints, audit_artifact
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_counters, machine_line, other_load, replace_section, source_fingerprint  # noqa: E402

@@ -50,7 +50,7 @@ from machine import cpu_counters, machine_line, other_load, replace_section, sou
 import secquant  # noqa: E402
 from secquant.models.digits import splits  # noqa: E402
 from secquant.security import keygen, seal  # noqa: E402
-from secquant.security.bitflip import flip_tensor_bit  # noqa: E402
+from secquant.audits.bitflip import flip_tensor_bit  # noqa: E402
 from secquant.security.canary import draw_canaries, outputs_match  # noqa: E402
 from secquant.security.integrity import reachable_tensors  # noqa: E402
 

@@ -32,7 +32,7 @@ import torch
 
 import secquant
 from secquant.models import load_model
-from secquant.privacy.membership import audit_membership, summary_rows
+from secquant.audits.membership import audit_membership, summary_rows
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ["w8a8", "w4a8-dynamic", "w2a8"]

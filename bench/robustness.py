@@ -31,11 +31,11 @@ from secquant.models import load_model  # noqa: E402
 from secquant.models.digits import splits  # noqa: E402
 from secquant.quant.algorithms import quantize_model  # noqa: E402
 from secquant.recipes import get_preset  # noqa: E402
-from secquant.security.bitflip import bitflip_audit  # noqa: E402
-from secquant.security.divergence import (  # noqa: E402
+from secquant.audits.bitflip import bitflip_audit  # noqa: E402
+from secquant.audits.divergence import (  # noqa: E402
     PLANT_RECIPE, backdoor_rates, divergence_test, keyed_randomized_rounding, plant_quantization_backdoor,
 )
-from secquant.security.robustness import defensive_comparison, plot_robustness, robust_accuracy  # noqa: E402
+from secquant.audits.robustness import defensive_comparison, plot_robustness, robust_accuracy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["w8a8", "w4a8-dynamic", "w2a8"]

@@ -55,7 +55,7 @@ def _speed_row(r: dict[str, Any], handle, qm, progress: Progress) -> dict[str, A
 
 def _masking_summary() -> dict[str, Any]:
     from .privacy.masking import mask_texts
-    from .privacy.pii_corpus import make_corpus
+    from .audits.pii_corpus import make_corpus
 
     records, _ = make_corpus(200, seed=0)
     return mask_texts([r["text"] for r in records] + [r["notes"] for r in records])[1]
@@ -110,7 +110,7 @@ def run_demo(out: Path, overwrite: bool = False, models: list[str] | None = None
             report["masking"] = _masking_summary()
             audit_html = None
             if "builtin:digits" in models and "w8a8" in presets:
-                from .privacy.membership import audit_membership, privacy_section
+                from .audits.membership import audit_membership, privacy_section
 
                 log("membership-inference audit of builtin:digits fp32 vs w8a8 (8 shadow models)")
                 audit = audit_membership("builtin:digits", [tmp / "artifacts" / "digits-w8a8"], shadows=8,

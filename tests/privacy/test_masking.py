@@ -25,7 +25,7 @@ from secquant.privacy.masking import (
 )
 from secquant.privacy.masking.checks import date_plausible, iban_valid, ip_valid, luhn_valid, nir_valid
 from secquant.privacy.masking.operators import MaskKey
-from secquant.privacy.pii_corpus import make_corpus
+from secquant.audits.pii_corpus import make_corpus
 
 KEY = b"0123456789abcdef0123456789abcdef-test-key"
 OTHER_KEY = b"another key of at least thirty-two bytes!!"

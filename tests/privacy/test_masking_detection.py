@@ -12,7 +12,7 @@ import pytest
 from secquant.privacy import pii_corpus, pii_yardstick
 from secquant.privacy.masking import STRUCTURED_ENTITIES, Masker, MaskingError, mask_texts
 from secquant.privacy.masking import detection
-from secquant.privacy.pii_yardstick import make_holdout, score_masking
+from secquant.audits.pii_yardstick import make_holdout, score_masking
 
 HOLDOUT_SEED = 14_09  # a fixed sample; bench/masking.py reports the 600-record corpus of the default seed
 

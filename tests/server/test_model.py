@@ -124,7 +124,7 @@ def test_encoder_canaries_read_the_embedding_rows_of_common_tokens(minilm_artifa
     """A sentence's embedding reads only its own tokens' rows: the encoder canaries carry rows of the most
     frequent tokens of realistic text, so a flip in such a row (as in ORT's copy, which no checksum reads)
     moves their outputs."""
-    from secquant.security.bitflip import flip_tensor_bit
+    from secquant.audits.bitflip import flip_tensor_bit
     from secquant.security.canary import outputs_match
 
     _, qm = minilm_artifact
@@ -148,7 +148,7 @@ def test_encoder_canaries_read_the_embedding_rows_of_common_tokens(minilm_artifa
 def test_a_vocabulary_sweep_reaches_the_rows_of_rare_tokens_in_the_ort_copy(minilm_artifact):
     """With ORT serving an encoder, a flip in its copy of the embedding row of a token no canary holds is
     seen by the secret vocabulary sweep, one batch per check, within one sweep."""
-    from secquant.security.bitflip import flip_tensor_bit
+    from secquant.audits.bitflip import flip_tensor_bit
 
     _, qm = minilm_artifact
     table = qm.module.get_submodule("transformer.embeddings.word_embeddings").dequantized_weight()

@@ -52,8 +52,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         fail) and a one-run canary audit (an empirical lower bound on epsilon next to the claimed one).
         Exits 3 when a DP artifact fails its audit."""
         from .. import api
-        from ..privacy.dp_audit import EntryPoints
-        from ..privacy.membership import JSON_NAME, PLOT_NAME, audit_privacy, summary_rows
+        from ..audits.dp_audit import EntryPoints
+        from ..audits.membership import JSON_NAME, PLOT_NAME, audit_privacy, summary_rows
 
         with RichProgress() as prog:
             res = audit_privacy(float_model, list(quantized or []), entry_points=EntryPoints(api.quantize, api.qat),

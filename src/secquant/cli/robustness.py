@@ -171,7 +171,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         quantizers; transfer accuracy of examples crafted on the float model is reported too.
         """
         from ..recipes import get_preset
-        from ..security.robustness import defensive_comparison, plot_robustness, robust_accuracy
+        from ..audits.robustness import defensive_comparison, plot_robustness, robust_accuracy
 
         _check_out(out_dir, overwrite)
         grid = _floats(eps, "--eps")
@@ -229,7 +229,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
     ) -> None:
         """Progressive bit search attack on the packed weight codes vs random flips (and the integrity check)."""
-        from ..security.bitflip import bitflip_audit
+        from ..audits.bitflip import bitflip_audit
 
         _check_out(out_dir, overwrite)
         if not 0 < target_accuracy < 1:
@@ -275,7 +275,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
         Exit code 0: not flagged; 3: flagged; 2: error.
         """
-        from ..security.divergence import divergence_test, keyed_randomized_rounding, predictions
+        from ..audits.divergence import divergence_test, keyed_randomized_rounding, predictions
 
         _check_out(out_dir, overwrite)
         handle = _load_float(float_model, weights)

@@ -1,4 +1,5 @@
-"""Data privacy: DP calibration, data-free inputs, DP-SGD, PII masking, encrypted data, leakage audits.
+"""Data privacy mechanisms: DP calibration, data-free inputs, DP-SGD, PII masking, encrypted data, the
+calibration plan and privacy ledger (the audits that attack them live in secquant.audits).
 
 Imports stay lazy: `import secquant.privacy` loads no heavy dependency (Presidio, spaCy, torch);
 names resolve on first use.
@@ -23,11 +24,6 @@ _LAZY = {
     "verify_commitment": "provenance",
     "plaintext_path": "encrypted_data",
     "encrypt_file": "encrypted_data",
-    "audit_membership": "membership",
-    "audit_privacy": "membership",
-    "EntryPoints": "dp_audit",
-    "epsilon_lower_bound": "canary_audit",
-    "replay_check": "replay",
 }
 
 

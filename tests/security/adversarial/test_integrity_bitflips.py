@@ -17,9 +17,9 @@ import torch
 import secquant
 from secquant.models.digits import splits
 from secquant.recipes import QuantArgs, Recipe
-from secquant.recipes.schema import Rotation, Smoothing
+from secquant.quant.schema import Rotation, Smoothing
 from secquant.security import keygen, seal
-from secquant.security.bitflip import flip_tensor_bit
+from secquant.audits.bitflip import flip_tensor_bit
 from secquant.security.integrity import reachable_tensors
 
 # three layer mixes: int8 + static activations + smoothing; NF4 codebooks in groups; rotated, smoothed

@@ -17,7 +17,7 @@ import torch
 
 import secquant
 from secquant.models.digits import splits
-from secquant.security.bitflip import flip_tensor_bit
+from secquant.audits.bitflip import flip_tensor_bit
 from secquant.security.canary import draw_canaries, outputs_match
 
 

@@ -13,8 +13,8 @@ import secquant
 from secquant.errors import SecquantError
 from secquant.models.digits import splits
 from secquant.quant.algorithms import quantize_model
-from secquant.security.bitflip import element_scale, quantized_layers
-from secquant.security.divergence import (
+from secquant.audits.bitflip import element_scale, quantized_layers
+from secquant.audits.divergence import (
     PLANT_RECIPE, backdoor_rates, binom_sf, divergence_test, keyed_randomized_rounding, noisy_copy,
     plant_quantization_backdoor, predictions,
 )

@@ -186,7 +186,7 @@ def _synthetic_source(model: nn.Module, shape: tuple[int, ...], cal: Any):
     """The data-free inputs `secquant quantize --calib synthetic` would make for `model` (its own BatchNorm
     statistics, so a shadow's reflect the shadow's training half)."""
     from ..models import ModelHandle, TensorClassifierAdapter
-    from .synthetic import synthetic_source
+    from ..privacy.synthetic import synthetic_source
 
     h = ModelHandle(module=model, spec="shadow model", rebuild={}, adapter=TensorClassifierAdapter(shape))
     return synthetic_source(h, cal.num_samples, cal.seed)

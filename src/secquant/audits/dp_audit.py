@@ -29,7 +29,7 @@ from ..artifact import Manifest
 from ..artifact.hashing import file_sha256
 from ..errors import SecquantError
 from ..models import ModelHandle
-from .budget import DEFAULT_DELTA
+from ..privacy.budget import DEFAULT_DELTA
 from .canary_audit import CALIBRATION_RUNS, CONFIDENCE, TRAINING_CANARIES, calibration_audit, training_audit
 from .replay import replay_check
 
@@ -102,7 +102,7 @@ def public_prior_once() -> Iterator[None]:
     hundreds of runs of a canary audit can share it. secquant.api imports `synthetic_source` when it runs,
     so wrapping the module attribute for the audit's duration is enough; outputs are unchanged (tested).
     """
-    from . import synthetic
+    from ..privacy import synthetic
 
     original = synthetic.synthetic_source
     cache: dict[Any, Any] = {}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from secquant.errors import SecquantError
-from secquant.privacy.canary_audit import (
+from secquant.audits.canary_audit import (
     bound_from_scores, calibration_audit, epsilon_lower_bound, extreme_canary, guess_grid, outward_scores,
     p_value, pattern_canaries, static_ranges, training_audit,
 )

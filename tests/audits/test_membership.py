@@ -10,11 +10,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from secquant.errors import ModelError, SecquantError
-from secquant.privacy.membership import (
+from secquant.audits.membership import (
     JSON_NAME, PLOT_NAME, audit_membership, fpr_note, lira_offline_scores, loss_scores, privacy_section,
     roc_metrics, tpr_at_fpr,
 )
-from secquant.privacy.shadow import (
+from secquant.audits.shadow import (
     TargetRecipe, TrainConfig, keep_matrix, logit_confidence, run_shadows, shadow_seed, train_classifier,
 )
 
@@ -250,7 +250,7 @@ def test_qat_targets_get_qat_shadows_like_secquant_qat(digits, tmp_path):
     """For a QAT artifact the shadows are retrained exactly as `secquant qat` retrained the target."""
     import secquant
     from secquant.models.digits import splits
-    from secquant.privacy.shadow import quantize_like
+    from secquant.audits.shadow import quantize_like
 
     qm = secquant.qat(digits, "w2a8", epochs=1, lr=2e-3, seed=3, out=tmp_path / "qat")
     t = TargetRecipe.from_manifest("w2a8+qat", qm.manifest.recipe, qm.manifest.training)
@@ -287,7 +287,7 @@ def test_synthetic_targets_get_synthetic_shadows_like_secquant_quantize(digits, 
     """A data-free artifact is audited with shadows calibrated data-free on their own BatchNorm statistics,
     exactly as `secquant quantize --calib synthetic` calibrates (checked bitwise on the float model)."""
     import secquant
-    from secquant.privacy.shadow import quantize_like
+    from secquant.audits.shadow import quantize_like
     from secquant.recipes import get_preset
 
     r = get_preset("w8a8")
@@ -307,8 +307,8 @@ def test_audit_privacy_routes_dp_artifacts_to_the_dp_audit(digits, digits_artifa
     """Ordinary artifacts get LiRA; a DP artifact gets the DP audit (and needs the entry points to repeat it)."""
     import secquant
     from secquant.models.digits import splits
-    from secquant.privacy.dp_audit import EntryPoints
-    from secquant.privacy.membership import audit_privacy
+    from secquant.audits.dp_audit import EntryPoints
+    from secquant.audits.membership import audit_privacy
     from secquant.recipes import get_preset
     from safetensors.torch import save_file
 

@@ -14,8 +14,8 @@ from torch import nn
 import secquant
 from secquant.errors import SecquantError
 from secquant.models.digits import splits
-from secquant.privacy.dp_audit import EntryPoints, audit_artifact, claimed, is_private, mechanism, public_prior_once
-from secquant.privacy.replay import compare, released_tensors, replay_check
+from secquant.audits.dp_audit import EntryPoints, audit_artifact, claimed, is_private, mechanism, public_prior_once
+from secquant.audits.replay import compare, released_tensors, replay_check
 from secquant.recipes import get_preset
 
 ENTRY = EntryPoints(secquant.quantize, secquant.qat)

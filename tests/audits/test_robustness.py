@@ -12,7 +12,7 @@ import secquant
 from secquant.errors import SecquantError
 from secquant.models.digits import splits
 from secquant.recipes import get_preset
-from secquant.security.robustness import (
+from secquant.audits.robustness import (
     _input_grad, accuracy, defensive_qat, fgsm, lipschitz_penalty, pgd, robust_accuracy, ste_gradients,
 )
 

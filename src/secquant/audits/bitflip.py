@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import SecquantError
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import dequantize, pack, unpack
-from .integrity import IntegrityGuard
+from ..security.integrity import IntegrityGuard
 from .robustness import accuracy
 
 

@@ -12,8 +12,8 @@ import secquant
 from secquant.errors import SecquantError
 from secquant.models.digits import splits
 from secquant.quant.primitives import unpack
-from secquant.security.bitflip import bitflip_audit, flip_bit, progressive_bit_search, quantized_layers, random_flips
-from secquant.security.robustness import accuracy
+from secquant.audits.bitflip import bitflip_audit, flip_bit, progressive_bit_search, quantized_layers, random_flips
+from secquant.audits.robustness import accuracy
 
 
 @pytest.fixture(scope="module")
