@@ -17,14 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import (
-    CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, load_artifact, save_artifact, state_dict_sha256,
-)
+from .artifact import CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, save_artifact, state_dict_sha256
 from .artifact.fsutil import atomic_file, private_dir, refuse_existing
 from .artifact.store import build_manifest, describe
 from .errors import CalibrationError, ModelError, SecquantError
 from .fidelity import compare, float_size_bytes
-from .models import BUILTINS, ModelHandle, TensorClassifierAdapter, load_model
+from .models import BUILTINS, ModelHandle, TensorClassifierAdapter, load_artifact, load_model
 from .quant.algorithms import quantize_model
 from .recipes import Recipe, get_preset, load_recipe
 
@@ -358,7 +356,7 @@ def qat(
     source = source_entry(float_module)
     cal = recipe.calibration
     if dp_epsilon is not None:
-        from .privacy.dp_training import dp_qat, ledger_entry
+        from .privacy.dp_training import dp_qat, dp_sgd_ledger_entry
         from .privacy.provenance import file_sha256
 
         init = handle.adapter.calibration_batches(calib, cal.num_samples, cal.batch_size) if calib else None
@@ -377,7 +375,7 @@ def qat(
             fields = {"source": f"{handle.spec} training split (built-in){spent}"}
         calibration = CalibrationEntry(data="private", num_samples=None, **fields)
         qm = _finish(qmodule, handle, recipe, layers, source, calibration, out, overwrite, training=training,
-                     privacy=[ledger_entry(training["dp"])])
+                     privacy=[dp_sgd_ledger_entry(training["dp"])])
         qm.source_commitment_key = key
         return qm
     seed = 0 if seed is None else int(seed)

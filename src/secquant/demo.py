@@ -40,7 +40,7 @@ def _quantize_and_evaluate(handle, spec: str, preset: str, art: Path, progress: 
     r = evaluate(qm, against=handle.module, progress=progress)
     r.update(artifact=f"artifacts/{art.name}", model=spec, quantize_s=dt,
              calibration_data=qm.manifest.calibration.data, calibration_samples=qm.manifest.calibration.num_samples,
-             privacy=[e.model_dump() for e in qm.manifest.privacy.entries])
+             privacy=qm.manifest.privacy.entries)
     if label:
         r["recipe"] = label
     return r, qm

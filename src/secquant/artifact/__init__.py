@@ -12,12 +12,12 @@ if TYPE_CHECKING:
     from .hashing import file_sha256, state_dict_sha256
     from .manifest import (FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, CalibrationEntry, Manifest, SourceEntry,
                            read_manifest)
-    from .store import LoadedArtifact, describe, load_artifact, save_artifact
+    from .store import LoadedArtifact, describe, read_artifact, save_artifact
 
 _EXPORTS = {"atomic_dir": "fsutil", "file_sha256": "hashing", "state_dict_sha256": "hashing",
             "verify_artifact_dir": "checks",
             **dict.fromkeys(["FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "CalibrationEntry", "Manifest",
                              "SourceEntry", "read_manifest"], "manifest"),
-            **dict.fromkeys(["LoadedArtifact", "describe", "load_artifact", "save_artifact"], "store")}
+            **dict.fromkeys(["LoadedArtifact", "describe", "read_artifact", "save_artifact"], "store")}
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = list(_EXPORTS)

@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ArtifactError
-from ..privacy.ledger import CalibrationEntry, PrivacyLedger
 from ..recipes.io import format_validation_error
 from ..quant.schema import QuantArgs, Recipe
 
@@ -52,6 +51,26 @@ class SourceEntry(Strict):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     num_parameters: int
     float_size_bytes: int
+
+
+class CalibrationEntry(Strict):
+    """What data quantization read. A file's name is recorded only when the caller asks (it often says what
+    the data is about); a file read without a privacy claim is identified by its sha256, a private file by
+    an HMAC under a key that only the caller got (a public hash of private data is a membership test)."""
+
+    data: Literal["none", "raw", "synthetic", "private"]
+    source: str | None = None
+    source_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    source_hmac_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    num_samples: int | None = Field(0, description="samples read; null for private data (its count is private: "
+                                                   "the privacy ledger holds a differentially private estimate)")
+
+
+class PrivacyLedger(Strict):
+    """Privacy budget spent on the data this artifact saw (empty when no private data was read). Each entry is
+    written by the privacy layer through its typed `privacy.ledger.LedgerEntry`."""
+
+    entries: list[dict[str, Any]] = Field(default_factory=list)
 
 
 # What an artifact may hold: weights, JSON, tokenizer/vocabulary files and ONNX, i.e. data formats only.

@@ -10,6 +10,7 @@ import datetime as _dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,6 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import ArtifactError
-from ..models import ModelHandle, rebuild_float
 from ..quant.modules import build_empty, tensors_for_save
 from .checks import check_files
 from .fsutil import atomic_dir
@@ -30,7 +30,7 @@ from .manifest import (
 )
 
 
-def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source: SourceEntry,
+def build_manifest(handle: Any, recipe, layers: dict[str, dict], source: SourceEntry,
                    calibration: CalibrationEntry, files: dict[str, str], tuning: dict | None = None,
                    training: dict | None = None, privacy: list[dict] | None = None,
                    watermark: dict | None = None) -> Manifest:
@@ -43,7 +43,7 @@ def build_manifest(handle: ModelHandle, recipe, layers: dict[str, dict], source:
     )
 
 
-def save_artifact(out: Path, module: nn.Module, handle: ModelHandle, recipe, layers: dict[str, dict],
+def save_artifact(out: Path, module: nn.Module, handle: Any, recipe, layers: dict[str, dict],
                   source: SourceEntry, calibration: CalibrationEntry, overwrite: bool = False,
                   extra_files: dict[str, bytes] | None = None, tuning: dict | None = None,
                   training: dict | None = None, privacy: list[dict] | None = None,
@@ -70,7 +70,7 @@ class LoadedArtifact:
     module: nn.Module
     manifest: Manifest
     path: Path
-    handle: ModelHandle
+    handle: Any
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -78,13 +78,17 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str | None = None) -> LoadedArtifact:
+def read_artifact(path: str | Path, rebuild: Callable[[Path, Manifest], Any]) -> LoadedArtifact:
+    """The quantized model of an artifact directory: manifest and file hashes checked first, then the float
+    architecture from `rebuild(dir, manifest)` (a model handle: models.load_artifact passes the model kind's
+    rebuild), its layers replaced by quantized ones after each was checked against the float layer, and the
+    weights read with every tensor's name, dtype and shape checked."""
     d = Path(path)
     if not d.is_dir():
         raise ArtifactError(f"{d} is not an artifact directory")
     manifest = read_manifest(d)
     check_files(d, manifest)
-    handle = rebuild_float(d, manifest.model.kind, manifest.model.spec, manifest.model.rebuild, model, factory)
+    handle = rebuild(d, manifest)
     root = handle.module
     for name, entry in manifest.layers.items():
         try:

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from ..artifact import Manifest, load_artifact, read_manifest, state_dict_sha256
+from ..artifact import Manifest, read_manifest, state_dict_sha256
 from ..errors import ModelError, OutputExistsError, SecquantError
-from ..models import ModelHandle, load_model
+from ..models import ModelHandle, load_artifact, load_model
 from .canary_audit import CONFIDENCE
 from .dp_audit import EntryPoints, audit_artifact, is_private, mechanism
 from .shadow import (

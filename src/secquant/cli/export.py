@@ -9,44 +9,44 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .common import err, out, user_errors
 
-def register(app: typer.Typer, audit: typer.Typer) -> None:
-    """Add `secquant export` to the main app."""
-    from . import err, out, user_errors
+app = typer.Typer()
 
-    @app.command()
-    @user_errors
-    def export(
-        artifact: Path = typer.Argument(..., help="artifact directory (model.onnx is added to it)"),
-        fmt: str = typer.Option("onnx", "--format", help="export format (onnx)"),
-        strict: bool = typer.Option(False, "--strict", help="fail, naming the layer, instead of falling back to "
-                                                             "dequantized float weights for layers ORT cannot run"),
-        external_data_threshold: int = typer.Option(2**31 - 1, "--external-data-threshold", min=1,
-                                                    help="bytes of tensors above which ONNX external data is used"),
-        accuracy_level: int = typer.Option(0, "--accuracy-level", min=0, max=4,
-                                           help="MatMulNBits accuracy_level (0: float activations as in PyTorch)"),
-    ) -> None:
-        """Export an artifact to ONNX (integer kernels for ONNX Runtime) and register it in the manifest."""
-        from ..errors import SecquantError
-        from ..runtime import ExportFallbackWarning, export_info, export_onnx
 
-        if fmt != "onnx":
-            raise SecquantError(f"unknown --format {fmt!r}: the supported format is onnx")
-        if not artifact.is_dir():
-            raise SecquantError(f"{artifact} is not an artifact directory")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ExportFallbackWarning)
-            path = export_onnx(artifact, strict=strict, external_data_threshold=external_data_threshold,
-                               accuracy_level=accuracy_level)
-        info = export_info(path)
-        t = Table(title=f"{path} (opset {info.opset})")
-        for c in ["layer", "type", "kernel", "weights", "ONNX ops", "note"]:
-            t.add_column(c)
-        for lay in info.layers:
-            t.add_row(lay.name, lay.type, lay.kernel, lay.weights, lay.ops, escape(lay.fallback or lay.note or ""))
-        out.print(t)
-        for w in caught:
-            if issubclass(w.category, ExportFallbackWarning):
-                err.print(f"[yellow]warning:[/] {escape(str(w.message))}")
-        err.print(f"wrote {path} ({path.stat().st_size} bytes); verified against the PyTorch model and "
-                  "registered in secquant.json")
+@app.command()
+@user_errors
+def export(
+    artifact: Path = typer.Argument(..., help="artifact directory (model.onnx is added to it)"),
+    fmt: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    strict: bool = typer.Option(False, "--strict", help="fail, naming the layer, instead of falling back to "
+                                                         "dequantized float weights for layers ORT cannot run"),
+    external_data_threshold: int = typer.Option(2**31 - 1, "--external-data-threshold", min=1,
+                                                help="bytes of tensors above which ONNX external data is used"),
+    accuracy_level: int = typer.Option(0, "--accuracy-level", min=0, max=4,
+                                       help="MatMulNBits accuracy_level (0: float activations as in PyTorch)"),
+) -> None:
+    """Export an artifact to ONNX (integer kernels for ONNX Runtime) and register it in the manifest."""
+    from ..errors import SecquantError
+    from ..runtime import ExportFallbackWarning, export_info, export_onnx
+
+    if fmt != "onnx":
+        raise SecquantError(f"unknown --format {fmt!r}: the supported format is onnx")
+    if not artifact.is_dir():
+        raise SecquantError(f"{artifact} is not an artifact directory")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportFallbackWarning)
+        path = export_onnx(artifact, strict=strict, external_data_threshold=external_data_threshold,
+                           accuracy_level=accuracy_level)
+    info = export_info(path)
+    t = Table(title=f"{path} (opset {info.opset})")
+    for c in ["layer", "type", "kernel", "weights", "ONNX ops", "note"]:
+        t.add_column(c)
+    for lay in info.layers:
+        t.add_row(lay.name, lay.type, lay.kernel, lay.weights, lay.ops, escape(lay.fallback or lay.note or ""))
+    out.print(t)
+    for w in caught:
+        if issubclass(w.category, ExportFallbackWarning):
+            err.print(f"[yellow]warning:[/] {escape(str(w.message))}")
+    err.print(f"wrote {path} ({path.stat().st_size} bytes); verified against the PyTorch model and "
+              "registered in secquant.json")

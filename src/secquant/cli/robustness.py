@@ -17,7 +17,7 @@ import typer
 
 from ..errors import SecquantError
 from ..privacy.encrypted_data import plaintext_path
-from . import RichProgress, err, user_errors
+from .common import RichProgress, err, user_errors
 
 if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it (sealing runs without)
     import torch
@@ -140,169 +140,176 @@ def _check_out(out_dir: Path | None, overwrite: bool) -> None:
     if out_dir is not None:
         refuse_existing(out_dir, overwrite)
 
+audit = typer.Typer()
 
-def register(app: typer.Typer, audit: typer.Typer) -> None:
-    """Add `audit robustness`, `audit bitflip` and `audit divergence`."""
 
-    @audit.command("robustness")
-    @user_errors
-    def robustness(
-        float_model: str = typer.Option(..., "--float", help="the float classifier: builtin:digits or package.module:factory"),
-        quantized: list[Path] = typer.Option(..., "--quantized", help="quantized artifact directory; repeat for several"),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
-        factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory factory-built artifacts name"),
-        data: Optional[Path] = typer.Option(None, "--data", help="labelled data (.safetensors with 'inputs', 'labels'); default: built-in held-out split"),
-        eps: str = typer.Option("0,0.02,0.05,0.1,0.2", "--eps", help="L-inf epsilon grid, comma-separated"),
-        steps: int = typer.Option(10, "--steps", min=1, help="PGD steps"),
-        samples: Optional[int] = typer.Option(None, "--samples", min=1, help="use only the first N evaluation samples"),
-        input_range: str = typer.Option("0,1", "--input-range", help="valid input range LO,HI (adversarial inputs are clipped to it)"),
-        defensive_qat: Optional[str] = typer.Option(None, "--defensive-qat", help="also retrain with this preset, plain vs Lipschitz-regularized QAT, and compare"),
-        beta: float = typer.Option(1e-3, "--beta", help="Lipschitz (orthogonality) penalty weight for --defensive-qat"),
-        epochs: int = typer.Option(5, "--epochs", min=1, help="QAT epochs for --defensive-qat"),
-        train: Optional[Path] = typer.Option(None, "--train", help="training data for --defensive-qat (default: built-in training split)"),
-        seed: int = typer.Option(0, "--seed"),
-        out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write robustness.json, robustness.svg and report.html"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
-        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
-    ) -> None:
-        """FGSM and PGD (L-inf) robust accuracy of the float and quantized models over an epsilon grid.
+@audit.command("robustness")
+@user_errors
+def robustness(
+    float_model: str = typer.Option(..., "--float", help="the float classifier: builtin:digits or package.module:factory"),
+    quantized: list[Path] = typer.Option(..., "--quantized", help="quantized artifact directory; repeat for several"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory factory-built artifacts name"),
+    data: Optional[Path] = typer.Option(None, "--data", help="labelled data (.safetensors with 'inputs', 'labels'); default: built-in held-out split"),
+    eps: str = typer.Option("0,0.02,0.05,0.1,0.2", "--eps", help="L-inf epsilon grid, comma-separated"),
+    steps: int = typer.Option(10, "--steps", min=1, help="PGD steps"),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="use only the first N evaluation samples"),
+    input_range: str = typer.Option("0,1", "--input-range", help="valid input range LO,HI (adversarial inputs are clipped to it)"),
+    defensive_qat: Optional[str] = typer.Option(None, "--defensive-qat", help="also retrain with this preset, plain vs Lipschitz-regularized QAT, and compare"),
+    beta: float = typer.Option(1e-3, "--beta", help="Lipschitz (orthogonality) penalty weight for --defensive-qat"),
+    epochs: int = typer.Option(5, "--epochs", min=1, help="QAT epochs for --defensive-qat"),
+    train: Optional[Path] = typer.Option(None, "--train", help="training data for --defensive-qat (default: built-in training split)"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write robustness.json, robustness.svg and report.html"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
+) -> None:
+    """FGSM and PGD (L-inf) robust accuracy of the float and quantized models over an epsilon grid.
 
-        Attacks on quantized models use straight-through (BPDA) gradients through the activation
-        quantizers; transfer accuracy of examples crafted on the float model is reported too.
-        """
-        from ..recipes import get_preset
-        from ..audits.robustness import defensive_comparison, plot_robustness, robust_accuracy
+    Attacks on quantized models use straight-through (BPDA) gradients through the activation
+    quantizers; transfer accuracy of examples crafted on the float model is reported too.
+    """
+    from ..audits.robustness import (
+        defensive_comparison,
+        plot_robustness,
+        robust_accuracy,
+    )
+    from ..recipes import get_preset
 
-        _check_out(out_dir, overwrite)
-        grid = _floats(eps, "--eps")
-        clip = _input_range(input_range)
-        handle = _load_float(float_model, weights)
-        models = {"fp32": handle.module.eval()}
-        for d in quantized:
-            qm = _load_quantized(d, factory, handle, float_model)
-            name = qm.manifest.recipe.name
-            if name in models:
-                name = f"{name} ({d.name})"
-            models[name] = qm.module
-        with plaintext_path(data, identity) as plain:
-            x, y = _labelled(handle, plain)
-        if samples:
-            x, y = x[:samples], y[:samples]
-        with RichProgress() as prog:
-            res = robust_accuracy(models, x, y, grid, steps, seed, "fp32", clip,
-                                  progress=prog("attacking", len(grid) * len(models)))
-            res["n_samples"] = int(len(y))
-            res["model"] = float_model
-            res["artifacts"] = {n: str(d) for n, d in zip(list(models)[1:], quantized)}
-            if defensive_qat:
-                if not hasattr(handle.adapter, "train_set"):
-                    raise SecquantError(f"{float_model} has no training set for --defensive-qat")
-                recipe = get_preset(defensive_qat)
-                tr = handle.adapter.train_set(str(train) if train else None)
-                res["defensive"] = defensive_comparison(handle.module, recipe, tr, (x, y), epochs=epochs, beta=beta,
-                                                        eps_grid=grid, steps=steps, seed=seed, clip=clip)
+    _check_out(out_dir, overwrite)
+    grid = _floats(eps, "--eps")
+    clip = _input_range(input_range)
+    handle = _load_float(float_model, weights)
+    models = {"fp32": handle.module.eval()}
+    for d in quantized:
+        qm = _load_quantized(d, factory, handle, float_model)
+        name = qm.manifest.recipe.name
+        if name in models:
+            name = f"{name} ({d.name})"
+        models[name] = qm.module
+    with plaintext_path(data, identity) as plain:
+        x, y = _labelled(handle, plain)
+    if samples:
+        x, y = x[:samples], y[:samples]
+    with RichProgress() as prog:
+        res = robust_accuracy(models, x, y, grid, steps, seed, "fp32", clip,
+                              progress=prog("attacking", len(grid) * len(models)))
+        res["n_samples"] = int(len(y))
+        res["model"] = float_model
+        res["artifacts"] = {n: str(d) for n, d in zip(list(models)[1:], quantized)}
+        if defensive_qat:
+            if not hasattr(handle.adapter, "train_set"):
+                raise SecquantError(f"{float_model} has no training set for --defensive-qat")
+            recipe = get_preset(defensive_qat)
+            tr = handle.adapter.train_set(str(train) if train else None)
+            res["defensive"] = defensive_comparison(handle.module, recipe, tr, (x, y), epochs=epochs, beta=beta,
+                                                    eps_grid=grid, steps=steps, seed=seed, clip=clip)
 
-        def plots(tmp: Path) -> None:
-            svgs = [plot_robustness(res, tmp / "robustness.svg").read_text(encoding="utf-8")]
-            if "defensive" in res:
-                svgs.append(plot_robustness(res["defensive"], tmp / "defensive_qat.svg").read_text(encoding="utf-8"))
-            svgs = [s[s.index("<svg"):] for s in svgs]  # inline: drop the XML prolog
-            (tmp / "report.html").write_text(_robustness_html(res, svgs), encoding="utf-8")
+    def plots(tmp: Path) -> None:
+        svgs = [plot_robustness(res, tmp / "robustness.svg").read_text(encoding="utf-8")]
+        if "defensive" in res:
+            svgs.append(plot_robustness(res["defensive"], tmp / "defensive_qat.svg").read_text(encoding="utf-8"))
+        svgs = [s[s.index("<svg"):] for s in svgs]  # inline: drop the XML prolog
+        (tmp / "report.html").write_text(_robustness_html(res, svgs), encoding="utf-8")
 
-        _emit(res, out_dir, overwrite, "robustness", plots)
+    _emit(res, out_dir, overwrite, "robustness", plots)
 
-    @audit.command("bitflip")
-    @user_errors
-    def bitflip(
-        artifact: Path = typer.Argument(..., help="quantized artifact directory (uniform integer weights)"),
-        factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
-        data: Optional[Path] = typer.Option(None, "--data", help="labelled evaluation data; default: built-in held-out split"),
-        max_flips: int = typer.Option(50, "--max-flips", min=1, help="stop the attack after this many flips"),
-        target_accuracy: float = typer.Option(0.2, "--target-accuracy", help="stop once accuracy falls below this"),
-        integrity: bool = typer.Option(False, "--integrity", help="also run the keyed integrity check: detection rate and accuracy after repair"),
-        random_trials: int = typer.Option(5, "--random-trials", min=1, help="random-flip baseline trials (averaged)"),
-        attack_samples: int = typer.Option(128, "--attack-samples", min=1, help="attack batch size (from the training split when there is one)"),
-        candidates: int = typer.Option(4, "--candidates", min=1, help="flips tried per layer per iteration (in-layer search)"),
-        seed: int = typer.Option(0, "--seed"),
-        out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write bitflip.json"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
-        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
-    ) -> None:
-        """Progressive bit search attack on the packed weight codes vs random flips (and the integrity check)."""
-        from ..audits.bitflip import bitflip_audit
+@audit.command("bitflip")
+@user_errors
+def bitflip(
+    artifact: Path = typer.Argument(..., help="quantized artifact directory (uniform integer weights)"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    data: Optional[Path] = typer.Option(None, "--data", help="labelled evaluation data; default: built-in held-out split"),
+    max_flips: int = typer.Option(50, "--max-flips", min=1, help="stop the attack after this many flips"),
+    target_accuracy: float = typer.Option(0.2, "--target-accuracy", help="stop once accuracy falls below this"),
+    integrity: bool = typer.Option(False, "--integrity", help="also run the keyed integrity check: detection rate and accuracy after repair"),
+    random_trials: int = typer.Option(5, "--random-trials", min=1, help="random-flip baseline trials (averaged)"),
+    attack_samples: int = typer.Option(128, "--attack-samples", min=1, help="attack batch size (from the training split when there is one)"),
+    candidates: int = typer.Option(4, "--candidates", min=1, help="flips tried per layer per iteration (in-layer search)"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write bitflip.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
+) -> None:
+    """Progressive bit search attack on the packed weight codes vs random flips (and the integrity check)."""
+    from ..audits.bitflip import bitflip_audit
 
-        _check_out(out_dir, overwrite)
-        if not 0 < target_accuracy < 1:
-            raise SecquantError("--target-accuracy must lie strictly between 0 and 1")
-        qm = _load_quantized(artifact, factory)
-        with plaintext_path(data, identity) as plain:
-            x, y = _labelled(qm.handle, plain)
-        try:
-            xa, ya = qm.handle.adapter.train_set(None) if data is None else (x, y)
-        except SecquantError:
-            xa, ya = x, y
-        import torch
+    _check_out(out_dir, overwrite)
+    if not 0 < target_accuracy < 1:
+        raise SecquantError("--target-accuracy must lie strictly between 0 and 1")
+    qm = _load_quantized(artifact, factory)
+    with plaintext_path(data, identity) as plain:
+        x, y = _labelled(qm.handle, plain)
+    try:
+        xa, ya = qm.handle.adapter.train_set(None) if data is None else (x, y)
+    except SecquantError:
+        xa, ya = x, y
+    import torch
 
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(ya), generator=g)[:attack_samples]
-        with RichProgress() as prog:
-            res = bitflip_audit(qm.module, (xa[pick].float(), ya[pick].long()), (x, y), max_flips=max_flips,
-                                target_accuracy=target_accuracy, candidates=candidates, random_trials=random_trials,
-                                seed=seed, integrity=integrity, progress=prog("flipping bits", max_flips))
-        res["artifact"] = str(artifact)
-        res["recipe"] = qm.manifest.recipe.name
-        res["attack"]["attack_data"] = "training split (members)" if data is None and len(xa) != len(x) else "evaluation data"
-        _emit(res, out_dir, overwrite, "bitflip")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(ya), generator=g)[:attack_samples]
+    with RichProgress() as prog:
+        res = bitflip_audit(qm.module, (xa[pick].float(), ya[pick].long()), (x, y), max_flips=max_flips,
+                            target_accuracy=target_accuracy, candidates=candidates, random_trials=random_trials,
+                            seed=seed, integrity=integrity, progress=prog("flipping bits", max_flips))
+    res["artifact"] = str(artifact)
+    res["recipe"] = qm.manifest.recipe.name
+    res["attack"]["attack_data"] = "training split (members)" if data is None and len(xa) != len(x) else "evaluation data"
+    _emit(res, out_dir, overwrite, "bitflip")
 
-    @audit.command("divergence")
-    @user_errors
-    def divergence(
-        float_model: str = typer.Option(..., "--float", help="the float model the artifact was quantized from"),
-        quantized: Path = typer.Option(..., "--quantized", help="quantized artifact directory"),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
-        factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
-        probe: Optional[Path] = typer.Option(None, "--probe", help="probe inputs (.safetensors/.npy); default: built-in held-out split"),
-        alpha: float = typer.Option(1e-3, "--alpha", help="significance level of the one-sided binomial test"),
-        copies: int = typer.Option(16, "--copies", min=1, help="randomly perturbed copies that calibrate the expected disagreement"),
-        randomized_rounding: bool = typer.Option(False, "--randomized-rounding", help="also re-round the float weights with keyed stochastic rounding and report it"),
-        key_file: Optional[Path] = typer.Option(None, "--key-file", help="secret key for --randomized-rounding (default: fresh random key)"),
-        seed: int = typer.Option(0, "--seed"),
-        out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write divergence.json"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
-        identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
-    ) -> None:
-        """Flag float-vs-quantized disagreement beyond the recipe's rounding noise (quantization backdoors).
+@audit.command("divergence")
+@user_errors
+def divergence(
+    float_model: str = typer.Option(..., "--float", help="the float model the artifact was quantized from"),
+    quantized: Path = typer.Option(..., "--quantized", help="quantized artifact directory"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="probe inputs (.safetensors/.npy); default: built-in held-out split"),
+    alpha: float = typer.Option(1e-3, "--alpha", help="significance level of the one-sided binomial test"),
+    copies: int = typer.Option(16, "--copies", min=1, help="randomly perturbed copies that calibrate the expected disagreement"),
+    randomized_rounding: bool = typer.Option(False, "--randomized-rounding", help="also re-round the float weights with keyed stochastic rounding and report it"),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="secret key for --randomized-rounding (default: fresh random key)"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="directory to write divergence.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="age identity for an encrypted data file (FILE.age, decrypted in memory)"),
+) -> None:
+    """Flag float-vs-quantized disagreement beyond the recipe's rounding noise (quantization backdoors).
 
-        Exit code 0: not flagged; 3: flagged; 2: error.
-        """
-        from ..audits.divergence import divergence_test, keyed_randomized_rounding, predictions
+    Exit code 0: not flagged; 3: flagged; 2: error.
+    """
+    from ..audits.divergence import (
+        divergence_test,
+        keyed_randomized_rounding,
+        predictions,
+    )
 
-        _check_out(out_dir, overwrite)
-        handle = _load_float(float_model, weights)
-        qm = _load_quantized(quantized, factory, handle, float_model)
-        with plaintext_path(probe, identity) as plain:
-            x, y = _inputs(handle, plain)
-        with RichProgress() as prog:
-            res = divergence_test(handle.module, qm.module, x, alpha=alpha, copies=copies, seed=seed,
-                                  progress=prog("null copies", copies))
-        res.update(artifact=str(quantized), recipe=qm.manifest.recipe.name, model=float_model)
-        if randomized_rounding:
-            key = key_file.read_bytes() if key_file else secrets.token_bytes(32)
-            if key_file and len(key) < 16:
-                raise SecquantError(f"{key_file}: the key must have at least 16 bytes (e.g. head -c 32 /dev/urandom)")
-            rr = keyed_randomized_rounding(qm.module, handle.module, key)
-            pf, pq, pr = predictions(handle.module, x), predictions(qm.module, x), predictions(rr, x)
-            res["randomized_rounding"] = {
-                "key": str(key_file) if key_file else "fresh random 256-bit key (not stored)",
-                "disagreement_rate": float((pr != pf).float().mean()),
-                "rtn_disagreement_rate": float((pq != pf).float().mean()),
-            }
-            if y is not None:
-                res["randomized_rounding"].update(
-                    accuracy=float((pr == y).float().mean()), rtn_accuracy=float((pq == y).float().mean()),
-                    float_accuracy=float((pf == y).float().mean()))
-        _emit(res, out_dir, overwrite, "divergence")
-        if res["flagged"]:
-            err.print(f"flagged: float and quantized predictions diverge beyond rounding noise "
-                      f"(p={res['p_value']:.3g}, classes {res['flagged_classes']})", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_FLAGGED)
+    _check_out(out_dir, overwrite)
+    handle = _load_float(float_model, weights)
+    qm = _load_quantized(quantized, factory, handle, float_model)
+    with plaintext_path(probe, identity) as plain:
+        x, y = _inputs(handle, plain)
+    with RichProgress() as prog:
+        res = divergence_test(handle.module, qm.module, x, alpha=alpha, copies=copies, seed=seed,
+                              progress=prog("null copies", copies))
+    res.update(artifact=str(quantized), recipe=qm.manifest.recipe.name, model=float_model)
+    if randomized_rounding:
+        key = key_file.read_bytes() if key_file else secrets.token_bytes(32)
+        if key_file and len(key) < 16:
+            raise SecquantError(f"{key_file}: the key must have at least 16 bytes (e.g. head -c 32 /dev/urandom)")
+        rr = keyed_randomized_rounding(qm.module, handle.module, key)
+        pf, pq, pr = predictions(handle.module, x), predictions(qm.module, x), predictions(rr, x)
+        res["randomized_rounding"] = {
+            "key": str(key_file) if key_file else "fresh random 256-bit key (not stored)",
+            "disagreement_rate": float((pr != pf).float().mean()),
+            "rtn_disagreement_rate": float((pq != pf).float().mean()),
+        }
+        if y is not None:
+            res["randomized_rounding"].update(
+                accuracy=float((pr == y).float().mean()), rtn_accuracy=float((pq == y).float().mean()),
+                float_accuracy=float((pf == y).float().mean()))
+    _emit(res, out_dir, overwrite, "divergence")
+    if res["flagged"]:
+        err.print(f"flagged: float and quantized predictions diverge beyond rounding noise "
+                  f"(p={res['p_value']:.3g}, classes {res['flagged_classes']})", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FLAGGED)

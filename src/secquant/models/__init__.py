@@ -11,10 +11,10 @@ from torch import nn
 from ..errors import ArtifactError, ModelError
 from .base import Adapter, GraphIO, ModelHandle
 from .checkpoint import load_state_dict
-from .classifier import TensorClassifierAdapter
+from .classifier import TensorClassifierAdapter, load_factory
 from .digits import DigitsCNN, load_builtin_digits, splits
 from .encoder import EncoderAdapter, load_builtin_minilm, load_encoder_dir
-from .factory import is_factory_spec, load_factory
+from .factory import is_factory_spec
 
 BUILTINS = {"builtin:digits": load_builtin_digits, "builtin:minilm": load_builtin_minilm}
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter)}
@@ -65,6 +65,15 @@ def rebuild_float(d: Path, kind: str, spec: str, rebuild: dict[str, Any], model:
     return ModelHandle(module, spec, rebuild, adapter, adapter.architecture_files(Path(d)))
 
 
-__all__ = ["Adapter", "GraphIO", "ModelHandle", "ADAPTERS", "BUILTINS", "DigitsCNN", "TensorClassifierAdapter",
+def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str | None = None):
+    """An artifact directory's quantized model (artifact.store.read_artifact with this kind's rebuild): nothing
+    the manifest names is imported or called unless the caller confirms it (`factory`) or passes the model."""
+    from ..artifact.store import read_artifact
+
+    return read_artifact(path, lambda d, m: rebuild_float(d, m.model.kind, m.model.spec, m.model.rebuild, model,
+                                                          factory))
+
+
+__all__ = ["load_artifact", "Adapter", "GraphIO", "ModelHandle", "ADAPTERS", "BUILTINS", "DigitsCNN", "TensorClassifierAdapter",
            "EncoderAdapter", "adapter_class", "adapter_for_artifact", "load_model", "load_state_dict", "load_builtin_digits",
            "load_builtin_minilm", "load_encoder_dir", "rebuild_float", "splits"]

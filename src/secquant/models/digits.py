@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import ModelHandle
-from .classifier import TensorClassifierAdapter
+from .classifier import BUILTIN_ARCHITECTURES, TensorClassifierAdapter
 
 SAMPLE_SHAPE = (1, 8, 8)
 CACHE_NAME = "digits-cnn-v1.safetensors"
@@ -112,3 +112,6 @@ def load_builtin_digits() -> ModelHandle:
 def digits_architecture() -> tuple[nn.Module, TensorClassifierAdapter]:
     """The float architecture (untrained) and its adapter, for rebuilding an artifact made from builtin:digits."""
     return DigitsCNN().eval(), TensorClassifierAdapter(SAMPLE_SHAPE, LazySplits())
+
+
+BUILTIN_ARCHITECTURES["digits"] = digits_architecture

@@ -8,9 +8,6 @@ import re
 from torch import nn
 
 from ..errors import ModelError
-from .base import ModelHandle
-from .checkpoint import load_state_dict
-from .classifier import TensorClassifierAdapter
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -32,20 +29,3 @@ def call_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def load_factory(spec: str, weights: str | None) -> ModelHandle:
-    model = call_factory(spec)
-    if weights is not None:
-        sd = load_state_dict(weights)
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ModelError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
-    sample_shape = getattr(model, "sample_shape", None)
-    return ModelHandle(
-        module=model.eval(), spec=spec,
-        rebuild={"loader": "factory", "factory": spec,
-                 "sample_shape": list(sample_shape) if sample_shape else None},
-        adapter=TensorClassifierAdapter(tuple(sample_shape) if sample_shape else None),
-    )

@@ -64,6 +64,7 @@ from ..quant.algorithms import convert_qat, init_activation_ranges, prepare_qat
 from ..quant.algorithms.qat import QATLayer
 from ..quant.algorithms.rtn import set_submodule
 from ..quant.algorithms.training import fit
+from .ledger import ledger_entry
 from .budget import NEIGHBOURS, PrivacyError, check_delta, check_epsilon, dp_count, resolve_delta
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -112,9 +113,9 @@ class DPReport:
         }
 
 
-def ledger_entry(dp: dict[str, Any]) -> dict[str, Any]:
+def dp_sgd_ledger_entry(dp: dict[str, Any]) -> dict[str, Any]:
     """The manifest's privacy-ledger entry for a DP-SGD run (from `training["dp"]`)."""
-    return {
+    return ledger_entry(**{
         "stage": "quantization-aware retraining (DP-SGD)",
         "epsilon": dp["epsilon"], "target_epsilon": dp["target_epsilon"], "delta": dp["delta"],
         "epsilon_count": dp["epsilon_count"], "epsilon_sgd": dp["epsilon_sgd"], "composition": dp["composition"],
@@ -123,7 +124,7 @@ def ledger_entry(dp: dict[str, Any]) -> dict[str, Any]:
         "num_samples_dp": dp["train_samples_dp"], "noise_multiplier": dp["noise_multiplier"],
         "max_grad_norm": dp["max_grad_norm"], "sample_rate": dp["sample_rate"], "steps": dp["steps"],
         "noise_source": dp["noise_source"], "covers": dp["protects"],
-    }
+    })
 
 
 def check_dp_args(epsilon: float, delta: float, max_grad_norm: float, n: int, batch_size: int,

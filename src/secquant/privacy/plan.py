@@ -20,7 +20,8 @@ from typing import Any, Literal
 from torch import nn
 
 from ..errors import SecquantError
-from .ledger import CalibrationEntry
+from ..artifact.manifest import CalibrationEntry
+from .ledger import ledger_entry
 
 Mode = Literal["none", "raw", "synthetic", "dp"]
 SYNTHETIC_ONLY = "synthetic (data-free) inputs only"
@@ -93,9 +94,8 @@ class CalibrationPlan:
         res = dp_calibrate(qmodule, handle.adapter.calibration_batches(data, cal.num_samples, 1),
                            self._public(handle, recipe)(1), handle.run, self.epsilon, self.delta,
                            progress("DP calibration", None))
-        res.ledger["public_prior"] = prior_provenance(handle)
-        res.ledger["public_stages"] = {st: SYNTHETIC_ONLY for st in public_stages(recipe)}
-        return [res.ledger]
+        return [ledger_entry(**res.ledger, public_prior=prior_provenance(handle),
+                             public_stages={st: SYNTHETIC_ONLY for st in public_stages(recipe)})]
 
     def record(self, layers: dict[str, dict], n_samples: int, handle: Any,
                record_source_name: bool) -> tuple[CalibrationEntry, str | None]:
@@ -157,14 +157,13 @@ def no_private_data_entry(recipe: Any, handle: Any) -> dict[str, Any]:
 
     reads, free = presets_reading_private_data()
     stages = public_stages(recipe)
-    return {
-        "stage": "none: this artifact read no private data (epsilon = 0)",
-        "epsilon": 0.0, "delta": 0.0,
-        "statement": (f"--dp-epsilon spends budget only on static activation ranges, the one step that reads the "
+    return ledger_entry(
+        stage="none: this artifact read no private data (epsilon = 0)",
+        epsilon=0.0, delta=0.0,
+        statement=(f"--dp-epsilon spends budget only on static activation ranges, the one step that reads the "
                       f"private calibration data; recipe {recipe.name!r} has no static activation quantizer, so the "
                       f"private data was not read. Presets with static activation ranges (they read it, under DP): "
-                      f"{', '.join(reads)}. Presets that do not: {', '.join(free)}."),
-        "public_stages": {st: SYNTHETIC_ONLY for st in stages} if stages
-        else "none: the weights are quantized without data",
-        "public_prior": prior_provenance(handle) if stages else None,
-    }
+                   f"{', '.join(reads)}. Presets that do not: {', '.join(free)}."),
+        public_stages={st: SYNTHETIC_ONLY for st in stages} if stages else "none: the weights are quantized without data",
+        public_prior=prior_provenance(handle) if stages else None,
+    )

@@ -361,7 +361,7 @@ def _as_module(model) -> nn.Module:
     module = getattr(model, "module", model)
     if isinstance(module, nn.Module):
         return module
-    from ..artifact.store import load_artifact
+    from ..models import load_artifact
 
     d = Path(model)
     if not d.is_dir():

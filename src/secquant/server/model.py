@@ -153,7 +153,7 @@ def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_k
     model.onnx into ONNX Runtime, from the verified bytes), then delete the directory: from then on
     the model exists only in this process's memory."""
     from ..api import QuantizedModel, _integrity_guard
-    from ..artifact.store import load_artifact
+    from ..models import load_artifact
     from ..security import open_sealed, read_release
 
     if backend not in BACKENDS:

@@ -12,16 +12,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ...artifact.fsutil import UMASK, atomic_file
+from ...artifact.fsutil import UMASK
 from ...errors import OutputExistsError
 from .common import ENTITIES, FORMATS, MaskingError
 from .operators import Masker, MaskKey, Replacement, read_key_material
 from .reverse import TABLE_SUFFIX, decrypt_table, encrypt_table, sha256_file
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    with atomic_file(path, mode=mode) as tmp:
-        tmp.write_bytes(data)
 
 
 class _AtomicFiles:

@@ -93,13 +93,14 @@ def load_key(path: str | os.PathLike) -> MaskKey:
 
 def generate_key(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a new random key file (64 hex characters, mode 0600)."""
-    from .files import atomic_write_bytes
+    from ...artifact.fsutil import atomic_file
 
     p = Path(path)
     if p.exists() and not overwrite:
         raise OutputExistsError(f"key file {p} exists; refusing to replace a key (data masked with it could no "
                                 "longer be linked to new pseudonyms)")
-    atomic_write_bytes(p, (secrets.token_hex(32) + "\n").encode(), mode=0o600)
+    with atomic_file(p, mode=0o600) as tmp:
+        tmp.write_bytes((secrets.token_hex(32) + "\n").encode())
     return p
 
 

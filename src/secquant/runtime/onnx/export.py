@@ -130,7 +130,7 @@ def _validation_batch(handle, sample):
 
 def _loaded(artifact, model=None, factory=None):
     if isinstance(artifact, (str, os.PathLike)):
-        from ...artifact.store import load_artifact
+        from ...models import load_artifact
 
         return load_artifact(Path(artifact), model=model, factory=factory)
     if all(hasattr(artifact, a) for a in ("module", "manifest", "handle")):

@@ -97,7 +97,7 @@ def _as_quantized(artifact: Any):
         return artifact
     p = Path(artifact)
     if p.is_dir():
-        from ...artifact.store import load_artifact
+        from ...models import load_artifact
 
         return load_artifact(p)
     raise SecquantError(f"{p}: give an artifact directory or a loaded model (open a sealed file first with "
