@@ -4,12 +4,12 @@
     .venv/bin/python bench/masking.py --detection-only   # with PYTHONPATH at an older secquant: its detector
 
 Corpora:
-- held-out (`privacy/pii_yardstick.py`, loaded here by file path so that it runs against any secquant version; it
+- held-out (`audits/pii_yardstick.py`, loaded here by file path so that it runs against any secquant version; it
   imports nothing from secquant, Presidio or phonenumbers): reserved/private/IDN e-mail domains, unassigned and
   formatted phone numbers, all-digit Dutch IBANs, 9 card brands, IPv6, ... Scored on the spans the masker replaces:
   found (one span of the type covers the value), in clear (nothing of it replaced), partial (some letters or digits
   of it left beside the mask).
-- the old generator (`privacy/pii_corpus.py`): values its validators accept, with checksum-failing distractors.
+- the old generator (`audits/pii_corpus.py`): values its validators accept, with checksum-failing distractors.
 - clean text: the 512 built-in sentences and the corpora's filler sentences (no PII): every span is a false positive.
 Prints one JSON line per result; --md writes the markdown section for bench/RESULTS.md.
 """
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _yardstick():
-    path = HERE.parent / "src" / "secquant" / "privacy" / "pii_yardstick.py"
+    path = HERE.parent / "src" / "secquant" / "audits" / "pii_yardstick.py"
     spec = importlib.util.spec_from_file_location("pii_yardstick_standalone", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses need the module registered
@@ -56,7 +56,7 @@ def main() -> None:
 
     import secquant
     from secquant.models.encoder import builtin_sentences
-    from secquant.privacy import pii_corpus
+    from secquant.audits import pii_corpus
     from secquant.privacy.masking import STRUCTURED_ENTITIES, Masker
 
     ys = _yardstick()
@@ -167,7 +167,7 @@ def _markdown(args, out: dict, types) -> str:
         "Bar: recall >= 0.99 on every structured type, with no value left in clear or in part. Scored on the spans "
         "the masker replaces: *found* = one span of the right type covers the value; *in clear* = none of its "
         "letters or digits replaced; *partial* = some of them left beside the mask (a '+1 ' prefix, an extension).", "",
-        f"### Held-out corpus (`privacy/pii_yardstick.py`, {h['records']} records, seed {args.holdout_seed}, "
+        f"### Held-out corpus (`audits/pii_yardstick.py`, {h['records']} records, seed {args.holdout_seed}, "
         f"{h['planted']} values)", "",
         "Written apart from the masker (imports nothing from secquant, Presidio or phonenumbers): e-mail at reserved "
         "and private domains (.test, .example, .invalid, .localhost, .internal, .corp, .lan, .home.arpa), IDN and "
@@ -186,7 +186,7 @@ def _markdown(args, out: dict, types) -> str:
               f"records' filler sentences): {sum(h['fp'].values())}. Detection: {h['records']} records in "
               f"{h['analyze_s']:.1f} s.", ""]
     o = out["old"]
-    lines += [f"### The old generator (`privacy/pii_corpus.py`, {o['records']} records, {o['planted']} values)", "",
+    lines += [f"### The old generator (`audits/pii_corpus.py`, {o['records']} records, {o['planted']} values)", "",
               "Plants only values its validators accept, plus distractors that fail a checksum (16-digit vouchers "
               "failing Luhn, IBANs with wrong check digits, NIR-shaped numbers with a wrong key). Those distractors "
               "are now masked on purpose (a check scores a match, it does not let it through): they are the "

@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 
-from secquant.privacy import pii_corpus, pii_yardstick
+from secquant.audits import pii_corpus, pii_yardstick
 from secquant.privacy.masking import STRUCTURED_ENTITIES, Masker, MaskingError, mask_texts
 from secquant.privacy.masking import detection
 from secquant.audits.pii_yardstick import make_holdout, score_masking
