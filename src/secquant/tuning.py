@@ -14,22 +14,25 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .api import QuantizedModel, quantize
 from .artifact.fsutil import refuse_existing
 from .artifact.manifest import SAFETENSORS_METADATA
 from .errors import ModelError, RecipeError
 from .fidelity import float_size_bytes
 from .models import ModelHandle, load_model
 from .quant.algorithms.base import handler_for
-from .quant.algorithms.mixed_precision import DEFAULT_CANDIDATES, MixedPrecision, Scorer, candidate_args
+from .quant.algorithms.mixed_precision import (
+    DEFAULT_CANDIDATES,
+    MixedPrecision,
+    Scorer,
+    candidate_args,
+)
 from .quant.algorithms.rtn import check_finite
 from .quant.schema import Recipe
-
-if TYPE_CHECKING:  # the api imports are done lazily (api.py may import this module)
-    from .api import QuantizedModel
 
 EVAL_BATCH_SIZE = 32
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -42,7 +45,7 @@ class TuneResult:
 
     recipe: Recipe
     summary: dict[str, Any]
-    model: "QuantizedModel"
+    model: QuantizedModel
     goal_met: bool
     path: Path | None = field(default=None)
 
@@ -65,8 +68,6 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     The best model found is always returned, and saved when `out` is given, even if the goal was not
     met (summary['goal_met'] is False and summary['statement'] says why).
     """
-    from .api import quantize  # lazy: api.py may import this module
-
     t0 = time.perf_counter()
     config = MixedPrecision(max_drop, metric, size_budget, time_budget, tuple(candidates)
                             if isinstance(candidates, Iterable) and not isinstance(candidates, str) else candidates)
