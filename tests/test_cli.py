@@ -13,7 +13,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 import secquant
-import secquant.cli as cli_mod
+import secquant.cli.quantize as cli_mod  # where `inspect` prints
 
 EVAL_KEYS = ["size_bytes", "float_size_bytes", "size_ratio", "metric", "value", "float_value", "latency_ms"]
 DIGITS_LAYERS = ["features.0", "features.3", "classifier.1", "classifier.3"]

@@ -199,7 +199,7 @@ def test_refusals(digits, tmp_path):
     with pytest.raises(SecquantError, match="at least 2"):
         audit_membership(digits, [], shadows=1)
     # same architecture, other weights: once as builtin:digits (rebuilt from the manifest), once from a module
-    retrained = ModelHandle(train_digits(epochs=1, seed=1), "classifier", "builtin:digits", digits.rebuild,
+    retrained = ModelHandle(train_digits(epochs=1, seed=1), "builtin:digits", digits.rebuild,
                             digits.adapter)
     secquant.quantize(retrained, "w8a8", out=tmp_path / "other")
     other = secquant.quantize(retrained.module, "w8a16", out=tmp_path / "module")

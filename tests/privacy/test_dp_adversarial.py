@@ -238,11 +238,11 @@ def test_dp_calibration_refuses_batches_of_several_samples():
 
 @pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a16"])
 def test_dp_epsilon_on_a_recipe_that_reads_no_private_data_says_so(digits, private_calib, monkeypatch, preset):
-    import secquant.models.digits as dg
+    import secquant.models.classifier as adapter_module  # where the tensor classifiers' data files are read
 
     opened: list[str] = []
-    real = dg.read_tensors
-    monkeypatch.setattr(dg, "read_tensors", lambda p: opened.append(str(p)) or real(p))
+    real = adapter_module.read_tensors
+    monkeypatch.setattr(adapter_module, "read_tensors", lambda p: opened.append(str(p)) or real(p))
     qm = secquant.quantize(digits, _small(preset, 32), calib=private_calib, dp_epsilon=1.0)
     assert opened == []  # the private file was never read
     (entry,) = qm.manifest.privacy.entries

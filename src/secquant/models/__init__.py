@@ -60,7 +60,7 @@ def rebuild_float(d: Path, kind: str, spec: str, rebuild: dict[str, Any], model:
     Nothing the manifest names is imported or called without the caller's confirmation (see the adapters)."""
     cls = adapter_class(kind)
     if model is None and rebuild.get("loader") not in cls.loaders:
-        raise ArtifactError(f"a {kind} is not rebuilt by loader {str(rebuild.get('loader'))[:40]!r}")
+        raise ArtifactError(f"unknown model loader {str(rebuild.get('loader'))[:40]!r} for a {kind}")
     module, adapter = cls.rebuild(Path(d), rebuild, spec, model, factory)
     return ModelHandle(module, spec, rebuild, adapter, adapter.architecture_files(Path(d)))
 
