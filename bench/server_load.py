@@ -332,27 +332,8 @@ def main() -> None:
         key = cli("server", "add-client", "loadtest", "--role", "user", "--db", db).strip().split()[-1]
         if not key.startswith("sq_"):
             raise SystemExit(f"could not read the API key from add-client's output: {key!r}")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        exe = Path(sys.executable).with_name("secquant")
-        cmd = [str(exe), "serve", str(sealed), "--identity", str(keys.identity), "--verify-key",
-               str(keys.verify_key), "--db", db, "--port", str(port), "--threads", str(a.threads),
-               "--log-level", "warning"]
-        log("starting: " + " ".join(cmd))
-        srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        srv, url = start_server(sealed, keys, db, a.threads, [])
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                if srv.poll() is not None:
-                    raise SystemExit(f"the server exited ({srv.returncode}):\n{srv.stdout.read()}")
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not come up in 180 s")
-                time.sleep(0.5)
             with httpx.Client(base_url=url) as c:
                 r = c.post("/v1/embed", json={"texts": ["hello"]}, headers={"Authorization": f"Bearer {key}"})
                 r.raise_for_status()
@@ -378,11 +359,7 @@ def main() -> None:
             srv_cpu1 = _proc_cpu(srv.pid)
             load1 = os.getloadavg()
         finally:
-            srv.terminate()
-            try:
-                srv.wait(20)
-            except subprocess.TimeoutExpired:
-                srv.kill()
+            stop_server(srv)
     lats = [d for _, d in lat]
     measured = a.seconds
     n = len(lats)

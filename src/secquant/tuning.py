@@ -25,12 +25,7 @@ from .errors import ModelError, RecipeError
 from .fidelity import float_size_bytes
 from .models import ModelHandle, load_model
 from .quant.algorithms.base import handler_for
-from .quant.algorithms.mixed_precision import (
-    DEFAULT_CANDIDATES,
-    MixedPrecision,
-    Scorer,
-    candidate_args,
-)
+from .quant.algorithms.mixed_precision import DEFAULT_CANDIDATES, MixedPrecision, Scorer, candidate_args
 from .quant.algorithms.rtn import check_finite
 from .quant.schema import Recipe
 

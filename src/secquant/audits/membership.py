@@ -38,15 +38,7 @@ from ..errors import ModelError, OutputExistsError, SecquantError
 from ..models import ModelHandle, load_artifact, load_model
 from .canary_audit import CONFIDENCE
 from .dp_audit import EntryPoints, audit_artifact, is_private, mechanism
-from .shadow import (
-    TargetRecipe,
-    TrainConfig,
-    check_ray_address,
-    keep_matrix,
-    logit_confidence,
-    logits_of,
-    run_shadows,
-)
+from .shadow import TargetRecipe, TrainConfig, check_ray_address, keep_matrix, logit_confidence, logits_of, run_shadows
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
 ATTACKS = ("loss", "lira_offline")

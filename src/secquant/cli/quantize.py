@@ -11,15 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import SecquantError
-from .common import (
-    RichProgress,
-    err,
-    out,
-    parse_size,
-    print_privacy,
-    read_passphrase,
-    user_errors,
-)
+from .common import RichProgress, err, out, parse_size, print_privacy, read_passphrase, user_errors
 
 app = typer.Typer()
 

@@ -9,13 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import SecquantError
-from .common import (
-    MIN_RELEASE_HELP,
-    describe_release,
-    err,
-    read_passphrase,
-    user_errors,
-)
+from .common import MIN_RELEASE_HELP, describe_release, err, read_passphrase, user_errors
 
 app = typer.Typer()
 

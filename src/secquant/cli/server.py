@@ -12,14 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import (
-    MIN_RELEASE_HELP,
-    describe_release,
-    err,
-    out,
-    read_passphrase,
-    user_errors,
-)
+from .common import MIN_RELEASE_HELP, describe_release, err, out, read_passphrase, user_errors
 
 DB_HELP = "server database: a SQLite file path or URL (sqlite:///PATH), or postgresql://USER:PW@HOST/DB"
 SECRET_HELP = ("file holding the secret API keys are hashed under (created 0600 if missing); default: DB.secret "

@@ -10,14 +10,7 @@ from typing import Optional
 import typer
 
 from ..security.watermark_params import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
-from .common import (
-    MIN_RELEASE_HELP,
-    RichProgress,
-    describe_release,
-    err,
-    read_passphrase,
-    user_errors,
-)
+from .common import MIN_RELEASE_HELP, RichProgress, describe_release, err, read_passphrase, user_errors
 
 EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no mark found
 

@@ -15,17 +15,8 @@ import os
 import stat
 from pathlib import Path
 
-from sqlalchemy import (
-    BigInteger,
-    CheckConstraint,
-    DateTime,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    create_engine,
-    event,
-    text,
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, Integer, MetaData, String, create_engine, event,
+    text
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError

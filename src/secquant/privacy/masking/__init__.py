@@ -10,29 +10,12 @@
 
 from __future__ import annotations
 
-from .common import (
-    DEFAULT_OPERATOR,
-    ENTITIES,
-    FORMATS,
-    KEY_MIN_BYTES,
-    NAME_ENTITIES,
-    OPERATORS,
-    PERSON_NOTE,
-    STRUCTURED_ENTITIES,
-    WITHDRAWN_OPERATORS,
-    MaskingError,
+from .common import (DEFAULT_OPERATOR, ENTITIES, FORMATS, KEY_MIN_BYTES, NAME_ENTITIES, OPERATORS, PERSON_NOTE,
+    STRUCTURED_ENTITIES, WITHDRAWN_OPERATORS, MaskingError
 )
 from .files import detect_format, mask_file, unmask_file, unmask_legacy_ff3
-from .operators import (
-    Masker,
-    MaskKey,
-    Replacement,
-    generate_key,
-    load_key,
-    mask_texts,
-    parse_operators,
-    pseudonym,
-    surrogate,
+from .operators import (Masker, MaskKey, Replacement, generate_key, load_key, mask_texts, parse_operators, pseudonym,
+    surrogate
 )
 from .reverse import TABLE_SUFFIX
 

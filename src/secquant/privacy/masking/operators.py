@@ -28,15 +28,7 @@ import regex as re
 
 from ...errors import OutputExistsError
 from . import checks
-from .common import (
-    DEFAULT_OPERATOR,
-    ENTITIES,
-    KEY_MIN_BYTES,
-    OPERATORS,
-    PERSON_NOTE,
-    WITHDRAWN_OPERATORS,
-    MaskingError,
-)
+from .common import DEFAULT_OPERATOR, ENTITIES, KEY_MIN_BYTES, OPERATORS, PERSON_NOTE, WITHDRAWN_OPERATORS, MaskingError
 
 # ----------------------------------------------------------------------------------------------------------------
 # keys

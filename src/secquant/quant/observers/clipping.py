@@ -8,16 +8,10 @@ from ..primitives import choose_qparams, fake_quantize
 from .base import Observer, Reservoir
 
 
-class PercentileObserver(Observer):
-    """Range = [q_(100-p), q_p] percentiles of the values seen (p=99.99 clips rare outliers)."""
+class _SampledObserver(Observer):
+    """Keeps a bounded reservoir sample of the values seen, and their exact min and max."""
 
-    name = "percentile"
-
-    def __init__(self, percentile: float = 99.99, capacity: int = 1 << 18, seed: int = 0) -> None:
-        super().__init__()
-        if not 50.0 < percentile <= 100.0:
-            raise ValueError("percentile must be in (50, 100]")
-        self.percentile = percentile
+    def _sample(self, capacity: int, seed: int) -> None:
         self.reservoir = Reservoir(capacity, seed)
         self.lo = float("inf")
         self.hi = float("-inf")
@@ -27,6 +21,19 @@ class PercentileObserver(Observer):
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
 
+
+class PercentileObserver(_SampledObserver):
+    """Range = [q_(100-p), q_p] percentiles of the values seen (p=99.99 clips rare outliers)."""
+
+    name = "percentile"
+
+    def __init__(self, percentile: float = 99.99, capacity: int = 1 << 18, seed: int = 0) -> None:
+        super().__init__()
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError("percentile must be in (50, 100]")
+        self.percentile = percentile
+        self._sample(capacity, seed)
+
     def _range(self) -> tuple[float, float]:
         v = self.reservoir.values()
         q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], dtype=v.dtype)
@@ -34,7 +41,7 @@ class PercentileObserver(Observer):
         return max(lo, self.lo), min(hi, self.hi)
 
 
-class MSEObserver(Observer):
+class MSEObserver(_SampledObserver):
     """Range that minimizes the quantization MSE of the values seen, found by grid search.
 
     Candidates shrink the min-max range by factors in (0, 1]; each is scored by the mean
@@ -48,14 +55,7 @@ class MSEObserver(Observer):
         super().__init__()
         self.bits, self.signed, self.symmetric = bits, signed, symmetric
         self.grid, self.min_ratio = grid, min_ratio
-        self.reservoir = Reservoir(capacity, seed)
-        self.lo = float("inf")
-        self.hi = float("-inf")
-
-    def _update(self, x: torch.Tensor) -> None:
-        self.reservoir.add(x)
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+        self._sample(capacity, seed)
 
     def _range(self) -> tuple[float, float]:
         v = self.reservoir.values()

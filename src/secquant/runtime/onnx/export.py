@@ -13,14 +13,7 @@ from torch import nn
 
 from ..._version import __version__
 from ...errors import SecquantError
-from .info import (
-    DEFAULT_OPSET,
-    METADATA_KEY,
-    ONNX_NAME,
-    ExportFallbackWarning,
-    ExportInfo,
-    require_onnx,
-)
+from .info import DEFAULT_OPSET, METADATA_KEY, ONNX_NAME, ExportFallbackWarning, ExportInfo, require_onnx
 from .trace import TRACE_LOCK, rewrite_layers, simplify, trace_model
 
 # ----------------------------------------------------------------------------------------------

@@ -8,15 +8,8 @@ from torch import nn
 from ...errors import SecquantError
 from .emitter import Emitter, act_key, dynamic_qparams, fake_quant, static_qparams
 from .info import MS, PLACEHOLDER_DOMAIN, LayerExport, placeholder_layer
-from .weights import (
-    WeightView,
-    int8_kernel,
-    is_pow2_block,
-    kernel_bits,
-    pack_bits,
-    row_block,
-    weight_view,
-    zero_point_rows,
+from .weights import (WeightView, int8_kernel, is_pow2_block, kernel_bits, pack_bits, row_block, weight_view,
+    zero_point_rows
 )
 
 # ----------------------------------------------------------------------------------------------

@@ -11,21 +11,8 @@ from torch import nn
 
 from ...errors import SecquantError
 from .emitter import Emitter
-from .info import (
-    MS,
-    PLACEHOLDER,
-    PLACEHOLDER_DOMAIN,
-    TORCH_MAX_OPSET,
-    LayerExport,
-    placeholder_layer,
-)
-from .layers import (
-    RewriteContext,
-    plan_zero_point_rows,
-    rewrite_conv,
-    rewrite_embedding,
-    rewrite_linear,
-)
+from .info import MS, PLACEHOLDER, PLACEHOLDER_DOMAIN, TORCH_MAX_OPSET, LayerExport, placeholder_layer
+from .layers import RewriteContext, plan_zero_point_rows, rewrite_conv, rewrite_embedding, rewrite_linear
 
 # ----------------------------------------------------------------------------------------------
 # Tracing with placeholders
