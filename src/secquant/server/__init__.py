@@ -29,8 +29,9 @@ echo the input and is capped in length; on a protected route the key and role ar
 (401 / 403).
 """
 
-from .app import ServerConfig, create_app
+from .app import create_app
 from .db import DEFAULT_DB, ServerDBError, migrate, normalize_url
+from .gate import ServerConfig
 from .model import ServedModel, open_served
 from .store import Principal, Store
 

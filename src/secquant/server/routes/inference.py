@@ -1,0 +1,87 @@
+"""The open health check and the client routes: /healthz (GET and HEAD), /v1/predict, /v1/embed.
+
+Route functions carry no return annotation: FastAPI would turn it into a response model and change
+the OpenAPI document. Their names make the operation ids, so they are part of the interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from ..gate import Authenticated, Gate, gate_of
+from ..schemas import EmbedRequest, PredictRequest
+
+router = APIRouter()
+
+
+def _as_batch(inputs: list[Any], shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The request's examples as one finite float batch of the model's sample shape (422 otherwise)."""
+    try:
+        x = torch.tensor(inputs, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise HTTPException(422, "inputs must be a list of examples, each a (nested) list of numbers of "
+                                 "one shape") from None
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise HTTPException(422, "inputs must be a non-empty batch: a list of examples")
+    if shape is not None:
+        n = math.prod(shape)
+        if tuple(x.shape[1:]) != tuple(shape):
+            if x[0].numel() != n:
+                raise HTTPException(422, f"each example must have shape {list(shape)} ({n} numbers); got "
+                                         f"{list(x.shape[1:])}")
+            x = x.reshape(x.shape[0], *shape)
+    if not bool(torch.isfinite(x).all()):
+        raise HTTPException(422, "inputs must be finite numbers")
+    return x
+
+
+def _serving_task(gate: Gate, request: Request, task: str) -> None:
+    """503 when the model is out of service, 404 when it does not do `task` (predict or embed)."""
+    gate.serving(request)
+    if gate.model.task != task:
+        raise HTTPException(404, f"this server runs a {gate.model.kind}: use /v1/{gate.model.task}")
+
+
+@router.head("/healthz", operation_id="healthz_head")  # load balancers probe with HEAD
+@router.get("/healthz")
+async def healthz(request: Request):
+    if gate_of(request).model.corruption is not None:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.post("/v1/predict")
+async def predict(body: PredictRequest, request: Request, p: Authenticated):
+    gate = gate_of(request)
+    _serving_task(gate, request, "predict")
+    x = _as_batch(body.inputs, gate.model.sample_shape)
+    await gate.charge(request, p, int(x.shape[0]))
+    logits = await run_in_threadpool(gate.model.logits, x)
+    probs = torch.softmax(logits.float(), dim=-1)
+    k = min(gate.config.top_k or probs.shape[1], probs.shape[1])
+    top = torch.topk(probs, k, dim=-1)
+    preds = []
+    for vals, idx in zip(top.values.tolist(), top.indices.tolist()):
+        scores = gate.harden(vals)
+        preds.append({"label": idx[0], "top": [{"label": i, "score": s} for i, s in zip(idx, scores)]})
+    return {"predictions": preds}
+
+
+@router.post("/v1/embed")
+async def embed(body: EmbedRequest, request: Request, p: Authenticated):
+    gate = gate_of(request)
+    cfg = gate.config
+    _serving_task(gate, request, "embed")
+    if not body.texts:
+        raise HTTPException(422, "texts must be a non-empty list of strings")
+    if any(len(t) > cfg.max_text_chars for t in body.texts):
+        raise HTTPException(422, f"each text may have at most {cfg.max_text_chars} characters")
+    await gate.charge(request, p, len(body.texts))
+    emb = await run_in_threadpool(gate.model.embed, body.texts)
+    return {"embeddings": [gate.harden(r) for r in emb.float().tolist()], "dim": int(emb.shape[-1])}
