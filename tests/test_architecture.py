@@ -170,3 +170,17 @@ def test_the_checks_catch_what_they_forbid():
     assert any("secquant.quant.modules.weight" in b for b in upward_imports(edges))
     assert ["secquant.api", "secquant.cli"] in cycles(edges)
     assert ["secquant.artifact", "secquant.models"] in cycles(folder_graph(edges))
+
+
+def test_modules_and_functions_stay_small(graph):
+    """Issue 18's measure: no source file over 600 lines, no function over 120."""
+    mods, _ = graph
+    long_files, long_functions = [], []
+    for name, path in mods.items():
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 600:
+            long_files.append(name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 120:
+                long_functions.append(f"{name}.{node.name}")
+    assert long_files == [] and long_functions == []
