@@ -66,18 +66,12 @@ def test_evil_weights_via_api_factory(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_evil_weights_via_cli_in_process(tmp_path, cli, assert_user_error):
-    path, marker = _evil_checkpoint(tmp_path, "evil.pt", "zip")
+@pytest.mark.parametrize("runner,fmt", [("in-process", "zip"), ("subprocess", "legacy")])
+def test_evil_weights_via_the_cli(tmp_path, cli, secquant_proc, assert_user_error, runner, fmt):
+    path, marker = _evil_checkpoint(tmp_path, "evil.pt", fmt)
     out = tmp_path / "out"
-    r = cli("quantize", "tiny_factory:tiny", "--weights", path, "--preset", "w8a16", "--out", out)
-    assert_user_error(r, out, contains=("evil.pt",))
-    assert not marker.exists()
-
-
-def test_evil_weights_via_cli_subprocess(tmp_path, secquant_proc, assert_user_error):
-    path, marker = _evil_checkpoint(tmp_path, "evil.pt", "legacy")
-    out = tmp_path / "out"
-    r = secquant_proc("quantize", "tiny_factory:tiny", "--weights", path, "--preset", "w8a16", "--out", out)
+    run = cli if runner == "in-process" else secquant_proc
+    r = run("quantize", "tiny_factory:tiny", "--weights", path, "--preset", "w8a16", "--out", out)
     assert_user_error(r, out, contains=("evil.pt",))
     assert not marker.exists()
 

@@ -85,15 +85,20 @@ def test_tampered_bytes_are_refused(art, keys, tmp_path, where):
     assert not (tmp_path / "o").exists()
 
 
-def _age_tar(tmp_path, members: dict[str, bytes], recipient) -> Path:
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """A plain tar of regular files, as an attacker would build one."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _age_tar(tmp_path, members: dict[str, bytes], recipient) -> Path:
     p = tmp_path / "forged.age"
-    p.write_bytes(pyrage.encrypt(buf.getvalue(), load_recipients([recipient])))
+    p.write_bytes(pyrage.encrypt(tar_bytes(members), load_recipients([recipient])))
     return p
 
 

@@ -24,6 +24,8 @@ from secquant.errors import SecquantError
 from secquant.security import keygen, load_recipients, seal
 from secquant.security.seal import SealError
 
+from .test_seal import tar_bytes
+
 N_CORRUPTIONS = 200
 SEED = 20261128
 
@@ -125,13 +127,7 @@ def test_signature_of_a_different_model_is_refused(sealed, digits_artifact, keys
     other = seal(digits_artifact("w8a16"), [str(alice.recipient)], alice.sign_key, tmp_path / "other.age")
     members = _plain_members(sealed, alice.identity)
     members["model.sig"] = _plain_members(other, alice.identity)["model.sig"]  # same signer, other model
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    src = _work(tmp_path, sealed, pyrage.encrypt(buf.getvalue(), load_recipients([str(alice.recipient)])))
+    src = _work(tmp_path, sealed, pyrage.encrypt(tar_bytes(members), load_recipients([str(alice.recipient)])))
     before, shm = set(os.listdir(src.parent)), _shm()
     _refused(_open(CliRunner(), src, alice.identity, alice.verify_key, src.parent / "out"), src.parent / "out",
              before, contains=("signature verification failed",))
