@@ -159,3 +159,25 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as e:
         raise ArtifactError(format_validation_error(e, str(path)).replace("invalid recipe", "invalid manifest")) from None
+
+
+def register_files(artifact_dir: Path, names: list[str], manifest: Manifest | None = None) -> Manifest:
+    """List `names` (files of `artifact_dir`) in its manifest with their sha256, dropping any whose file is
+    gone, and rewrite the manifest atomically. `manifest` defaults to the one in the directory (sealing
+    passes the source's manifest for the copy it stages)."""
+    from .fsutil import atomic_file
+    from .hashing import file_sha256
+
+    m = manifest or read_manifest(artifact_dir)
+    files = dict(m.files)
+    for name in names:
+        safe_relpath(name)
+        path = artifact_dir / name
+        if path.is_file():
+            files[name] = file_sha256(path)
+        else:
+            files.pop(name, None)
+    m = m.model_copy(update={"files": dict(sorted(files.items()))})
+    with atomic_file(artifact_dir / MANIFEST_NAME) as tmp:
+        tmp.write_text(m.to_json(), encoding="utf-8")
+    return m

@@ -25,8 +25,7 @@ import pyrage
 
 from ..artifact.checks import check_files, verify_artifact_dir
 from ..artifact.fsutil import atomic_dir, atomic_file, refuse_existing
-from ..artifact.hashing import file_sha256
-from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
+from ..artifact.manifest import MANIFEST_NAME, WEIGHTS_NAME, read_manifest, register_files
 from ..errors import ArtifactError, SecquantError
 from .checksums import INTEGRITY_NAME, write_record_for_weights
 from .keys import check_sign_key, load_identities, load_recipients
@@ -105,10 +104,8 @@ def _stage_with_integrity(src: Path, stage: Path, release: Release) -> None:
         checked.result()
     # the staged files are links to the ones just checked: a change to them before the tar is read no
     # longer matches the signature, and open refuses it
-    files = dict(manifest.files)
-    files[INTEGRITY_NAME] = file_sha256(stage / INTEGRITY_NAME)
-    files[RELEASE_NAME] = file_sha256(write_release(stage, release))
-    (stage / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).to_json(), encoding="utf-8")
+    write_release(stage, release)
+    register_files(stage, [INTEGRITY_NAME, RELEASE_NAME], manifest)
 
 
 def seal(artifact_dir: str | Path, recipients: list[str], sign_key: str | Path, out: str | Path,

@@ -25,18 +25,16 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..artifact.fsutil import private_dir
 from ..errors import SecquantError
 
 log = logging.getLogger("secquant.server")
-BACKENDS = ("auto", "onnxruntime", "pytorch")
 
 
 class ServedModel:
@@ -138,14 +136,6 @@ class ServedModel:
                 "corruption": self.corruption}
 
 
-def _private_dir() -> Path:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        raise SecquantError("no memory-backed /dev/shm to open the sealed model in: the server keeps the "
-                            "decrypted model off disk and cannot run without it")
-    return Path(tempfile.mkdtemp(prefix="secquant-serve-", dir=shm))  # mode 0700
-
-
 def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_key: str | os.PathLike, *,
                 passphrase: str | None = None, backend: str = "auto", threads: int = 1,
                 factory: str | None = None, min_release: int | None = None) -> ServedModel:
@@ -156,27 +146,28 @@ def open_served(sealed: str | os.PathLike, identity: str | os.PathLike, verify_k
     from ..models import load_artifact
     from ..security import open_sealed, read_release
 
-    if backend not in BACKENDS:
-        raise SecquantError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    from ..runtime.backend import OnnxBackend, backend_class
+
+    try:  # "auto", or any name (or alias) of the runtime's backends
+        engine = None if backend == "auto" else backend_class(backend)
+    except SecquantError as e:
+        raise SecquantError(f"--backend {backend!r}: use auto or a runtime ({e})") from None
     p = Path(sealed)
     if not p.is_file():
         raise SecquantError(f"{p} is not a sealed model file: seal an artifact with `secquant seal` first")
-    work = _private_dir()
-    try:
+    with private_dir("serve", "the server keeps the decrypted model off disk and cannot run without it") as work:
         art = open_sealed(p, identity, verify_key, work / "artifact", identity_passphrase=passphrase,
                           min_release=min_release)
         la = load_artifact(art, factory=factory)
         # the sealed integrity record is checked now, against every stored tensor (a mismatch refuses)
         qm = QuantizedModel(la.module, la.manifest, la.handle, None, _integrity_guard(la), read_release(art))
         has_onnx = "model.onnx" in la.manifest.files
-        if backend == "onnxruntime" and not has_onnx:
+        if engine is OnnxBackend and not has_onnx:
             raise SecquantError(f"{p} carries no model.onnx: export it (`secquant export`) before sealing, or "
                                 "serve with --backend pytorch")
         sess = None
-        if has_onnx and backend != "pytorch":
+        if has_onnx and engine in (None, OnnxBackend):
             from ..runtime import Session
 
             sess = Session(art, threads=threads, export=False)
         return ServedModel(qm, sess)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -139,22 +139,12 @@ def _inside(p: Path, d: Path) -> bool:
         return False
 
 
-def _register(art_dir: Path, out: Path, staging: Path) -> None:
-    """List the ONNX file (and its external data) with their sha256 in the artifact's manifest."""
-    from ...artifact.hashing import file_sha256
-    from ...artifact.manifest import MANIFEST_NAME, read_manifest
+def _register(art_dir: Path, out: Path) -> None:
+    """List the ONNX file (and its external data, or drop a stale one) with their sha256 in the manifest."""
+    from ...artifact.manifest import register_files
 
-    manifest = read_manifest(art_dir)
     rel = out.resolve().relative_to(art_dir.resolve()).as_posix()
-    files = {k: v for k, v in manifest.files.items() if k not in (rel, rel + ".data")}
-    files[rel] = file_sha256(out)
-    data = out.with_name(out.name + ".data")
-    if data.is_file():
-        files[rel + ".data"] = file_sha256(data)
-    manifest = manifest.model_copy(update={"files": dict(sorted(files.items()))})
-    tmp = staging / MANIFEST_NAME
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, art_dir / MANIFEST_NAME)
+    register_files(art_dir, [rel, rel + ".data"])
 
 
 def _staging_dir(out: Path, art_dir: Path | None) -> Path:
@@ -229,7 +219,7 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
         if len(written) == 1 and data.exists():
             data.unlink()
         if register and art_dir is not None and _inside(out, art_dir):
-            _register(art_dir, out, staging)
+            _register(art_dir, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     fb = info.fallbacks
