@@ -353,8 +353,8 @@ def test_cli_keygen_embed_verify_exit_codes(tmp_path, digits):
     assert {"z", "n", "p_value", "log10_p_value", "threshold", "layers", "key_id", "bound"} <= set(rep)
     r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k2)])
     assert r.exit_code == 3 and "not detected" in r.stdout
-    r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--threshold", "1e-320"])
-    assert r.exit_code == 3  # an impossible threshold cannot be met: still a clean verdict, not an error
+    r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--threshold", "0.7"])
+    assert r.exit_code == 2 and "threshold must be a probability" in r.output  # not a probability bound
     r = runner.invoke(app, ["watermark", "verify", str(tmp_path / "nope"), "--key", str(k)])
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["watermark", "embed", "builtin:digits", "--preset", "w8a16", "--key", str(k),

@@ -21,10 +21,10 @@ Rademacher signs, and P(z >= x) <= min(exp(-x^2 / 2) [Hoeffding], c * P(N(0,1) >
 
 Why an attack without the key fails: noise independent of k (+-1 on codes, Gaussian noise, re-rounding onto another
 grid, fine-tuning) only adds to sum(a^2); the signal grows like tau * N and the noise like sqrt(N), so
-z ~ tau * sqrt(N / (1/12 + noise variance in steps^2)). Per-row and per-column signed scale changes (which ReLU and
-BatchNorm let an attacker make without changing the function) are fitted against the float weights and undone
-before scoring. Not handled: permutations of hidden units, distillation into another model, and noise large enough
-that the model loses the accuracy the owner cares about (the bench measures where that is).
+z ~ tau * sqrt(N / (1/12 + noise variance in steps^2)). Reparametrizations that leave the function unchanged are
+undone before scoring, against the float weights: permutations of hidden units (layers up to MAX_MATCH units a side)
+and per-row and per-column signed scales (which ReLU and BatchNorm allow). Not handled: distillation into another
+model, permutations in layers wider than MAX_MATCH (e.g. embedding tables: their rows are too many to match), and noise large enough to cost the accuracy the owner cares about (the bench measures where).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ MIN_ROW_VARIANCE = 1.0 / 12.0  # rounding noise of one step: the floor of the pe
 # Bentkus-Dzindzalieta (Bernoulli 21(2), 2015): P(sum a_i k_i >= x) <= c P(N(0,1) >= x) for sum a_i^2 <= 1, with
 # the optimal c = 1 / (4 P(N(0,1) >= sqrt 2)) = 3.178655...; rounded up here.
 BD_CONSTANT = 3.17866
+MAX_MATCH = 4096  # hidden units matched by assignment at most (an n x n cost matrix, O(n^3) Hungarian)
 
 
 class WatermarkError(SecquantError):
@@ -289,10 +290,74 @@ def tail_bound(z: float) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------- evidence
 
 
+def _balanced(w: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """w^2 scaled to unit row and column sums (Sinkhorn): the same matrix whatever signed scales multiply its rows
+    and columns, and permuting w permutes it alike, so it lets units be matched before their scales are known."""
+    b = w * w + 1e-30
+    for _ in range(iters):
+        b = b / b.sum(1, keepdim=True)
+        b = b / b.sum(0, keepdim=True)
+    return b
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of every row of x with every row of y, [len(x), len(y)]."""
+    x = x - x.mean(1, keepdim=True)
+    y = y - y.mean(1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    y = y / y.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return x @ y.T
+
+
+def _in_place(bs: torch.Tensor, bf: torch.Tensor) -> bool:
+    """Whether the suspect's rows line up with the float model's: median same-index correlation > 1/2."""
+    return float(torch.nn.functional.cosine_similarity(bs - bs.mean(1, keepdim=True),
+                                                       bf - bf.mean(1, keepdim=True), dim=1).median()) > 0.5
+
+
+def _assign(cost: torch.Tensor) -> torch.Tensor:
+    """perm with suspect index perm[j] matched to float index j, minimizing the total cost[j, i] (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(cols, dtype=torch.int64)
+
+
+def _unpermute(ws: torch.Tensor, wf: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
+    """Undo a permutation of hidden units, rows then columns, when the suspect's do not line up with the float
+    model's. On the balanced squares (blind to signed scales), rows are matched by their sorted entries (blind to
+    column order too), then columns by correlation. Only when a cheap check fails, and up to MAX_MATCH units a
+    side; like the scale fit it sees the suspect and the float weights only, never the key."""
+    moved = {"rows_moved": 0, "cols_moved": 0}
+    rows, cols = ws.shape
+    if max(rows, cols) > MAX_MATCH:
+        return ws, moved
+    bs, bf = _balanced(ws), _balanced(wf)
+    ident_r, ident_c = torch.arange(rows), torch.arange(cols)
+    if _in_place(bs, bf) and _in_place(bs.T, bf.T):
+        return ws, moved
+    best = None
+    # Two starts for the rows: as they are, and matched by their sorted entries (which a column permutation leaves
+    # alone); then alternate columns and rows by correlation, and keep the closer fit to the float weights.
+    for perm_r in (ident_r, _assign(torch.cdist(bf.sort(dim=1).values * cols, bs.sort(dim=1).values * cols))):
+        for _ in range(3):
+            perm_c = _assign(1.0 - _corr(bf.T, bs[perm_r].T))
+            perm_r = _assign(1.0 - _corr(bf, bs[:, perm_c]))
+        fit = float(_corr(bf.reshape(1, -1), bs[perm_r][:, perm_c].reshape(1, -1)))
+        if best is None or fit > best[0]:
+            best = (fit, perm_r, perm_c)
+    _, perm_r, perm_c = best
+    moved["rows_moved"] = int((perm_r != ident_r).sum())
+    moved["cols_moved"] = int((perm_c != ident_c).sum())
+    return ws[perm_r][:, perm_c], moved
+
+
 def _align(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Undo per-row and per-column signed scale changes: fit ws ~ diag(r) wf diag(c) by alternating least
-    squares and return ws / (r c^T). The fit sees only the suspect and the float weights, never the key, so
-    the test stays exact; the mark (a small residual) keeps almost all its energy (rows + cols fitted values)."""
+    """Undo a permutation of hidden units (see _unpermute), then per-row and per-column signed scale changes: fit
+    ws ~ diag(r) wf diag(c) by alternating least squares and return ws / (r c^T). The fit sees only the suspect and
+    the float weights, never the key, so the bound stays valid; the mark (a small residual) keeps almost all its
+    energy (rows + cols fitted values against rows * cols elements)."""
+    ws, moved = _unpermute(ws, wf)
     r = torch.ones(ws.shape[0], dtype=ws.dtype)
     c = torch.ones(ws.shape[1], dtype=ws.dtype)
 
@@ -308,8 +373,8 @@ def _align(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Te
         y = wf * r[:, None]
         c = fit((ws * y).sum(0), (y * y).sum(0))
     scale = r[:, None] * c[None, :]
-    info = {"row_scale": [float(r.abs().min()), float(r.abs().max())], "negative_rows": int((r < 0).sum()),
-            "negative_cols": int((c < 0).sum())}
+    info = {**moved, "row_scale": [float(r.abs().min()), float(r.abs().max())],
+            "negative_rows": int((r < 0).sum()), "negative_cols": int((c < 0).sum())}
     return ws / scale, info
 
 

@@ -1,6 +1,6 @@
 """Attacks on the watermark by someone holding the marked model but not the key: noise on the codes, Gaussian
 noise on the weights, re-quantization with another preset, one epoch of fine-tuning, and function-preserving
-channel rescaling. Each asserts the mark is still found (p <= 1e-6) and that the same attack on an unmarked model
+channel rescaling and permutation of hidden units. Each asserts the mark is still found (p <= 1e-6) and that the same attack on an unmarked model
 is not mistaken for a mark."""
 
 from __future__ import annotations
@@ -163,12 +163,15 @@ def test_one_epoch_of_finetuning_then_requantization(owner):
             assert r.detected and r.z > 10, (opt, r.z)
 
 
-@torch.no_grad()
 def _rescale(h, module, seed: int) -> torch.nn.Module:
-    """A function-preserving reparametrization of the dequantized digits CNN: every conv channel scaled by a random
-    signed factor (exp(N(0,1)), either sign) and its BatchNorm statistics and sign compensated; every hidden unit of
-    the first Linear scaled by a positive factor and the next Linear's input column divided by it (ReLU)."""
-    f = dequantized_float(h.module, module)
+    return _rescale_module(dequantized_float(h.module, module), seed)
+
+
+@torch.no_grad()
+def _rescale_module(f: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A function-preserving reparametrization of a float digits CNN, in place: every conv channel scaled by a
+    random signed factor (exp(N(0,1)), either sign) and its BatchNorm statistics and sign compensated; every hidden
+    unit of the first Linear scaled by a positive factor and the next Linear's input column divided by it (ReLU)."""
     g = torch.Generator().manual_seed(seed)
     for conv, bn in ((f.features[0], f.features[1]), (f.features[3], f.features[4])):
         n = conv.out_channels
@@ -200,3 +203,43 @@ def test_channel_scale_and_sign_changes_are_undone(owner):
     assert r.layers["features.0"]["align"]["negative_rows"] > 0  # the signs were found and undone
     # without the alignment the same model reads as unmarked: the defence is what keeps the mark
     assert not verify_watermark(f, key(0), reference=marked, float_model=h.module, align=False).detected
+
+
+@torch.no_grad()
+def _permute(h, module, seed: int) -> torch.nn.Module:
+    """Another function-preserving reparametrization: permute the hidden units of every layer (conv channels with
+    their BatchNorm and the next layer's input channels, the first Linear's units and the last Linear's inputs),
+    then rescale them as in _rescale."""
+    f = dequantized_float(h.module, module)
+    g = torch.Generator().manual_seed(seed)
+    (c1, b1, c2, b2), (l1, l2) = (f.features[i] for i in (0, 1, 3, 4)), (f.classifier[1], f.classifier[3])
+    p = torch.randperm(16, generator=g)
+    for t in (c1.weight, c1.bias, b1.weight, b1.bias, b1.running_mean, b1.running_var):
+        t.copy_(t[p])
+    c2.weight.copy_(c2.weight[:, p])
+    q = torch.randperm(32, generator=g)
+    for t in (c2.weight, c2.bias, b2.weight, b2.bias, b2.running_mean, b2.running_var):
+        t.copy_(t[q])
+    l1.weight.copy_(l1.weight[:, (q[:, None] * 16 + torch.arange(16)).reshape(-1)])  # flattened 32 x 4 x 4
+    r = torch.randperm(64, generator=g)
+    l1.weight.copy_(l1.weight[r])
+    l1.bias.copy_(l1.bias[r])
+    l2.weight.copy_(l2.weight[:, r])
+    return f
+
+
+def test_permuted_and_rescaled_hidden_units_are_matched_back(owner):
+    h, d, models = owner
+    for preset, (unmarked, marked) in models.items():
+        base = dequantized_float(h.module, marked)
+        for rescale in (False, True):
+            f = _permute(h, marked, seed=1)
+            control = _permute(h, unmarked, seed=1)
+            if rescale:
+                f, control = _rescale_module(f, seed=2), _rescale_module(control, seed=2)
+            with torch.no_grad():
+                assert torch.equal(f(d["test_x"]).argmax(1), base(d["test_x"]).argmax(1))
+            r = check(f, control, marked, h)
+            assert r.detected and r.z > 20, (preset, rescale, r.z)
+            assert r.layers["classifier.1"]["align"]["rows_moved"] > 50
+            assert not verify_watermark(f, key(0), reference=marked, float_model=h.module, align=False).detected
