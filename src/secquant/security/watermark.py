@@ -24,7 +24,8 @@ grid, fine-tuning) only adds to sum(a^2); the signal grows like tau * N and the 
 z ~ tau * sqrt(N / (1/12 + noise variance in steps^2)). Reparametrizations that leave the function unchanged are
 undone before scoring, against the float weights: permutations of hidden units (layers up to MAX_MATCH units a side)
 and per-row and per-column signed scales (which ReLU and BatchNorm allow). Not handled: distillation into another
-model, permutations in layers wider than MAX_MATCH (e.g. embedding tables: their rows are too many to match), and noise large enough to cost the accuracy the owner cares about (the bench measures where).
+model, permutations in layers wider than MAX_MATCH (e.g. embedding tables: too many rows to match), and noise
+large enough to cost the accuracy the owner cares about (the bench measures where that is).
 """
 
 from __future__ import annotations
