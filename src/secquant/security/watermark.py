@@ -292,9 +292,9 @@ def tail_bound(z: float) -> tuple[float, float]:
 
 
 def _balanced(w: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """w^2 scaled to unit row and column sums (Sinkhorn): the same matrix whatever signed scales multiply its rows
+    """|w| scaled to unit row and column sums (Sinkhorn): the same matrix whatever signed scales multiply its rows
     and columns, and permuting w permutes it alike, so it lets units be matched before their scales are known."""
-    b = w * w + 1e-30
+    b = w.abs() + 1e-30
     for _ in range(iters):
         b = b / b.sum(1, keepdim=True)
         b = b / b.sum(0, keepdim=True)
@@ -310,12 +310,6 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x @ y.T
 
 
-def _in_place(bs: torch.Tensor, bf: torch.Tensor) -> bool:
-    """Whether the suspect's rows line up with the float model's: median same-index correlation > 1/2."""
-    return float(torch.nn.functional.cosine_similarity(bs - bs.mean(1, keepdim=True),
-                                                       bf - bf.mean(1, keepdim=True), dim=1).median()) > 0.5
-
-
 def _assign(cost: torch.Tensor) -> torch.Tensor:
     """perm with suspect index perm[j] matched to float index j, minimizing the total cost[j, i] (Hungarian)."""
     from scipy.optimize import linear_sum_assignment
@@ -324,47 +318,33 @@ def _assign(cost: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.int64)
 
 
-def _unpermute(ws: torch.Tensor, wf: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
-    """Undo a permutation of hidden units, rows then columns, when the suspect's do not line up with the float
-    model's. On the balanced squares (blind to signed scales), rows are matched by their sorted entries (blind to
-    column order too), then columns by correlation. Only when a cheap check fails, and up to MAX_MATCH units a
-    side; like the scale fit it sees the suspect and the float weights only, never the key."""
-    moved = {"rows_moved": 0, "cols_moved": 0}
+def _match_units(ws: torch.Tensor, wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column permutations that line the suspect's hidden units up with the float model's. On the balanced
+    |w| (blind to signed scales) rows are first matched by their sorted entries (blind to column order too), then
+    columns and rows alternately by correlation; of two starts (rows as they are, rows by sorted entries) the one
+    closer to the float weights wins."""
     rows, cols = ws.shape
-    if max(rows, cols) > MAX_MATCH:
-        return ws, moved
     bs, bf = _balanced(ws), _balanced(wf)
-    ident_r, ident_c = torch.arange(rows), torch.arange(cols)
-    if _in_place(bs, bf) and _in_place(bs.T, bf.T):
-        return ws, moved
     best = None
-    # Two starts for the rows: as they are, and matched by their sorted entries (which a column permutation leaves
-    # alone); then alternate columns and rows by correlation, and keep the closer fit to the float weights.
-    for perm_r in (ident_r, _assign(torch.cdist(bf.sort(dim=1).values * cols, bs.sort(dim=1).values * cols))):
+    for perm_r in (torch.arange(rows), _assign(torch.cdist(bf.sort(dim=1).values * cols, bs.sort(dim=1).values * cols))):
         for _ in range(3):
             perm_c = _assign(1.0 - _corr(bf.T, bs[perm_r].T))
             perm_r = _assign(1.0 - _corr(bf, bs[:, perm_c]))
         fit = float(_corr(bf.reshape(1, -1), bs[perm_r][:, perm_c].reshape(1, -1)))
         if best is None or fit > best[0]:
             best = (fit, perm_r, perm_c)
-    _, perm_r, perm_c = best
-    moved["rows_moved"] = int((perm_r != ident_r).sum())
-    moved["cols_moved"] = int((perm_c != ident_c).sum())
-    return ws[perm_r][:, perm_c], moved
+    return best[1], best[2]
 
 
-def _align(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Undo a permutation of hidden units (see _unpermute), then per-row and per-column signed scale changes: fit
-    ws ~ diag(r) wf diag(c) by alternating least squares and return ws / (r c^T). The fit sees only the suspect and
-    the float weights, never the key, so the bound stays valid; the mark (a small residual) keeps almost all its
-    energy (rows + cols fitted values against rows * cols elements)."""
-    ws, moved = _unpermute(ws, wf)
+def _scale_fit(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ws / (r c^T), r, c): per-row and per-column signed scales fitted by alternating least squares, ws ~
+    diag(r) wf diag(c)."""
     r = torch.ones(ws.shape[0], dtype=ws.dtype)
     c = torch.ones(ws.shape[1], dtype=ws.dtype)
 
     def fit(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         out = num / den.clamp(min=1e-300)
-        out = torch.where(den > 1e-30, out, torch.ones_like(out))  # a zero float row/column: nothing to fit
+        out = torch.where(den > 1e-12 * den.max(), out, torch.ones_like(out))  # a ~zero float row/column: no fit
         mag = out.abs().clamp(min=1e-3 * float(out.abs().median()) + 1e-30)  # a zeroed row must not divide by 0
         return torch.where(out < 0, -mag, mag)
 
@@ -373,10 +353,45 @@ def _align(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Te
         r = fit((ws * x).sum(1), (x * x).sum(1))
         y = wf * r[:, None]
         c = fit((ws * y).sum(0), (y * y).sum(0))
-    scale = r[:, None] * c[None, :]
-    info = {**moved, "row_scale": [float(r.abs().min()), float(r.abs().max())],
+    return ws / (r[:, None] * c[None, :]), r, c
+
+
+def _noise_scales(m: QuantizedWeightMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per row, per column) factors that make the owner's rounding noise the same size everywhere in float space:
+    a code step moves float element (i, j) by about step_i / s_j, where s_j is the norm of row j of T (T = smoothing
+    times an orthogonal rotation: T T^T = diag(s^2)). In float space SmoothQuant-style scales make that up to 1000x
+    larger on some input channels (those the activations barely use), which would swamp an unweighted fit."""
+    hr = _step(m).pow(-2).mean(1).sqrt()
+    hc = m.weight_space(torch.eye(m.cols, dtype=torch.float64)).norm(dim=1)
+    return hr, hc
+
+
+def _align(ws: torch.Tensor, wf: torch.Tensor, hr: torch.Tensor, hc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Undo reparametrizations that keep the function: per-row and per-column signed scales (_scale_fit) and, when
+    the scaled weights still correlate less than 1/2 with the float ones (a quantized copy: > 0.9), a permutation of
+    hidden units (_match_units; layers up to MAX_MATCH units a side). Fits run on weights rescaled by the noise
+    scales (hr, hc), where rounding noise is even. It sees only the suspect and the float weights (and the owner's
+    grid), never the key, so the bound stays valid; the mark, a small residual, keeps almost all its energy."""
+    rows, cols = ws.shape
+    w_h = hr[:, None] * hc[None, :]
+    fh = wf * w_h
+
+    def fitted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        out, r, c = _scale_fit(x * w_h, fh)
+        return out, r, c, float(_corr(out.reshape(1, -1), fh.reshape(1, -1)))
+
+    out, r, c, fit = fitted(ws)
+    moved = {"rows_moved": 0, "cols_moved": 0}
+    if fit <= 0.5 and max(rows, cols) <= MAX_MATCH:
+        perm_r, perm_c = _match_units(ws, wf)
+        cand = fitted(ws[perm_r][:, perm_c])
+        if cand[3] > fit:
+            out, r, c, fit = cand
+            moved = {"rows_moved": int((perm_r != torch.arange(rows)).sum()),
+                     "cols_moved": int((perm_c != torch.arange(cols)).sum())}
+    info = {**moved, "fit": fit, "row_scale": [float(r.abs().min()), float(r.abs().max())],
             "negative_rows": int((r < 0).sum()), "negative_cols": int((c < 0).sum())}
-    return ws / scale, info
+    return out / w_h, info
 
 
 @dataclass
@@ -490,11 +505,12 @@ def collect_evidence(model: Any, *, reference: Any = None, float_model: Any = No
             continue
         entry: dict[str, Any] = {"n": m.rows * m.cols}
         if align:
-            ws, entry["align"] = _align(ws, wf)
+            ws, entry["align"] = _align(ws, wf, *_noise_scales(m))
         d = m.weight_space(ws - wf) / _step(m)  # u_suspect - u_float in steps (T is linear)
         var = (d * d).mean(1, keepdim=True)
         a = d / var.clamp(min=MIN_ROW_VARIANCE)
         entry["noise_rms_steps"] = float(var.mean().sqrt())
+        entry["noise_row_median_steps"] = float(var.sqrt().median())
         out[name] = a.reshape(-1)
         info[name] = entry
     if not out:
