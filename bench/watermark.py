@@ -237,7 +237,8 @@ class MiniLM:
     @torch.no_grad()
     def metric(self, module: torch.nn.Module) -> float:
         module.eval()
-        cos = [torch.nn.functional.cosine_similarity(self.h.run(module, b), r, dim=-1) for b, r in zip(self.batches, self.ref)]
+        cos = [torch.nn.functional.cosine_similarity(self.h.run(module, b), r, dim=-1)
+               for b, r in zip(self.batches, self.ref)]
         return float(torch.cat(cos).mean())
 
 
@@ -322,7 +323,8 @@ def bench_digits(n_keys: int, null_keys: range) -> list[dict]:
             out.append(attack_row("digits", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), gauss(h, u, sigma, 7),
                                   m, env, base))
         for target in DIGITS_REQUANT:
-            out.append(attack_row("digits", preset, f"requant {target}", requant(h, dequantized_float(h.module, m), target),
+            out.append(attack_row("digits", preset, f"requant {target}",
+                                  requant(h, dequantized_float(h.module, m), target),
                                   requant(h, dequantized_float(h.module, u), target), m, env, base))
         for opt, lr in (("sgd", 1e-2), ("adam", 1e-3)):
             ft = finetune_digits(dequantized_float(h.module, m), opt, lr)
@@ -330,7 +332,8 @@ def bench_digits(n_keys: int, null_keys: range) -> list[dict]:
             out.append(attack_row("digits", preset, f"finetune {opt} {lr:g}", ft, ftu, m, env, base))
             out.append(attack_row("digits", preset, f"finetune {opt} {lr:g} + requant", requant(h, ft, preset),
                                   requant(h, ftu, preset), m, env, base))
-        out.append(attack_row("digits", preset, "reparametrize", reparametrize_digits(dequantized_float(h.module, m), 3),
+        out.append(attack_row("digits", preset, "reparametrize",
+                              reparametrize_digits(dequantized_float(h.module, m), 3),
                               reparametrize_digits(dequantized_float(h.module, u), 3), m, env, base))
     log(f"digits: {len(null_keys)} null keys")
     pairs = {(r, s): collect_evidence(unmarked[s], reference=marked[r], float_model=h.module)
@@ -375,7 +378,8 @@ def bench_minilm(null_keys: range) -> list[dict]:
         for sigma in SIGMAS["minilm"]:
             out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), None, m, env, base))
         for target in targets:
-            out.append(attack_row("minilm", preset, f"requant {target}", requant(h, dequantized_float(h.module, m), target),
+            out.append(attack_row("minilm", preset, f"requant {target}",
+                                  requant(h, dequantized_float(h.module, m), target),
                                   None, m, env, base))
         for lr in (2e-5, 1e-4):
             ft = finetune_minilm(h, dequantized_float(h.module, m), lr)
@@ -461,7 +465,8 @@ def write_md(rows: list[dict], cmd: str, header: list[str]) -> str:
               "| model | pairs | keys | tests | detected (p <= 1e-6) | max z | smallest p | share p <= 0.01 | "
               "share p <= 0.1 | z mean / sd |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in nulls:
-            L.append(f"| {r['model']} | {r['pairs']} | {r['keys']} | {r['tests']} | {r['detected']} | {r['max_z']:.2f} | "
+            L.append(f"| {r['model']} | {r['pairs']} | {r['keys']} | {r['tests']} | {r['detected']} | "
+                     f"{r['max_z']:.2f} | "
                      f"{r['min_p']:.3g} | {r['share_p_le_0.01']:.4f} | {r['share_p_le_0.1']:.4f} | "
                      f"{r['mean_z']:+.3f} / {r['sd_z']:.3f} |")
     L += ["", "### How to read this", "",

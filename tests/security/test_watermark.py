@@ -1,5 +1,6 @@
 """Keyed spread-spectrum watermark: the bound, the calibrated null, embedding, fidelity, artifact and CLI round
-trips. The attacks (noise, re-quantization, fine-tuning, channel rescaling) are in adversarial/test_watermark_attacks.py."""
+trips. The attacks (noise, re-quantization, fine-tuning, channel rescaling and permutation) are in
+adversarial/test_watermark_attacks.py."""
 
 from __future__ import annotations
 

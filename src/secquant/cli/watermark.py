@@ -90,7 +90,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
     @wm.command("verify")
     @user_errors
     def verify(
-        model: Path = typer.Argument(..., help="artifact directory, or a sealed file (with --identity and --verify-key)"),
+        model: Path = typer.Argument(..., help="artifact directory, or a sealed file (with --identity and "
+                                               "--verify-key)"),
         key: Path = typer.Option(..., "--key", "-k", help="watermark key file"),
         threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="detect when the false-positive bound "
                                                                                "(p-value) is at most this"),

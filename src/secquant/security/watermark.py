@@ -22,9 +22,9 @@ Rademacher signs, and P(z >= x) <= min(exp(-x^2 / 2) [Hoeffding], c * P(N(0,1) >
 Why an attack without the key fails: noise independent of k (+-1 on codes, Gaussian noise, re-rounding onto another
 grid, fine-tuning) only adds to sum(a^2); the signal grows like tau * N and the noise like sqrt(N), so
 z ~ tau * sqrt(N / (1/12 + noise variance in steps^2)). Reparametrizations that leave the function unchanged are
-undone before scoring, against the float weights: permutations of hidden units (layers up to MAX_MATCH units a side)
+undone before scoring, against the float weights: permutations of hidden units (layers up to 4,096 units a side)
 and per-row and per-column signed scales (which ReLU and BatchNorm allow). Not handled: distillation into another
-model, permutations in layers wider than MAX_MATCH (e.g. embedding tables: too many rows to match), and noise
+model, permutations in wider layers (e.g. embedding tables: too many rows to match), and noise
 large enough to cost the accuracy the owner cares about (the bench measures where that is).
 """
 
@@ -49,6 +49,7 @@ from ..errors import SecquantError
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import dequantize, qrange
 from .keys import _write_new
+from .watermark_align import align_units
 from .watermark_params import DEFAULT_MAX_TAU, DEFAULT_STRENGTH, DEFAULT_THRESHOLD, MAX_TAU
 
 SCHEME = "secquant.watermark.spread.v2"
@@ -61,7 +62,6 @@ MIN_ROW_VARIANCE = 1.0 / 12.0  # rounding noise of one step: the floor of the pe
 # Bentkus-Dzindzalieta (Bernoulli 21(2), 2015): P(sum a_i k_i >= x) <= c P(N(0,1) >= x) for sum a_i^2 <= 1, with
 # the optimal c = 1 / (4 P(N(0,1) >= sqrt 2)) = 3.178655...; rounded up here.
 BD_CONSTANT = 3.17866
-MAX_MATCH = 4096  # hidden units matched by assignment at most (an n x n cost matrix, O(n^3) Hungarian)
 
 
 class WatermarkError(SecquantError):
@@ -178,21 +178,6 @@ def _code_position(m: QuantizedWeightMixin, w: torch.Tensor) -> torch.Tensor:
     return m.weight_space(w.double()) / _step(m) + zp
 
 
-def _granule_index(m: QuantizedWeightMixin) -> torch.Tensor:
-    """The index of the qparam granule (tensor, channel or group) of each element, [rows, cols]."""
-    a = m.weight_args
-    rows, cols = torch.arange(m.rows)[:, None], torch.arange(m.cols)[None, :]
-    if a.granularity == "tensor":
-        return torch.zeros(m.rows, m.cols, dtype=torch.int64)
-    if a.granularity == "channel":
-        return (rows if a.axis in (0, -2) else cols).expand(m.rows, m.cols).clone()
-    ngroups = math.ceil(m.cols / a.group_size)
-    return rows * ngroups + cols // a.group_size
-
-
-# ------------------------------------------------------------------------------------------- embedding
-
-
 def _store_codes(m: QuantizedWeightMixin, codes: torch.Tensor) -> None:
     """Write unsigned codes back through the layer's own setter (which drops any dequantized cache)."""
     qmin, _ = qrange(m.weight_args.bits, m.weight_args.is_signed)
@@ -291,71 +276,6 @@ def tail_bound(z: float) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------- evidence
 
 
-def _balanced(w: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """|w| scaled to unit row and column sums (Sinkhorn): the same matrix whatever signed scales multiply its rows
-    and columns, and permuting w permutes it alike, so it lets units be matched before their scales are known."""
-    b = w.abs() + 1e-30
-    for _ in range(iters):
-        b = b / b.sum(1, keepdim=True)
-        b = b / b.sum(0, keepdim=True)
-    return b
-
-
-def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of every row of x with every row of y, [len(x), len(y)]."""
-    x = x - x.mean(1, keepdim=True)
-    y = y - y.mean(1, keepdim=True)
-    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    y = y / y.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    return x @ y.T
-
-
-def _assign(cost: torch.Tensor) -> torch.Tensor:
-    """perm with suspect index perm[j] matched to float index j, minimizing the total cost[j, i] (Hungarian)."""
-    from scipy.optimize import linear_sum_assignment
-
-    _, cols = linear_sum_assignment(cost.numpy())
-    return torch.as_tensor(cols, dtype=torch.int64)
-
-
-def _match_units(ws: torch.Tensor, wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column permutations that line the suspect's hidden units up with the float model's. On the balanced
-    |w| (blind to signed scales) rows are first matched by their sorted entries (blind to column order too), then
-    columns and rows alternately by correlation; of two starts (rows as they are, rows by sorted entries) the one
-    closer to the float weights wins."""
-    rows, cols = ws.shape
-    bs, bf = _balanced(ws), _balanced(wf)
-    best = None
-    for perm_r in (torch.arange(rows), _assign(torch.cdist(bf.sort(dim=1).values * cols, bs.sort(dim=1).values * cols))):
-        for _ in range(3):
-            perm_c = _assign(1.0 - _corr(bf.T, bs[perm_r].T))
-            perm_r = _assign(1.0 - _corr(bf, bs[:, perm_c]))
-        fit = float(_corr(bf.reshape(1, -1), bs[perm_r][:, perm_c].reshape(1, -1)))
-        if best is None or fit > best[0]:
-            best = (fit, perm_r, perm_c)
-    return best[1], best[2]
-
-
-def _scale_fit(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ws / (r c^T), r, c): per-row and per-column signed scales fitted by alternating least squares, ws ~
-    diag(r) wf diag(c)."""
-    r = torch.ones(ws.shape[0], dtype=ws.dtype)
-    c = torch.ones(ws.shape[1], dtype=ws.dtype)
-
-    def fit(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        out = num / den.clamp(min=1e-300)
-        out = torch.where(den > 1e-12 * den.max(), out, torch.ones_like(out))  # a ~zero float row/column: no fit
-        mag = out.abs().clamp(min=1e-3 * float(out.abs().median()) + 1e-30)  # a zeroed row must not divide by 0
-        return torch.where(out < 0, -mag, mag)
-
-    for _ in range(iters):
-        x = wf * c
-        r = fit((ws * x).sum(1), (x * x).sum(1))
-        y = wf * r[:, None]
-        c = fit((ws * y).sum(0), (y * y).sum(0))
-    return ws / (r[:, None] * c[None, :]), r, c
-
-
 def _noise_scales(m: QuantizedWeightMixin) -> tuple[torch.Tensor, torch.Tensor]:
     """(per row, per column) factors that make the owner's rounding noise the same size everywhere in float space:
     a code step moves float element (i, j) by about step_i / s_j, where s_j is the norm of row j of T (T = smoothing
@@ -364,34 +284,6 @@ def _noise_scales(m: QuantizedWeightMixin) -> tuple[torch.Tensor, torch.Tensor]:
     hr = _step(m).pow(-2).mean(1).sqrt()
     hc = m.weight_space(torch.eye(m.cols, dtype=torch.float64)).norm(dim=1)
     return hr, hc
-
-
-def _align(ws: torch.Tensor, wf: torch.Tensor, hr: torch.Tensor, hc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Undo reparametrizations that keep the function: per-row and per-column signed scales (_scale_fit) and, when
-    the scaled weights still correlate less than 1/2 with the float ones (a quantized copy: > 0.9), a permutation of
-    hidden units (_match_units; layers up to MAX_MATCH units a side). Fits run on weights rescaled by the noise
-    scales (hr, hc), where rounding noise is even. It sees only the suspect and the float weights (and the owner's
-    grid), never the key, so the bound stays valid; the mark, a small residual, keeps almost all its energy."""
-    rows, cols = ws.shape
-    w_h = hr[:, None] * hc[None, :]
-    fh = wf * w_h
-
-    def fitted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        out, r, c = _scale_fit(x * w_h, fh)
-        return out, r, c, float(_corr(out.reshape(1, -1), fh.reshape(1, -1)))
-
-    out, r, c, fit = fitted(ws)
-    moved = {"rows_moved": 0, "cols_moved": 0}
-    if fit <= 0.5 and max(rows, cols) <= MAX_MATCH:
-        perm_r, perm_c = _match_units(ws, wf)
-        cand = fitted(ws[perm_r][:, perm_c])
-        if cand[3] > fit:
-            out, r, c, fit = cand
-            moved = {"rows_moved": int((perm_r != torch.arange(rows)).sum()),
-                     "cols_moved": int((perm_c != torch.arange(cols)).sum())}
-    info = {**moved, "fit": fit, "row_scale": [float(r.abs().min()), float(r.abs().max())],
-            "negative_rows": int((r < 0).sum()), "negative_cols": int((c < 0).sum())}
-    return out / w_h, info
 
 
 @dataclass
@@ -412,7 +304,8 @@ def _resolve(model: Any) -> tuple[nn.Module, Any, nn.Module | None]:
     if isinstance(module, nn.Module):
         handle = getattr(model, "handle", None)
         src = getattr(handle, "module", None)
-        return module, getattr(model, "manifest", None), src if isinstance(src, nn.Module) and src is not module else None
+        src = src if isinstance(src, nn.Module) and src is not module else None
+        return module, getattr(model, "manifest", None), src
     if isinstance(model, nn.Module):
         return model, None, None
     from ..artifact.store import load_artifact
@@ -505,7 +398,7 @@ def collect_evidence(model: Any, *, reference: Any = None, float_model: Any = No
             continue
         entry: dict[str, Any] = {"n": m.rows * m.cols}
         if align:
-            ws, entry["align"] = _align(ws, wf, *_noise_scales(m))
+            ws, entry["align"] = align_units(ws, wf, *_noise_scales(m))
         d = m.weight_space(ws - wf) / _step(m)  # u_suspect - u_float in steps (T is linear)
         var = (d * d).mean(1, keepdim=True)
         a = d / var.clamp(min=MIN_ROW_VARIANCE)
@@ -548,7 +441,8 @@ def _check_threshold(threshold: float) -> None:
         raise WatermarkError(f"threshold must be a probability in (0, 0.5), got {threshold}")
 
 
-def score(evidence: Evidence, key: WatermarkKey | bytes | str | Path, threshold: float = DEFAULT_THRESHOLD) -> VerifyReport:
+def score(evidence: Evidence, key: WatermarkKey | bytes | str | Path,
+          threshold: float = DEFAULT_THRESHOLD) -> VerifyReport:
     """Test the evidence for one key's signs."""
     k = as_key(key)
     _check_threshold(threshold)

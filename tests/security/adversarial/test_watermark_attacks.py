@@ -1,7 +1,7 @@
 """Attacks on the watermark by someone holding the marked model but not the key: noise on the codes, Gaussian
 noise on the weights, re-quantization with another preset, one epoch of fine-tuning, and function-preserving
-channel rescaling and permutation of hidden units. Each asserts the mark is still found (p <= 1e-6) and that the same attack on an unmarked model
-is not mistaken for a mark."""
+channel rescaling and permutation of hidden units. Each asserts the mark is still found (p <= 1e-6) and that the same
+attack on an unmarked model is not mistaken for a mark."""
 
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def test_one_epoch_of_finetuning_then_requantization(owner):
     unmarked, marked = models["w4a8-dynamic"]
     for opt, lr in (("sgd", 1e-2), ("adam", 1e-3)):
         ft = _finetune(dequantized_float(h.module, marked), d, opt, lr)
-        moved = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(ft.parameters(), h.module.parameters()))
+        moved = max(float((a.detach() - b.detach()).abs().max())
+                    for a, b in zip(ft.parameters(), h.module.parameters()))
         assert moved > 1e-3  # it really trained
         again = _requant(h, ft, "w4a8-dynamic")
         clean = _requant(h, _finetune(dequantized_float(h.module, unmarked), d, opt, lr), "w4a8-dynamic")
