@@ -15,12 +15,13 @@ builtin:digits (held-out accuracy, 899 digits), every integer preset:
     model (control): +-1 on 25/50/100% of the codes; Gaussian noise of sigma x each layer's weight RMS on the
     dequantized weights; re-quantizing the dequantized weights with every preset; one epoch of fine-tuning (SGD lr
     1e-2 momentum 0.9, Adam lr 1e-3, batch 64) of the dequantized float model, and that re-quantized with the same
-    preset; a function-preserving reparametrization (hidden units permuted, signed channel scales);
+    preset; magnitude pruning of 20/50% of each layer's weights; a function-preserving reparametrization (hidden
+    units permuted, signed channel scales);
   * false positives: `--null-keys` keys (not key 0) against, for each reference (the owner's marked model of a
     preset), the unmarked quantizations with every preset and the marked model itself.
 builtin:minilm (mean cosine to fp32 over the 256 built-in evaluation sentences): fidelity for w8a16, w8a8,
-w8a8-dynamic, w4a16; attacks on w8a8 and w4a16 (+-1 codes, Gaussian noise, re-quantization with two other presets,
-one epoch of unsupervised SimCSE fine-tuning on the 256 calibration sentences with AdamW lr 2e-5 and 1e-4, a
+w8a8-dynamic, w4a16; attacks on w8a8 and w4a16 (+-1 codes, Gaussian noise, pruning, re-quantization with two other
+presets, one epoch of unsupervised SimCSE fine-tuning on the 256 calibration sentences with AdamW lr 2e-5 and 1e-4, a
 permutation of every feed-forward layer's 1536 units); false positives as for digits (unmarked same preset, unmarked
 other preset, marked model).
 """
@@ -108,6 +109,18 @@ def gauss(h: ModelHandle, module: torch.nn.Module, sigma: float, seed: int) -> t
     for name in int_layers(module):
         w = f.get_submodule(name).weight
         w.add_(sigma * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g))
+    return f
+
+
+@torch.no_grad()
+def prune(h: ModelHandle, module: torch.nn.Module, fraction: float) -> torch.nn.Module:
+    """The dequantized float model with the `fraction` smallest-magnitude weights of every quantized layer zeroed."""
+    f = dequantized_float(h.module, module)
+    for name in int_layers(module):
+        w = f.get_submodule(name).weight
+        k = max(1, int(fraction * w.numel()))
+        cut = w.abs().reshape(-1).kthvalue(k).values
+        w.masked_fill_(w.abs() <= cut, 0.0)
     return f
 
 
@@ -322,6 +335,9 @@ def bench_digits(n_keys: int, null_keys: range) -> list[dict]:
         for sigma in SIGMAS["digits"]:
             out.append(attack_row("digits", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), gauss(h, u, sigma, 7),
                                   m, env, base))
+        for frac in (0.2, 0.5):
+            out.append(attack_row("digits", preset, f"prune {frac:.0%}", prune(h, m, frac), prune(h, u, frac), m, env,
+                                  base))
         for target in DIGITS_REQUANT:
             out.append(attack_row("digits", preset, f"requant {target}",
                                   requant(h, dequantized_float(h.module, m), target),
@@ -377,6 +393,8 @@ def bench_minilm(null_keys: range) -> list[dict]:
             out.append(attack_row("minilm", preset, f"pm1 {frac:.0%}", pm1(m, frac, 7), None, m, env, base))
         for sigma in SIGMAS["minilm"]:
             out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), None, m, env, base))
+        for frac in (0.2, 0.5):
+            out.append(attack_row("minilm", preset, f"prune {frac:.0%}", prune(h, m, frac), None, m, env, base))
         for target in targets:
             out.append(attack_row("minilm", preset, f"requant {target}",
                                   requant(h, dequantized_float(h.module, m), target),

@@ -59,6 +59,7 @@ OLD_SCHEMES = ("secquant.watermark.parity.v1",)
 KEY_LABEL = b"secquant.watermark.parity.v1"
 MIN_KEY_BYTES = 32
 MIN_ROW_VARIANCE = 1.0 / 12.0  # rounding noise of one step: the floor of the per-row noise estimate
+CLIP_SD = 4.0  # residuals beyond this many robust standard deviations of their row are clipped
 # Bentkus-Dzindzalieta (Bernoulli 21(2), 2015): P(sum a_i k_i >= x) <= c P(N(0,1) >= x) for sum a_i^2 <= 1, with
 # the optimal c = 1 / (4 P(N(0,1) >= sqrt 2)) = 3.178655...; rounded up here.
 BD_CONSTANT = 3.17866
@@ -365,6 +366,18 @@ def _check_scheme(manifest: Any) -> None:
             f"watermark embed` ({SCHEME}), or pass the owner's current marked artifact with --reference")
 
 
+def _weighted(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, per-row noise sd): residuals d [rows, cols] clipped at CLIP_SD robust standard deviations of their row
+    (median absolute deviation), then divided by the row's variance of the clipped values, floored at one step's
+    rounding noise (inverse-variance weights: rows the attack made noisier count less). The clipping keeps a few
+    planted huge values, where they cost nothing, from silencing a row. A function of d only: the bound holds."""
+    dev = (d - d.median(1, keepdim=True).values).abs()
+    lim = CLIP_SD * 1.4826 * dev.median(1, keepdim=True).values.clamp(min=math.sqrt(MIN_ROW_VARIANCE) / 1.4826)
+    d = torch.maximum(torch.minimum(d, lim), -lim)
+    var = d.pow(2).mean(1, keepdim=True).clamp(min=MIN_ROW_VARIANCE)
+    return d / var, var.sqrt().reshape(-1)
+
+
 @torch.no_grad()
 def collect_evidence(model: Any, *, reference: Any = None, float_model: Any = None, align: bool = True) -> Evidence:
     """The suspect's residuals against the owner's float weights, on the owner's grid, weighted per row.
@@ -396,14 +409,15 @@ def collect_evidence(model: Any, *, reference: Any = None, float_model: Any = No
         except WatermarkError:
             skipped.append(name)
             continue
-        entry: dict[str, Any] = {"n": m.rows * m.cols}
+        finite = torch.isfinite(ws)
+        entry: dict[str, Any] = {"n": m.rows * m.cols, "not_finite": int((~finite).sum())}
+        ws = torch.where(finite, ws, wf)  # NaN or inf carries no evidence: read it as the float weight (d = 0)
         if align:
             ws, entry["align"] = align_units(ws, wf, *_noise_scales(m))
         d = m.weight_space(ws - wf) / _step(m)  # u_suspect - u_float in steps (T is linear)
-        var = (d * d).mean(1, keepdim=True)
-        a = d / var.clamp(min=MIN_ROW_VARIANCE)
-        entry["noise_rms_steps"] = float(var.mean().sqrt())
-        entry["noise_row_median_steps"] = float(var.sqrt().median())
+        a, sd = _weighted(d)
+        entry["noise_rms_steps"] = float(d.pow(2).mean().sqrt())
+        entry["noise_row_median_steps"] = float(sd.median())
         out[name] = a.reshape(-1)
         info[name] = entry
     if not out:

@@ -19,7 +19,8 @@ MAX_MATCH = 4096  # hidden units matched by assignment at most (an n x n cost ma
 def _balanced(w: torch.Tensor, iters: int = 30) -> torch.Tensor:
     """|w| with its rows and columns alternately normalized (Sinkhorn): the same matrix whatever signed scales
     multiply its rows and columns, and permuting w permutes it alike, so units can be matched before scales."""
-    b = w.abs() + 1e-30
+    b = w.abs()
+    b = b.clamp(max=100.0 * float(_median(b))) + 1e-30  # a planted huge entry would own its row and column
     for _ in range(iters):
         b = b / b.sum(1, keepdim=True)
         b = b / b.sum(0, keepdim=True)
@@ -64,7 +65,8 @@ def _match_units(ws: torch.Tensor, wf: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _scale_fit(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ws / (r c^T), r, c): per-row and per-column signed scales fitted by alternating least squares, ws ~
-    diag(r) wf diag(c)."""
+    diag(r) wf diag(c), with Huber weights (entries whose residual exceeds 3 robust sigmas count less), so that a few
+    planted huge values, where they cost the attacker nothing, cannot drag a whole row's or column's scale."""
     r = torch.ones(ws.shape[0], dtype=ws.dtype)
     c = torch.ones(ws.shape[1], dtype=ws.dtype)
 
@@ -75,18 +77,33 @@ def _scale_fit(ws: torch.Tensor, wf: torch.Tensor, iters: int = 4) -> tuple[torc
         return torch.where(out < 0, -mag, mag)
 
     for _ in range(iters):
+        resid = (ws - r[:, None] * wf * c[None, :]).abs()
+        sigma = 1.4826 * float(_median(resid)) + 1e-30
+        w = (3.0 * sigma / resid.clamp(min=1e-300)).clamp(max=1.0)
         x = wf * c
-        r = fit((ws * x).sum(1), (x * x).sum(1))
+        r = fit((w * ws * x).sum(1), (w * x * x).sum(1))
         y = wf * r[:, None]
-        c = fit((ws * y).sum(0), (y * y).sum(0))
+        c = fit((w * ws * y).sum(0), (w * y * y).sum(0))
     return ws / (r[:, None] * c[None, :]), r, c
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """The median of all entries (torch.median on a flat view; quantile() refuses large tensors)."""
+    return x.reshape(-1).median()
+
+
+def _rank_corr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman correlation of all entries: a few planted outliers cannot move it the way they move Pearson's."""
+    rx = torch.empty_like(x.reshape(-1)).scatter_(0, x.reshape(-1).argsort(), torch.arange(x.numel(), dtype=x.dtype))
+    ry = torch.empty_like(y.reshape(-1)).scatter_(0, y.reshape(-1).argsort(), torch.arange(y.numel(), dtype=y.dtype))
+    return float(_corr(rx[None, :], ry[None, :]))
 
 
 def align_units(ws: torch.Tensor, wf: torch.Tensor, hr: torch.Tensor,
                 hc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     """The suspect's weights ws [rows, cols] with reparametrizations that keep the function undone, and what was
-    undone: per-row and per-column signed scales (_scale_fit) and, when the scaled weights still correlate less than
-    1/2 with the float ones wf (a quantized copy: > 0.9), a permutation of hidden units (_match_units; layers up to
+    undone: per-row and per-column signed scales (_scale_fit) and, when the scaled weights' ranks still correlate less
+    than 1/2 with the float ones wf (a quantized copy: > 0.9), a permutation of hidden units (_match_units; layers up to
     MAX_MATCH units a side). Fits run on weights multiplied by hr (per row) and hc (per column), chosen so that the
     owner's rounding noise is the same size everywhere. The mark, a small residual, keeps almost all its energy."""
     rows, cols = ws.shape
@@ -95,11 +112,15 @@ def align_units(ws: torch.Tensor, wf: torch.Tensor, hr: torch.Tensor,
 
     def fitted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         out, r, c = _scale_fit(x * w_h, fh)
-        return out, r, c, float(_corr(out.reshape(1, -1), fh.reshape(1, -1)))
+        return out, r, c, _rank_corr(out, fh)
 
-    out, r, c, fit = fitted(ws)
+    if max(rows, cols) > MAX_MATCH:  # too wide to match units: scales only
+        out, r, c = _scale_fit(ws * w_h, fh)
+        fit = float("nan")
+    else:
+        out, r, c, fit = fitted(ws)
     moved = {"rows_moved": 0, "cols_moved": 0}
-    if fit <= 0.5 and max(rows, cols) <= MAX_MATCH:
+    if fit <= 0.5:
         perm_r, perm_c = _match_units(ws, wf)
         cand = fitted(ws[perm_r][:, perm_c])
         if cand[3] > fit:

@@ -250,3 +250,22 @@ def test_permuted_and_rescaled_hidden_units_are_matched_back(owner):
             assert r.detected and r.z > 20, (preset, rescale, r.z)
             assert r.layers["classifier.1"]["align"]["rows_moved"] > 50
             assert not verify_watermark(f, key(0), reference=marked, float_model=h.module, align=False).detected
+
+
+def test_a_few_planted_nonsense_values_do_not_hide_the_mark(owner):
+    """NaN, inf or huge values where they cost nothing (an unused embedding row, the column of a unit that never
+    fires) must not poison the scale fit or the per-row noise estimate: one such value per row of the big layer and
+    a whole column of the last one."""
+    h, _, models = owner
+    unmarked, marked = models["w8a16"]
+    for bad in (float("nan"), float("inf"), 1e30):
+        suspects = []
+        for module in (marked, unmarked):
+            f = dequantized_float(h.module, module)
+            with torch.no_grad():
+                w1 = f.classifier[1].weight
+                w1[torch.arange(w1.shape[0]), torch.arange(w1.shape[0]) * 7] = bad
+                f.classifier[3].weight[:, 5] = -bad
+            suspects.append(f)
+        r = check(*suspects, marked, h)
+        assert r.detected and r.z > 20, (bad, r.z)
