@@ -11,8 +11,9 @@ re-rounded the other way was tried: it doubled the added MSE and the cosine cost
 
 Detection is non-blind: it needs the owner's float weights and grid (scales, zero points, smoothing, rotation: the
 owner's marked artifact, or the suspect's own when it is that artifact). The suspect's weights, whatever format
-they are in, are mapped onto that grid; d = u_suspect - u_float is correlated with k. With inverse-variance weights
-per output row, a = d / max(mean_row(d^2), 1/12), the statistic is z = sum(k a) / sqrt(sum(a^2)).
+they are in, are mapped onto that grid; d = u_suspect - u_float is correlated with k. With d clipped at 4 robust
+sds of its row and inverse-variance weights per row, a = d / max(mean_row(d^2), 1/12), the statistic is
+z = sum(k a) / sqrt(sum(a^2)).
 
 The p-value is a conservative false-positive bound with no model of the noise: on a model not marked with this key,
 the signs are independent of d (the PRF assumption on ChaCha20), so given d, sum(k a) is a weighted sum of
@@ -23,9 +24,10 @@ Why an attack without the key fails: noise independent of k (+-1 on codes, Gauss
 grid, fine-tuning) only adds to sum(a^2); the signal grows like tau * N and the noise like sqrt(N), so
 z ~ tau * sqrt(N / (1/12 + noise variance in steps^2)). Reparametrizations that leave the function unchanged are
 undone before scoring, against the float weights: permutations of hidden units (layers up to 4,096 units a side)
-and per-row and per-column signed scales (which ReLU and BatchNorm allow). Not handled: distillation into another
-model, permutations in wider layers (e.g. embedding tables: too many rows to match), and noise
-large enough to cost the accuracy the owner cares about (the bench measures where that is).
+and per-row and per-column signed scales (which ReLU and BatchNorm allow). NaN, inf and a few planted huge values
+(free where a unit never fires or a token is never used) are neutralized rather than trusted. Not handled:
+distillation into another model, permutations in wider layers (e.g. embedding tables: too many rows to match), and
+noise large enough to cost the accuracy the owner cares about (the bench measures where that is).
 """
 
 from __future__ import annotations
