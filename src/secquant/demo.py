@@ -165,8 +165,8 @@ def _security(tmp: Path, scratch: Path, handle) -> dict[str, Any]:
     marked = quantize(handle, "w8a8")
     unmarked_acc = acc(marked.module)
     embed_watermark(marked.module, handle.module, wm_key)
-    v = verify_watermark(marked.module, wm_key)
-    other = verify_watermark(marked.module, wm_keygen(scratch / "other.wm"))
+    v = verify_watermark(marked, wm_key)  # against the float model marked.handle holds
+    other = verify_watermark(marked, wm_keygen(scratch / "other.wm"))
     return {
         "sealed file": f"{sealed.name}, {sealed.stat().st_size} bytes (age, X25519)",
         "recipients": recipient,
@@ -175,7 +175,8 @@ def _security(tmp: Path, scratch: Path, handle) -> dict[str, Any]:
                                    f"{qm.integrity.groups} groups",
         "one bit flipped in memory": f"detected ({len(found)} group); accuracy {clean:.4f} -> {flipped:.4f} "
                                      f"-> {repaired:.4f} after zeroing the group",
-        "watermark (owner key)": f"detected: p = {v.p_value:.3g} (false-positive bound), {v.matches}/{v.n} matches",
+        "watermark (owner key)": f"{'detected' if v.detected else 'not detected'}: z = {v.z:.1f}, p <= {v.p_value:.3g} "
+                                 "(false-positive bound)",
         "watermark (another key)": f"{'detected' if other.detected else 'not detected'}: p = {other.p_value:.3g}",
         "watermark accuracy cost": f"{unmarked_acc:.4f} -> {acc(marked.module):.4f}",
     }

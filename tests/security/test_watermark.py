@@ -1,4 +1,6 @@
-"""Keyed rounding watermark: calibrated null, detection, robustness, fidelity, artifact and CLI round trips."""
+"""Keyed spread-spectrum watermark: the bound, the calibrated null, embedding, fidelity, artifact and CLI round
+trips. The attacks (noise, re-quantization, fine-tuning, channel rescaling and permutation) are in
+adversarial/test_watermark_attacks.py."""
 
 from __future__ import annotations
 
@@ -8,26 +10,31 @@ import json
 import math
 import stat
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import binom, norm
 from typer.testing import CliRunner
 
 import secquant
 from secquant.errors import ArtifactError
-from secquant.models import ModelHandle
 from secquant.models.digits import splits
 from secquant.security.watermark import (
+    BD_CONSTANT,
+    SCHEME,
     WatermarkError,
-    _float_position,
-    _granule_index,
+    _code_position,
+    _layer_weight,
     as_key,
-    binomial_tail,
-    dequantized_float,
+    collect_evidence,
     embed_watermark,
     int_layers,
     keygen,
+    score,
+    tail_bound,
     verify_watermark,
 )
+from secquant.security.watermark_params import DEFAULT_MAX_TAU, DEFAULT_THRESHOLD
 
 
 def key(i: int) -> bytes:
@@ -39,13 +46,9 @@ def acc(module, d) -> float:
         return float((module(d["test_x"]).argmax(1) == d["test_y"]).float().mean()) * 100
 
 
-def requantize(h: ModelHandle, float_like: torch.nn.Module, preset: str):
-    return secquant.quantize(ModelHandle(float_like, h.kind, h.spec, h.rebuild, h.adapter), preset)
-
-
 @pytest.fixture(scope="module")
 def setup(digits):
-    """Unmarked and marked (key 0) digits models for a per-channel int8 and a grouped int4 preset."""
+    """Unmarked and marked (key 0, default band) digits models for a per-channel int8 and a grouped int4 preset."""
     d = splits()
     out = {}
     for preset in ("w8a16", "w4a8-dynamic"):
@@ -56,20 +59,36 @@ def setup(digits):
     return digits, d, out
 
 
-def test_key_stream_is_keyed_deterministic_and_balanced(tmp_path):
+def save(out, module, h, qm, watermark=None):
+    from secquant.artifact import save_artifact
+
+    mf = qm.manifest
+    save_artifact(out, module, h, mf.recipe, {n: e.model_dump() for n, e in mf.layers.items()}, mf.source,
+                  mf.calibration, watermark=watermark)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+def test_key_stream_is_keyed_deterministic_and_balanced():
     k0, k1 = as_key(key(0)), as_key(key(1))
-    w = k0.layer_words("features.0", 100_000)
-    assert torch.equal(w, as_key(key(0)).layer_words("features.0", 100_000))
-    assert not torch.equal(w, k1.layer_words("features.0", 100_000))
-    assert not torch.equal(w, k0.layer_words("features.3", 100_000))
-    assert int(w.min()) >= 0 and int(w.max()) < 2**32
-    assert abs(float((w & 1).float().mean()) - 0.5) < 4 * 0.5 / math.sqrt(1e5)
+    s = k0.layer_signs("features.0", 100_003)
+    assert s.dtype == torch.float32 and s.numel() == 100_003 and set(s.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(s, as_key(key(0)).layer_signs("features.0", 100_003))
+    assert not torch.equal(s, k1.layer_signs("features.0", 100_003))
+    assert not torch.equal(s, k0.layer_signs("features.3", 100_003))
+    assert abs(float(s.mean())) < 4 / math.sqrt(1e5)
+    assert torch.equal(k0.layer_signs("x", 10), k0.layer_signs("x", 20)[:10])  # a prefix, whatever the length
     assert k0.key_id != k1.key_id and len(k0.key_id) == 16 and k0.key_id not in key(0).hex()
     assert len(k0.commitment) == 64 and k0.commitment.startswith(k0.key_id) and k0.commitment != k1.commitment
     assert key(0).hex() not in k0.commitment and k0.secret.hex() not in k0.commitment
     assert k0.secret.hex() not in repr(k0)
-    # known answer: marks made today must stay verifiable, so the key schedule of scheme v1 is frozen
-    assert as_key(b"k" * 32).layer_words("a", 3).tolist() == [2586311292, 2864675061, 2599095670]
+    # known answers: the commitment is the one scheme v1 published for this key file (unchanged), and the v2
+    # sign stream is frozen so that marks made today stay verifiable
+    k = as_key(b"k" * 32)
+    assert k.commitment == "abeade3de4638369aed425b94034a4d730d56c05a38c0dab077db24844ed4b97"
+    assert k.layer_signs("a", 12).tolist() == [1, 1, 1, -1, -1, -1, 1, -1, -1, 1, -1, 1]
 
 
 def test_keygen_writes_a_private_key_and_refuses_weak_or_missing_keys(tmp_path):
@@ -86,173 +105,220 @@ def test_keygen_writes_a_private_key_and_refuses_weak_or_missing_keys(tmp_path):
         as_key(tmp_path / "missing")
 
 
-def test_binomial_tail_is_exact_and_survives_underflow():
-    p, lp = binomial_tail(8, 10)
-    assert p == pytest.approx((45 + 10 + 1) / 1024, rel=1e-12)
-    assert lp == pytest.approx(math.log10(56 / 1024))
-    assert binomial_tail(0, 10) == (1.0, 0.0)
-    # far past double underflow: compare with the log of the leading terms computed by lgamma
-    n, m = 100_000, 75_000
-    p, lp = binomial_tail(m, n)
-    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)
-             for k in range(m, m + 200)]
-    top = max(terms)
-    ref = (top + math.log(sum(math.exp(t - top) for t in terms))) / math.log(10)
-    assert p == 0.0 and lp == pytest.approx(ref, abs=1e-6) and lp < -3000
+# ------------------------------------------------------------------------------------------- the bound
+
+
+def test_tail_bound_is_the_stated_formula_and_survives_underflow():
+    assert BD_CONSTANT >= 1.0 / (4.0 * norm.sf(math.sqrt(2.0)))  # the optimal constant, rounded up, not down
+    for z in (0.5, 1.0, 2.0, 4.75, 5.0, 8.0, 20.0):
+        p, lp = tail_bound(z)
+        want = min(1.0, math.exp(-z * z / 2), BD_CONSTANT * norm.sf(z))
+        assert p == pytest.approx(want, rel=1e-9) and lp == pytest.approx(math.log10(want), abs=1e-9)
+    assert tail_bound(0.0) == (1.0, 0.0) and tail_bound(-3.0) == (1.0, 0.0)
+    p, lp = tail_bound(60.0)  # far past double underflow: the log is still exact
+    assert p == 0.0 and lp == pytest.approx((math.log(BD_CONSTANT) + norm.logsf(60.0)) / math.log(10), abs=1e-9)
+    assert lp < -780
+    # detection at p <= 1e-6 needs z >= 4.982 (the Gaussian tail alone would need 4.753, Hoeffding alone 5.257)
+    assert tail_bound(4.98)[0] > DEFAULT_THRESHOLD >= tail_bound(4.983)[0]
+
+
+def test_tail_bound_dominates_exact_rademacher_tails():
+    # equal weights: sum of n signs = 2 Binomial(n, 1/2) - n, whose tail is exact
+    for n in (1, 2, 3, 5, 10, 40, 200, 1000, 10_000):
+        ks = np.arange(n // 2, n + 1)
+        z = (2 * ks - n) / math.sqrt(n)
+        exact = binom.sf(ks - 1, n, 0.5)  # P(B >= k)
+        bound = np.array([tail_bound(float(x))[0] for x in z])
+        assert np.all(bound >= exact * (1 - 1e-12)), n
+    # the Bentkus-Dzindzalieta constant is tight: two equal weights reach it at z = sqrt 2 (P = 1/4), so the Gaussian
+    # tail (0.079 there) is not a valid bound, and neither is a smaller constant
+    assert tail_bound(math.sqrt(2))[0] == pytest.approx(0.25, rel=1e-5) and tail_bound(math.sqrt(2))[0] >= 0.25
+    assert norm.sf(math.sqrt(2)) < 0.25 / 3
+    # unequal weights, Monte Carlo: the empirical tail stays under the bound
+    g = np.random.default_rng(0)
+    for a in (g.exponential(size=7), np.array([3.0, 1, 1, 1, 1]), g.standard_normal(50) ** 3):
+        a = a / np.linalg.norm(a)
+        s = (g.integers(0, 2, size=(200_000, a.size)) * 2 - 1) @ a
+        for x in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+            emp = float((s >= x - 1e-12).mean())
+            assert emp <= tail_bound(x)[0] + 3 * math.sqrt(tail_bound(x)[0] / 200_000) + 1e-6, (a, x, emp)
+
+
+# ------------------------------------------------------------------------------------------- null and detection
 
 
 def test_unmarked_models_are_not_detected_and_the_null_is_calibrated(setup):
-    _, _, models = setup
-    for qm, marked, _ in models.values():
-        for i in range(1, 9):  # any key on the unmarked model, and wrong keys on the marked one
-            for m in (qm.module, marked):
-                r = verify_watermark(m, key(i))
-                assert not r.detected and r.p_value > 1e-4 and abs(r.z) < 4.5
-    # calibration: over 200 keys the whole-model p-value is (super-)uniform, so P(p <= 0.1) ~ 0.1
-    qm = models["w8a16"][0]
-    codes = {n: m.weight_codes().reshape(-1).to(torch.int64) & 1 for n, m in int_layers(qm.module).items()}
-    ps = []
-    for i in range(100, 300):
-        k = as_key(key(i))
-        hits = sum(int((c == (k.layer_words(n, c.numel()) & 1)).sum()) for n, c in codes.items())
-        ps.append(binomial_tail(hits, sum(c.numel() for c in codes.values()))[0])
-    frac = sum(p <= 0.1 for p in ps) / len(ps)
-    assert 0.03 <= frac <= 0.18, frac
+    h, _, models = setup
+    qm, marked, _ = models["w8a16"]
+    # 200 keys against the unmarked quantization and against the model marked with key 0 (evidence is key-free)
+    for suspect in (qm.module, marked):
+        ev = collect_evidence(suspect, reference=marked, float_model=h.module)
+        zs = np.array([score(ev, key(1000 + i)).z for i in range(200)])
+        ps = np.array([tail_bound(z)[0] for z in zs])
+        assert ps.min() > DEFAULT_THRESHOLD and zs.max() < 4.5
+        assert abs(zs.mean()) < 0.3 and 0.8 < zs.std() < 1.2  # under H0, z is a unit-variance sum of random signs
+        assert (ps <= 0.1).mean() <= 0.16  # the bound is conservative: P(p <= 0.1) <= 0.1 (+ sampling slack)
+    for qm_, marked_, _ in models.values():
+        for i in range(1, 4):
+            for m in (qm_.module, marked_):
+                r = verify_watermark(m, key(i), reference=marked_, float_model=h.module)
+                assert not r.detected and r.p_value > 1e-4
 
 
 def test_marked_models_are_detected_with_tiny_p(setup):
-    _, _, models = setup
+    h, _, models = setup
     for preset, (_, marked, rep) in models.items():
-        r = verify_watermark(marked, key(0))
-        assert r.detected and r.log10_p_value < -80, (preset, r.log10_p_value)
-        assert r.z == pytest.approx(rep.expected_z, abs=5.0)
-        assert rep.keyed == r.n == sum(m.rows * m.cols for m in int_layers(marked).values())
-        assert 0 < rep.tau < 0.25 and rep.changed == pytest.approx(rep.marked / 2, rel=0.1)
-        assert 0 < rep.balanced <= rep.changed
-        # the Bonferroni-combined p is a bound on each single test
-        best = min([binomial_tail(r.matches, r.n)[1]] + [v["log10_p_value"] for v in r.layers.values()])
-        assert r.log10_p_value == pytest.approx(best + math.log10(r.tests))
+        r = verify_watermark(marked, key(0), float_model=h.module)
+        n = sum(m.rows * m.cols for m in int_layers(marked).values())
+        assert rep.n == r.n == n and rep.scheme == r.scheme == SCHEME
+        assert rep.tau == pytest.approx(DEFAULT_MAX_TAU)  # digits is small: the default band is the cap
+        assert r.detected and r.log10_p_value < -100, (preset, r.log10_p_value)
+        # z ~ tau sqrt(12 N): the signal grows like N, the noise like sqrt(N)
+        assert 0.7 * rep.tau * math.sqrt(12 * n) < r.z < 1.3 * rep.tau * math.sqrt(12 * n), (preset, r.z)
+        assert r.z == pytest.approx(rep.z, rel=0.05)  # alignment (on by default) costs little on a clean copy
+        assert set(r.layers) == set(int_layers(marked)) and all("align" in v for v in r.layers.values())
+        assert rep.record() == {"scheme": SCHEME, "key_id": rep.key_id, "commitment": rep.commitment, "tau": rep.tau}
 
 
-def test_marking_only_rerounds_near_boundary_weights_within_range(setup):
+def test_z_grows_with_the_square_root_of_the_number_of_weights():
+    torch.manual_seed(0)
+    zs = {}
+    for width in (64, 256):
+        net = torch.nn.Sequential(torch.nn.Linear(width, width))
+        qm = secquant.quantize(net, "w8a16")
+        rep = embed_watermark(qm.module, net, key(7), tau=0.05)
+        zs[width] = verify_watermark(qm.module, key(7), float_model=net).z
+        assert rep.z == pytest.approx(zs[width], rel=0.05)
+    assert zs[256] / zs[64] == pytest.approx(4.0, rel=0.25)  # 16x the weights, 4x the z
+
+
+def test_marking_moves_only_band_elements_one_step_toward_their_sign(setup):
     h, _, models = setup
     for qm, marked, rep in models.values():
+        changed = 0
         for name, m in int_layers(marked).items():
-            before = int_layers(qm.module)[name].weight_codes().to(torch.int64)
-            after = m.weight_codes().to(torch.int64)
-            diff = (after - before).abs()
-            assert int(diff.max()) <= 1
-            qmax = 2 ** m.weight_args.bits - 1
-            assert int(after.min()) >= 0 and int(after.max()) <= qmax
-            # every code is still floor(u) or ceil(u) of its float position; marked codes lie within tau of
-            # a rounding boundary, and balancing cancels each granule's net shift
             ref = int_layers(qm.module)[name]
-            u = _float_position(ref, h.module.get_submodule(name), name)
-            assert bool(((after.double() - u).abs()[diff.bool()] < 1.0).all())
-            near = (u - u.floor() - 0.5).abs() <= rep.tau + 1e-9
-            assert int((diff.bool() & near).sum()) > 0
-            g = _granule_index(ref).reshape(-1)
-            net = torch.zeros(int(g.max()) + 1, dtype=torch.int64).index_add_(0, g, (after - before).reshape(-1))
-            assert float((net == 0).float().mean()) > 0.95, (name, net)
-        plain = copy.deepcopy(qm.module)
-        embed_watermark(plain, h.module, key(0), balance=False)
-        # balancing moved only elements outside the band: the keyed band agrees with the unbalanced mark
-        for name, m in int_layers(plain).items():
-            u = _float_position(int_layers(qm.module)[name], h.module.get_submodule(name), name)
-            near = (u - u.floor() - 0.5).abs() <= rep.tau - 1e-9
-            assert torch.equal(m.weight_codes()[near], int_layers(marked)[name].weight_codes()[near])
+            before, after = ref.weight_codes().to(torch.int64), m.weight_codes().to(torch.int64)
+            u = _code_position(ref, _layer_weight(h.module, ref, name))
+            moved = after != before
+            changed += int(moved.sum())
+            assert int((after - before).abs().max()) <= 1
+            assert int(after.min()) >= 0 and int(after.max()) <= 2 ** m.weight_args.bits - 1
+            dist = (u - u.floor() - 0.5).abs()
+            assert bool((dist[moved] <= rep.tau + 1e-9).all())  # only elements within tau of the boundary
+            signs = as_key(key(0)).layer_signs(name, m.rows * m.cols).reshape(m.rows, m.cols)
+            assert bool(((after - before)[moved] == signs[moved].to(torch.int64)).all())  # toward the keyed sign
+            assert bool(((after.double() - u).abs()[moved] <= 0.5 + rep.tau + 1e-9).all())
+            # the added squared error is at most 2 tau per moved element, about tau^2 per element on average
+            added = float(((after.double() - u) ** 2).sum() - ((before.double() - u) ** 2).sum())
+            assert added <= 2 * rep.tau * int(moved.sum()) + 1e-9
+        assert changed == rep.changed and 0.5 * rep.tau * rep.n < changed < 1.5 * rep.tau * rep.n
 
 
 def test_fidelity_cost_on_digits(setup):
+    """Bar: over 4 keys, held-out accuracy drops by at most 0.25 points on average and 0.5 at worst. One standard
+    error of accuracy on 899 held-out digits is sqrt(0.98 * 0.02 / 899) = 0.47 points, and one digit is 0.11: a
+    cost under that is below what the test set can resolve (the bench measures the cost per preset)."""
     h, d, models = setup
     for preset, (qm, _, _) in models.items():
         base = acc(qm.module, d)
-        with torch.no_grad():
-            ref_pred = qm.module(d["test_x"]).argmax(1)
-        costs, flips = [], []
+        costs = []
         for i in range(4):
             m = copy.deepcopy(qm.module)
             embed_watermark(m, h.module, key(i))
             costs.append(base - acc(m, d))
-            with torch.no_grad():
-                flips.append(int((m(d["test_x"]).argmax(1) != ref_pred).sum()))
-        assert sum(costs) / len(costs) <= 0.1 + 1e-9, (preset, costs)
-        assert max(flips) <= 3, (preset, flips)  # of 899 held-out digits
-
-
-def test_mark_survives_requantization_at_the_same_bits(setup):
-    h, _, models = setup
-    for preset, (_, marked, _) in models.items():
-        again = requantize(h, dequantized_float(h.module, marked), preset)
-        r = verify_watermark(again, key(0))
-        assert r.detected and r.log10_p_value < -20, (preset, r.log10_p_value)
-
-
-def test_mark_survives_short_finetuning_then_requantization(setup):
-    h, d, models = setup
-    _, marked, _ = models["w4a8-dynamic"]
-    f = dequantized_float(h.module, marked).train()
-    for p in f.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(f.parameters(), lr=1e-2, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    x, y = d["train_x"], d["train_y"]
-    for _ in range(2):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(f(x[b]), y[b]).backward()
-            opt.step()
-    moved = sum(float((a.detach() - b.detach()).abs().sum()) for a, b in zip(f.parameters(), h.module.parameters()))
-    assert moved > 0
-    r = verify_watermark(requantize(h, f.eval(), "w4a8-dynamic"), key(0))
-    assert r.detected and r.log10_p_value < -20
+        assert sum(costs) / len(costs) <= 0.25 + 1e-9 and max(costs) <= 0.5 + 1e-9, (preset, costs)
 
 
 def test_gptq_codes_are_marked_between_floor_and_ceil(digits):
     qm = secquant.quantize(digits, "w4a16-gptq")
     marked = copy.deepcopy(qm.module)
     rep = embed_watermark(marked, digits.module, key(3))
-    assert rep.changed > 0 and verify_watermark(marked, key(3)).detected
+    assert rep.changed > 0 and verify_watermark(marked, key(3), float_model=digits.module).detected
     assert marked.classifier[1].rotation_block == 128  # the preset's rotation: marks land on rotated codes too
     for name, m in int_layers(marked).items():
         before = int_layers(qm.module)[name].weight_codes().to(torch.int64)
         assert int((m.weight_codes().to(torch.int64) - before).abs().max()) <= 1
 
 
-def test_refusals(setup, digits):
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def test_refusals(setup, digits, tmp_path):
     h, _, models = setup
-    qm = models["w8a16"][0]
+    qm, marked, _ = models["w8a16"]
     m = copy.deepcopy(qm.module)
     with pytest.raises(WatermarkError, match="tau"):
         embed_watermark(m, h.module, key(0), tau=0.7)
+    with pytest.raises(WatermarkError, match="not both"):
+        embed_watermark(m, h.module, key(0), tau=0.1, strength=10)
     other = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(WatermarkError, match="float model"):
+    with pytest.raises(WatermarkError, match="no layer"):
         embed_watermark(m, other, key(0))
+    assert torch.equal(m.features[0].weight_codes(), qm.module.features[0].weight_codes())  # nothing half-marked
     nf4 = secquant.quantize(digits, "nf4")
     with pytest.raises(WatermarkError, match="integer"):
         embed_watermark(nf4.module, digits.module, key(0))
     with pytest.raises(WatermarkError, match="integer"):
-        verify_watermark(nf4.module, key(0))
+        verify_watermark(nf4.module, key(0), float_model=digits.module)
     with pytest.raises(WatermarkError, match="threshold"):
-        verify_watermark(qm.module, key(0), threshold=0.9)
+        verify_watermark(marked, key(0), float_model=h.module, threshold=0.9)
+    # a bare module carries no manifest naming its float model: the verifier must be given one
+    with pytest.raises(WatermarkError, match="float model"):
+        verify_watermark(marked, key(0))
+
+
+def test_old_scheme_artifacts_get_a_clear_message(setup, tmp_path):
+    h, _, models = setup
+    qm, marked, _ = models["w8a16"]
+    art = save(tmp_path / "old", marked, h, qm, watermark={"scheme": "secquant.watermark.parity.v1",
+                                                           "key_id": "0" * 16, "commitment": "0" * 64, "tau": 0.06})
+    with pytest.raises(WatermarkError, match="old scheme.*parity.*re-embed"):
+        verify_watermark(art, key(0))
+    from secquant.cli import app
+
+    (tmp_path / "k").write_bytes(key(0))
+    r = CliRunner().invoke(app, ["watermark", "verify", str(art), "--key", str(tmp_path / "k")])
+    assert r.exit_code == 2 and "old scheme" in r.output and "Traceback" not in r.output
+
+
+def test_float_reference_comes_from_the_manifest_and_is_hash_checked(setup, tmp_path):
+    h, _, models = setup
+    qm, marked, _ = models["w8a16"]
+    art = save(tmp_path / "art", marked, h, qm)
+    # the artifact names builtin:digits; it is rebuilt and its hash matches the manifest's source record
+    r = verify_watermark(art, key(0))
+    assert r.detected and not r.notes
+    assert r.z == pytest.approx(verify_watermark(marked, key(0), float_model=h.module).z, rel=1e-9)
+    # a different float model given explicitly is used (the bound stays valid), with a note that it differs
+    other = copy.deepcopy(h.module)
+    with torch.no_grad():
+        other.classifier[3].weight.add_(0.01)
+    r = verify_watermark(art, key(0), float_model=other)
+    assert r.notes and "differs" in r.notes[0]
+    # a manifest whose recorded source no longer matches what its spec rebuilds: refused, not trusted; the owner
+    # then names the float model explicitly
+    mf = json.loads((art / "secquant.json").read_text())
+    mf["source"]["weights_sha256"] = "0" * 64
+    (art / "secquant.json").write_text(json.dumps(mf))
+    with pytest.raises(WatermarkError, match="source hash differs"):
+        verify_watermark(art, key(0))
+    r = verify_watermark(art, key(0), float_model=h.module)
+    assert r.detected and r.notes
+
+
+# ------------------------------------------------------------------------------------------- artifacts and CLI
 
 
 def test_verify_reads_the_artifact_and_refuses_a_tampered_one(setup, tmp_path):
     h, _, models = setup
     qm, marked, _ = models["w8a16"]
-    from secquant.artifact import save_artifact
-
-    mf = qm.manifest
-    out = tmp_path / "art"
-    save_artifact(out, marked, h, mf.recipe, {n: e.model_dump() for n, e in mf.layers.items()}, mf.source,
-                  mf.calibration)
+    out = save(tmp_path / "art", marked, h, qm)
     from_dir = verify_watermark(out, key(0))
-    from_mod = verify_watermark(marked, key(0))
-    assert (from_dir.matches, from_dir.n, from_dir.detected) == (from_mod.matches, from_mod.n, True)
+    from_mod = verify_watermark(marked, key(0), float_model=h.module)
+    assert (from_dir.n, from_dir.detected) == (from_mod.n, True) and from_dir.z == pytest.approx(from_mod.z)
     reloaded = secquant.load(out, allow_unsealed=True)
-    assert verify_watermark(reloaded, key(0)).matches == from_mod.matches
+    assert verify_watermark(reloaded, key(0)).z == pytest.approx(from_mod.z)
     w = out / "model.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 1
@@ -275,20 +341,21 @@ def test_cli_keygen_embed_verify_exit_codes(tmp_path, digits):
                             "--out", str(art)])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["verify"]["detected"] and summary["changed"] > 0 and summary["keyed"] == summary["verify"]["n"]
+    assert summary["verify"]["detected"] and summary["changed"] > 0 and summary["n"] == summary["verify"]["n"]
     assert summary["commitment"] == as_key(k).commitment and summary["key_id"] == as_key(k).key_id
     recorded = json.loads((art / "secquant.json").read_text())["watermark"]  # the commitment, never the key
-    assert recorded["commitment"] == as_key(k).commitment and as_key(k).secret.hex() not in json.dumps(recorded)
+    assert recorded == {"scheme": SCHEME, "key_id": as_key(k).key_id, "commitment": as_key(k).commitment,
+                        "tau": summary["tau"]}
+    assert as_key(k).secret.hex() not in json.dumps(recorded) and k.read_text().strip() not in json.dumps(recorded)
     r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["detected"] and rep["false_positive_probability"] <= 1e-9 and rep["n"] == summary["keyed"]
-    assert {"matches", "n", "z", "p_value", "log10_p_value", "threshold", "layers", "key_id"} <= set(rep)
+    assert rep["detected"] and rep["false_positive_probability"] <= 1e-6 and rep["n"] == summary["n"]
+    assert {"z", "n", "p_value", "log10_p_value", "threshold", "layers", "key_id", "bound"} <= set(rep)
     r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k2)])
     assert r.exit_code == 3 and "not detected" in r.stdout
-    # an impossible threshold cannot be met: still a clean verdict, not an error
-    r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--threshold", "1e-300"])
-    assert r.exit_code == 3
+    r = runner.invoke(app, ["watermark", "verify", str(art), "--key", str(k), "--threshold", "0.7"])
+    assert r.exit_code == 2 and "threshold must be a probability" in r.output  # not a probability bound
     r = runner.invoke(app, ["watermark", "verify", str(tmp_path / "nope"), "--key", str(k)])
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["watermark", "embed", "builtin:digits", "--preset", "w8a16", "--key", str(k),
@@ -296,24 +363,8 @@ def test_cli_keygen_embed_verify_exit_codes(tmp_path, digits):
     assert r.exit_code == 2 and "exists" in r.output
     weak = tmp_path / "weak"  # a band too narrow to carry a detectable mark: refused, nothing written
     r = runner.invoke(app, ["watermark", "embed", "builtin:digits", "--preset", "w8a16", "--key", str(k),
-                            "--out", str(weak), "--tau", "0.0005"])
+                            "--out", str(weak), "--tau", "0.001"])
     assert r.exit_code == 2 and "too weak" in r.output and not weak.exists()
-
-
-def test_keyed_subset_fraction_round_trip(setup):
-    h, _, models = setup
-    qm = models["w8a16"][0]
-    m = copy.deepcopy(qm.module)
-    rep = embed_watermark(m, h.module, key(5), fraction=0.5)
-    total = sum(x.rows * x.cols for x in int_layers(m).values())
-    assert rep.keyed == pytest.approx(total / 2, rel=0.03)
-    r = verify_watermark(m, key(5), fraction=0.5)
-    assert r.detected and r.n == rep.keyed and r.z == pytest.approx(rep.expected_z, abs=5.0)
-    # the full keyed set dilutes the mark with unmarked elements, and another subset misses it
-    assert verify_watermark(m, key(5)).z < r.z
-    assert not verify_watermark(m, key(6), fraction=0.5).detected
-    with pytest.raises(WatermarkError, match="fraction"):
-        embed_watermark(m, h.module, key(5), fraction=0.0)
 
 
 def test_cli_verifies_a_sealed_model(tmp_path, digits):
@@ -337,56 +388,24 @@ def test_cli_verifies_a_sealed_model(tmp_path, digits):
     assert r.exit_code == 2 and "identity" in r.output
 
 
-def test_reference_assisted_verification_undoes_rescaled_requantization(setup, digits):
-    h, d, models = setup
-    qm, marked, _ = models["w4a8-dynamic"]
-    # Adam moves every weight by ~lr per step: after 2 epochs at 1e-3 the re-searched scales re-round the codes
-    f = dequantized_float(h.module, marked).train()
-    for p in f.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(f.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    x, y = d["train_x"], d["train_y"]
-    for _ in range(2):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(f(x[b]), y[b]).backward()
-            opt.step()
-    suspect = requantize(h, f.eval(), "w4a8-dynamic")
-    alone = verify_watermark(suspect, key(0))
-    with_ref = verify_watermark(suspect, key(0), reference=marked)
-    assert with_ref.detected and with_ref.log10_p_value < -40 and with_ref.log10_p_value < alone.log10_p_value - 20
-    # a leaked float copy of the marked model is traceable too
-    assert verify_watermark(dequantized_float(h.module, marked), key(0), reference=marked).detected
-    # the null stays exact: unmarked models (the float source, an independent quantization) and wrong keys
-    for other, k in [(h.module, key(0)), (qm.module, key(0)), (suspect, key(9))]:
-        r = verify_watermark(other, k, reference=marked)
-        assert not r.detected and r.p_value > 1e-4
-
-
-def test_cli_verify_with_reference(tmp_path, setup):
-    from secquant.artifact import save_artifact
+def test_cli_verify_with_reference_and_float(tmp_path, setup):
     from secquant.cli import app
 
     h, _, models = setup
     qm, marked, _ = models["w8a16"]
-    mf = qm.manifest
-    ref, plain = tmp_path / "ref", tmp_path / "plain"
-    layers = {n: e.model_dump() for n, e in mf.layers.items()}
-    save_artifact(ref, marked, h, mf.recipe, layers, mf.source, mf.calibration)
-    save_artifact(plain, qm.module, h, mf.recipe, layers, mf.source, mf.calibration)
+    ref = save(tmp_path / "ref", marked, h, qm)
+    plain = save(tmp_path / "plain", qm.module, h, qm)
     (tmp_path / "k").write_bytes(key(0))
     runner = CliRunner()
 
-    def verify(target, reference):
-        return runner.invoke(app, ["watermark", "verify", str(target), "--key", str(tmp_path / "k"), "--json",
-                                   "--reference", str(reference)])
+    def verify(target, *extra):
+        return runner.invoke(app, ["watermark", "verify", str(target), "--key", str(tmp_path / "k"), "--json", *extra])
 
-    r = verify(ref, ref)
+    r = verify(ref, "--reference", str(ref), "--float", "builtin:digits")
     assert r.exit_code == 0 and json.loads(r.stdout)["detected"]
-    r = verify(plain, ref)  # the unmarked quantization of the same float model
+    r = verify(plain, "--reference", str(ref))  # the unmarked quantization of the same float model
     assert r.exit_code == 3 and not json.loads(r.stdout)["detected"]
-    r = verify(plain, tmp_path / "nope")
+    r = verify(plain, "--reference", str(tmp_path / "nope"))
     assert r.exit_code == 2 and "artifact directory" in r.output
+    r = verify(ref, "--float", "builtin:nope")
+    assert r.exit_code == 2 and "unknown built-in" in r.output

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..security.watermark_params import DEFAULT_STRENGTH, DEFAULT_THRESHOLD
+from ..security.watermark_params import DEFAULT_MAX_TAU, DEFAULT_STRENGTH, DEFAULT_THRESHOLD
 from .common import MIN_RELEASE_HELP, RichProgress, describe_release, err, read_passphrase, user_errors
 
 EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no mark found
@@ -17,8 +18,10 @@ EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no ma
 app = typer.Typer()
 
 
-wm = typer.Typer(no_args_is_help=True, help="Keyed owner watermark in the rounding of quantized weights.")
+wm = typer.Typer(no_args_is_help=True, help="Keyed owner watermark in the rounding directions of quantized "
+                                            "weights, detected against the owner's float model.")
 app.add_typer(wm, name="watermark")
+
 
 @wm.command("keygen")
 @user_errors
@@ -44,7 +47,9 @@ def embed(
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
-    strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", min=1.0, help="expected z-score of the fresh mark (sets tau)"),
+    strength: Optional[float] = typer.Option(None, "--strength", help="expected z-score of the fresh mark (sets "
+                                             f"tau = z / sqrt(12 N)); default: {DEFAULT_STRENGTH:g}, with tau at "
+                                             f"most {DEFAULT_MAX_TAU:g}"),
     tau: Optional[float] = typer.Option(None, "--tau", help="fix the band half-width in steps (0 < tau <= 0.5) "
                                                             "instead of deriving it from --strength"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
@@ -57,43 +62,48 @@ def embed(
 
     if (preset is None) == (recipe is None):
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
+    if strength is not None and tau is not None:
+        raise SecquantError("give --strength or --tau, not both")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     k = as_key(key)  # a bad key fails before any work
     with RichProgress() as prog:
         qm = quantize(model, recipe if recipe is not None else preset, calib=calib,
                       weights=str(weights) if weights else None, progress=prog)
-    rep = embed_watermark(qm.module, qm.handle.module, k, tau=tau, strength=strength)
-    pre = verify_watermark(qm.module, k)
-    if not pre.detected:  # nothing is written for a mark that could not be found again
-        raise SecquantError(f"the mark is too weak to detect (p = {pre.p_value:.3g}): the model has too few "
-                            "integer weights for this strength; raise --strength or --tau")
+    source = qm.handle.module
+    rep = embed_watermark(qm.module, source, k, tau=tau, strength=strength)
+    if rep.log10_p_value > math.log10(DEFAULT_THRESHOLD):  # nothing is written for a mark too weak
+        raise SecquantError(f"the mark is too weak to detect (z = {rep.z:.2f}, p = {10 ** rep.log10_p_value:.3g} > "
+                            f"{DEFAULT_THRESHOLD:g}): the model has too few integer weights for tau {rep.tau:g}; "
+                            "raise --strength or --tau")
     m = qm.manifest
     layers = {n: e.model_dump() for n, e in m.layers.items()}
     save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
-                  tuning=m.tuning, privacy=m.privacy.entries,
-                  watermark={"scheme": rep.scheme, "key_id": rep.key_id, "commitment": rep.commitment,
-                             "tau": rep.tau})
-    check = verify_watermark(out, k)  # from the written files, as a verifier would
+                  tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record())
+    check = verify_watermark(out, k, float_model=source)  # from the written files, as a verifier would
     res = {"artifact": str(out), "recipe": m.recipe.name, **rep.to_dict(),
-           "verify": {k_: getattr(check, k_) for k_ in ("detected", "matches", "n", "z", "p_value",
-                                                       "log10_p_value")}}
+           "verify": {k_: getattr(check, k_) for k_ in ("detected", "n", "z", "p_value", "log10_p_value")}}
     sys.stdout.write(json.dumps(res) + "\n")
-    err.print(f"wrote {out}: {rep.changed} of {rep.keyed} weights re-rounded to the keyed parity (tau "
-              f"{rep.tau:.4f} steps), {rep.balanced} more to balance them; "
-              f"verified, p = {check.p_value:.3g}", highlight=False, soft_wrap=True)
+    err.print(f"wrote {out}: {rep.changed} of {rep.n} weights re-rounded toward their keyed sign (tau "
+              f"{rep.tau:.4f} steps); verified from the written files: z = {check.z:.1f}, "
+              f"p <= {check.p_value:.3g}", highlight=False, soft_wrap=True)
 
 @wm.command("verify")
 @user_errors
 def verify(
-    model: Path = typer.Argument(..., help="artifact directory, or a sealed file (with --identity and --verify-key)"),
+    model: Path = typer.Argument(..., help="artifact directory, or a sealed file (with --identity and "
+                                           "--verify-key)"),
     key: Path = typer.Option(..., "--key", "-k", help="watermark key file"),
-    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="detect when the false-positive probability "
-                                                               "(p-value) is at most this"),
+    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="detect when the false-positive bound "
+                                                                           "(p-value) is at most this"),
     as_json: bool = typer.Option(False, "--json", help="print the full report as JSON"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="the owner's marked artifact directory: "
-                                             "round MODEL's weights onto its grid first (survives "
-                                             "re-quantization with re-searched scales)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="the owner's marked artifact directory: its "
+                                             "grid (scales, smoothing, rotation) and layers; needed when MODEL was "
+                                             "re-quantized (default: MODEL's own)"),
+    float_model: Optional[str] = typer.Option(None, "--float", help="the owner's float model the mark is measured "
+                                              "against (default: the one the reference's manifest names, checked "
+                                              "against its source hash)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="age identity (sealed files)"),
     verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
     ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
@@ -101,29 +111,36 @@ def verify(
 ) -> None:
     """Test MODEL for KEY's watermark. Exit 0: detected; 3: not detected; 2: error."""
     from ..errors import SecquantError
-    from ..security.watermark import verify_watermark
+    from ..security.watermark import as_key, verify_watermark
 
     if not model.exists():
         raise SecquantError(f"{model} does not exist")
+    if reference is not None and not reference.is_dir():
+        raise SecquantError(f"--reference {reference} is not an artifact directory")
+    k = as_key(key)  # a bad key fails before any loading
+    fmod = None
+    if float_model is not None:
+        from ..models import load_model
+
+        fmod = load_model(float_model, str(weights) if weights else None).module
     target: object = model
     if model.is_file():
         from ..api import load
 
-        qm = load(model, identity=identity, verify_key=verify_key, passphrase=read_passphrase(ask_passphrase),
-                  min_release=min_release)
-        err.print(f"opened and verified {model} ({describe_release(qm)})", highlight=False, soft_wrap=True)
-        target = qm.module
+        target = load(model, identity=identity, verify_key=verify_key, passphrase=read_passphrase(ask_passphrase),
+                      min_release=min_release)
+        err.print(f"opened and verified {model} ({describe_release(target)})", highlight=False, soft_wrap=True)
     elif min_release is not None:
         raise SecquantError("--min-release applies to sealed files: a plain directory's release is not signed")
-    if reference is not None and not reference.is_dir():
-        raise SecquantError(f"--reference {reference} is not an artifact directory")
-    rep = verify_watermark(target, key, threshold=threshold, reference=reference)
+    rep = verify_watermark(target, k, threshold=threshold, reference=reference, float_model=fmod)
     if as_json:
         sys.stdout.write(json.dumps({"model": str(model), **rep.to_dict()}) + "\n")
     else:
         verdict = "DETECTED" if rep.detected else "not detected"
-        sys.stdout.write(f"watermark {verdict} (key {rep.key_id}): {rep.matches}/{rep.n} parity matches, "
-                         f"z = {rep.z:.2f}, p-value (false-positive probability) = {rep.p_value:.3g} "
-                         f"[log10 {rep.log10_p_value:.1f}], threshold {threshold:g}\n")
+        sys.stdout.write(f"watermark {verdict} (key {rep.key_id}): z = {rep.z:.2f} over {rep.n} weights, "
+                         f"p-value (false-positive bound) = {rep.p_value:.3g} [log10 {rep.log10_p_value:.1f}], "
+                         f"threshold {threshold:g}\n")
+        for note in rep.notes:
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if not rep.detected:
         raise typer.Exit(EXIT_NOT_DETECTED)
