@@ -125,7 +125,7 @@ def prune(h: ModelHandle, module: torch.nn.Module, fraction: float) -> torch.nn.
 
 
 def requant(h: ModelHandle, float_like: torch.nn.Module, preset: str) -> torch.nn.Module:
-    return secquant.quantize(ModelHandle(float_like, h.kind, h.spec, h.rebuild, h.adapter, h.arch_files), preset).module
+    return secquant.quantize(ModelHandle(float_like, h.spec, h.rebuild, h.adapter, h.arch_files), preset).module
 
 
 def finetune_digits(f: torch.nn.Module, opt: str, lr: float) -> torch.nn.Module:

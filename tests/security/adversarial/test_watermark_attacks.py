@@ -107,7 +107,7 @@ def test_gaussian_noise_on_the_dequantized_weights(owner):
 
 
 def _requant(h, float_like: torch.nn.Module, preset: str):
-    return secquant.quantize(ModelHandle(float_like, h.kind, h.spec, h.rebuild, h.adapter), preset).module
+    return secquant.quantize(ModelHandle(float_like, h.spec, h.rebuild, h.adapter), preset).module
 
 
 def test_requantization_with_another_8bit_preset(owner):
