@@ -88,7 +88,9 @@ def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
     return get_preset(str(recipe))
 
 
-def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelHandle:
+def _handle(model: str | nn.Module | ModelHandle, weights: str | None, tokenizer: str | Path | None = None) -> ModelHandle:
+    if tokenizer is not None and not isinstance(model, (str, Path)):
+        raise SecquantError("tokenizer= is for a Hugging Face model directory named by its path")
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, nn.Module):
@@ -96,7 +98,7 @@ def _handle(model: str | nn.Module | ModelHandle, weights: str | None) -> ModelH
         return ModelHandle(model.eval(), f"python:{type(model).__qualname__}",
                            {"loader": "module", "sample_shape": list(shape) if shape else None},
                            TensorClassifierAdapter(tuple(shape) if shape else None))
-    return load_model(str(model), weights)
+    return load_model(str(model), weights, None if tokenizer is None else str(tokenizer))
 
 
 def _check_out(out: str | Path | None, overwrite: bool) -> None:
@@ -131,8 +133,12 @@ def quantize(
     identity: str | Path | None = None,
     passphrase: str | None = None,
     record_source_name: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> QuantizedModel:
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given.
+
+    `tokenizer`: a directory holding the tokenizer of a Hugging Face model directory that has none (such a
+    directory is refused otherwise: every word would be an unknown token).
 
     `calib`: a data file (an `.age` file is decrypted in memory with `identity`), or "synthetic"
     for data-free calibration (random vocabulary sentences / ZeroQ inputs). `dp_epsilon` (with
@@ -144,7 +150,7 @@ def quantize(
     from .privacy.encrypted_data import plaintext_path
 
     recipe = resolve_recipe(recipe)
-    handle = _handle(model, weights)
+    handle = _handle(model, weights, tokenizer)
     _check_out(out, overwrite)
     with plaintext_path(calib, identity, passphrase) as data:
         qmodule, layers, calibration, privacy, key = _quantize(handle, recipe, calib, data, progress, dp_epsilon,
@@ -305,6 +311,16 @@ def evaluate(qm: QuantizedModel, against: str | nn.Module | None = None, data: s
     return out
 
 
+
+def generate(model: QuantizedModel, prompt: str, *, max_new_tokens: int = 32, temperature: float | None = None,
+             top_k: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Text continuing `prompt`, from a quantized causal LM (`secquant.load`): greedy decoding unless
+    `temperature` > 0 or `top_k` is given (sampling; `seed` makes it reproducible). Returns the new text
+    ("text"), token counts and the decoding used."""
+    if not isinstance(model, QuantizedModel):
+        raise SecquantError("generate() takes a quantized model: secquant.load(...) or secquant.quantize(...)")
+    return model.handle.adapter.generate(model.module, prompt, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, seed=seed)
 
 
 def qat(

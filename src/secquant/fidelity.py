@@ -27,7 +27,8 @@ def float_size_bytes(module: nn.Module) -> int:
 def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | Path | None = None,
             batch_size: int = 32, progress: Callable[[int], None] | None = None,
             runner: Callable[[Any], torch.Tensor] | None = None, runtime: str | None = None) -> dict[str, Any]:
-    """Run both models over the evaluation batches; accuracy for labelled data, else mean cosine.
+    """Run both models over the evaluation batches; accuracy for labelled data, the adapter's own scorer when it
+    has one (perplexity for causal LMs), else mean cosine.
 
     Latency is the median wall time per batch of each model. The quantized model runs in eager
     PyTorch unless `runner` (a batch -> outputs callable, e.g. an ONNX Runtime session) is given,
@@ -39,6 +40,7 @@ def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | P
     correct_q = correct_f = n = 0
     cos_sum = 0.0
     labelled = None
+    scorer = handle.adapter.scorer()
     for inputs, labels in handle.adapter.eval_batches(data, batch_size):
         t0 = time.perf_counter()
         out_q = runner(inputs) if runner is not None else handle.run(quant, inputs)
@@ -48,6 +50,8 @@ def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | P
         q_ms.append((t1 - t0) * 1e3)
         f_ms.append((t2 - t1) * 1e3)
         labelled = labels is not None if labelled is None else labelled
+        if scorer is not None:
+            scorer.add(inputs, out_q, out_f)
         if labels is not None:
             correct_q += int((out_q.argmax(-1) == labels).sum())
             correct_f += int((out_f.argmax(-1) == labels).sum())
@@ -60,7 +64,9 @@ def compare(quant: nn.Module, ref: nn.Module, handle: ModelHandle, data: str | P
         from .errors import CalibrationError
         raise CalibrationError("the evaluation data is empty")
     result: dict[str, Any] = {"n_samples": n, "batch_size": batch_size}
-    if labelled:
+    if scorer is not None:
+        result.update(scorer.result())
+    elif labelled:
         result.update(metric="accuracy", value=correct_q / n, float_value=correct_f / n)
     else:
         result.update(metric="cosine", value=cos_sum / n, float_value=1.0)

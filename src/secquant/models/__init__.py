@@ -13,15 +13,20 @@ from .base import Adapter, GraphIO, ModelHandle
 from .checkpoint import load_state_dict
 from .classifier import TensorClassifierAdapter, load_factory
 from .digits import DigitsCNN, load_builtin_digits, splits
+from .causal_lm import CausalLMAdapter, load_causal_lm_dir
 from .encoder import EncoderAdapter, load_builtin_minilm, load_encoder_dir
+from .hf import is_causal_lm, read_config
 from .factory import is_factory_spec
 
 BUILTINS = {"builtin:digits": load_builtin_digits, "builtin:minilm": load_builtin_minilm}
-ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter, CausalLMAdapter)}
 
 
-def load_model(spec: str, weights: str | None = None) -> ModelHandle:
-    """Resolve a model spec to a float model handle."""
+def load_model(spec: str, weights: str | None = None, tokenizer: str | None = None) -> ModelHandle:
+    """Resolve a model spec to a float model handle. `tokenizer`: a directory whose tokenizer a Hugging Face
+    model directory without one uses."""
+    if tokenizer is not None and not Path(spec).is_dir():
+        raise ModelError("--tokenizer is for Hugging Face model directories")
     if spec in BUILTINS:
         if weights is not None:
             raise ModelError(f"--weights cannot be combined with {spec}")
@@ -32,7 +37,9 @@ def load_model(spec: str, weights: str | None = None) -> ModelHandle:
     if p.is_dir():
         if weights is not None:
             raise ModelError("--weights is for factory models; a model directory carries its own weights")
-        return load_encoder_dir(p)
+        if is_causal_lm(read_config(p)):  # config.json read as JSON: the kind never comes from code
+            return load_causal_lm_dir(p, tokenizer=tokenizer)
+        return load_encoder_dir(p, tokenizer=tokenizer)
     if is_factory_spec(spec):
         return load_factory(spec, weights)
     raise ModelError(
@@ -75,5 +82,5 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
 
 
 __all__ = ["load_artifact", "Adapter", "GraphIO", "ModelHandle", "ADAPTERS", "BUILTINS", "DigitsCNN", "TensorClassifierAdapter",
-           "EncoderAdapter", "adapter_class", "adapter_for_artifact", "load_model", "load_state_dict", "load_builtin_digits",
-           "load_builtin_minilm", "load_encoder_dir", "rebuild_float", "splits"]
+           "EncoderAdapter", "CausalLMAdapter", "adapter_class", "adapter_for_artifact", "load_model", "load_state_dict", "load_builtin_digits",
+           "load_builtin_minilm", "load_encoder_dir", "load_causal_lm_dir", "rebuild_float", "splits"]

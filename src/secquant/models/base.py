@@ -36,7 +36,7 @@ class Adapter:
 
     kind: ClassVar[str] = "model"  # recorded in the manifest; models.ADAPTERS[kind] rebuilds it
     loaders: ClassVar[tuple[str, ...]] = ()  # manifest `rebuild.loader` values this kind rebuilds
-    task: ClassVar[str] = "predict"  # what the server offers: "predict" (class scores) or "embed"
+    task: ClassVar[str] = "predict"  # what the server offers: "predict" (class scores), "embed" or "generate"
     labelled: ClassVar[bool] = False  # outputs are class scores, so accuracy on labels is its metric
     has_builtin_data: bool = False  # calibration/evaluation data to use when the user gives none
     tuning_samples: ClassVar[int] = 64  # evaluation samples the mixed-precision search measures sensitivity on
@@ -51,6 +51,16 @@ class Adapter:
     def eval_batches(self, source: str | Path | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
         """(inputs, labels) batches; labels are None for models scored by cosine to the float outputs."""
         raise NotImplementedError
+
+    def scorer(self) -> Any:
+        """What scores evaluation outputs when accuracy or cosine is not the metric: an object with
+        `add(inputs, quantized_outputs, float_outputs)` and `result()` (a dict with metric, value, float_value,
+        ...); None for accuracy (labelled data) or mean cosine to the float outputs."""
+        return None
+
+    def generate(self, module: nn.Module, prompt: str, **options: Any) -> dict[str, Any]:
+        """Text continuing `prompt` (models whose task is "generate")."""
+        raise ModelError(f"this model is a {self.kind}: it does not generate text")
 
     def encode(self, texts: list[str]) -> Any:
         """A batch from raw texts (text models)."""

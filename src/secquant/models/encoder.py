@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
@@ -20,19 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError, UnsafeInputError
+from ..errors import ModelError
+from . import hf
 from .base import Adapter, GraphIO, ModelHandle
-from .checkpoint import load_state_dict
 from .data import read_texts
+from .hf import model_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Files that describe the architecture and tokenizer: copied into an artifact verbatim.
 ARCH_FILES = [
-    "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
-    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+    "config.json", "generation_config.json", *hf.TOKENIZER_FILES, *hf.TOKENIZER_SIDE_FILES, "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
 ]
 EVAL_SENTENCES = 256
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a traced encoder graph takes
@@ -92,57 +90,19 @@ def _pooling_of(model_dir: Path) -> tuple[str, bool, int]:
 def build_encoder_arch(model_dir: Path, pooling: str, normalize: bool, max_bytes: int | None = None) -> SentenceEncoder:
     """The float architecture from config.json, randomly initialized (weights come later). With `max_bytes`,
     it is first built on the meta device (no memory) and refused if its tensors would take more than that."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ModelError(f"{model_dir}: cannot read config.json as a Hugging Face config: {_first_line(e)}") from None
-    try:
-        if max_bytes is not None:
-            with torch.device("meta"):
-                probe = AutoModel.from_config(config, trust_remote_code=False)
-            need = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
-            if need > max_bytes:
-                raise ModelError(f"{model_dir}/config.json describes a model of {need} bytes, far more than its "
-                                 f"weights file could hold (at most {max_bytes}): refusing to allocate it")
-        transformer = AutoModel.from_config(config, trust_remote_code=False)
-    except ModelError:
-        raise
-    except Exception as e:
-        raise ModelError(f"{model_dir}: cannot build the model config.json describes: {_first_line(e)}") from None
-    return SentenceEncoder(transformer, pooling, normalize).eval()
+    return SentenceEncoder(hf.from_config(AutoModel, model_dir, max_bytes), pooling, normalize).eval()
 
 
-def _first_line(e: Exception, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
+def load_encoder_weights(model_dir: Path, pooling: str, normalize: bool) -> SentenceEncoder:
+    """The float encoder of a directory through transformers' own loading and key conversion (safetensors only):
+    a checkpoint saved with a task head (BertForMaskedLM, ViTForImageClassification, ...) loads its base model.
+    A pooler the checkpoint lacks is tolerated: the sentence pooling here never reads it."""
+    from transformers import AutoModel
 
-
-def _weights_file(model_dir: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (p := model_file(model_dir, name)) is not None:
-            return p
-    raise ModelError(f"{model_dir} has no model.safetensors (or weights-only pytorch_model.bin)")
-
-
-def load_float_weights(enc: SentenceEncoder, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load a transformer state dict, tolerating a model-type prefix (e.g. 'bert.') and stale buffers."""
-    target = enc.transformer
-    expected = set(target.state_dict().keys())
-    prefix = getattr(target, "base_model_prefix", "")
-    fixed = {}
-    for k, v in sd.items():
-        if k not in expected and prefix and k.startswith(prefix + "."):
-            k = k[len(prefix) + 1:]
-        if k in expected:
-            fixed[k] = v
-    missing = [k for k in expected if k not in fixed]
-    persistent_missing = [k for k in missing if not k.endswith("position_ids")]
-    if persistent_missing:
-        raise ModelError(f"{source}: weights missing for {persistent_missing[:5]} "
-                         f"({len(persistent_missing)} tensors); is this the right model directory?")
-    target.load_state_dict(fixed, strict=False)
+    return SentenceEncoder(hf.from_pretrained(AutoModel, model_dir, ignorable_missing=("pooler.",)), pooling,
+                           normalize).eval()
 
 
 class EncoderAdapter(Adapter):
@@ -155,15 +115,10 @@ class EncoderAdapter(Adapter):
     has_builtin_data = True  # the built-in sentence corpus
     synthetic_description = "synthetic: random whole words from the model's tokenizer vocabulary (data-free)"
 
-    def __init__(self, model_dir: Path, max_length: int) -> None:
-        from transformers import AutoTokenizer
-
+    def __init__(self, model_dir: Path, max_length: int, tokenizer_dir: Path | None = None) -> None:
         self.model_dir = model_dir
         self.max_length = max_length
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-        except Exception as e:
-            raise ModelError(f"{model_dir}: cannot load the tokenizer offline: {_first_line(e)}") from None
+        self.tokenizer = hf.load_tokenizer(tokenizer_dir or model_dir)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -293,36 +248,6 @@ class EncoderAdapter(Adapter):
         return enc, cls(d, _max_length(rebuild))
 
 
-def _allowed_roots(model_dir: Path) -> list[Path]:
-    """Where a model directory's files may really live: the directory itself, and for a Hugging Face cache
-    snapshot (`models--org--name/snapshots/REV`, whose files are links) that repository's blob store."""
-    d = model_dir.resolve()
-    roots = [d]
-    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
-        roots.append(d.parent.parent / "blobs")
-    return roots
-
-
-def model_file(model_dir: Path, name: str) -> Path | None:
-    """`model_dir/name` if it exists as a regular file that resolves inside the model directory (or its Hugging
-    Face blob store); None if absent. A link out of the directory, or a device, FIFO or directory in its place, is
-    refused by name: a third-party repository must not make secquant read, copy, sign and seal other files
-    of this machine."""
-    p = model_dir / name
-    if not p.exists() and not p.is_symlink():
-        return None
-    try:
-        real = p.resolve(strict=True)
-        regular = stat.S_ISREG(real.stat().st_mode)
-    except (OSError, RuntimeError):  # a dangling link or a link loop
-        raise UnsafeInputError(f"{p} is a broken or looping link: remove it from the model directory") from None
-    if not regular or not any(real.is_relative_to(r) for r in _allowed_roots(model_dir)):
-        what = "a link to a file outside the model directory" if regular else "not a regular file"
-        raise UnsafeInputError(f"{p} is {what} ({real}): refusing to read it; copy the real file into the model "
-                               "directory if it belongs to the model")
-    return p
-
-
 def _max_length(rebuild: dict) -> int:
     from ..errors import ArtifactError
 
@@ -355,20 +280,28 @@ def arch_files_of(model_dir: Path) -> dict[str, Path]:
     return {name: p for name in ARCH_FILES if (p := model_file(model_dir, name)) is not None}
 
 
-def load_encoder_dir(model_dir: str | Path, spec: str | None = None) -> ModelHandle:
+def load_encoder_dir(model_dir: str | Path, spec: str | None = None, tokenizer: str | Path | None = None) -> ModelHandle:
+    """A Hugging Face encoder directory (safetensors weights, its own tokenizer or the one of `tokenizer`)."""
     d = Path(model_dir)
     files = arch_files_of(d)  # every file secquant will read or copy, checked before any is read
     if "config.json" not in files:
         raise ModelError(f"{d} is not a Hugging Face model directory (no config.json)")
-    wfile = _weights_file(d)
+    files = with_tokenizer(files, d, tokenizer)
     pooling, normalize, max_len = _pooling_of(d)
-    enc = build_encoder_arch(d, pooling, normalize)
-    load_float_weights(enc, load_state_dict(wfile), str(wfile))
+    enc = load_encoder_weights(d, pooling, normalize)
     return ModelHandle(
-        module=enc.eval(), spec=spec or str(d),
+        module=enc, spec=spec or str(d),
         rebuild={"loader": "hf-encoder", "pooling": pooling, "normalize": normalize, "max_length": max_len},
-        adapter=EncoderAdapter(d, max_len), arch_files=files,
+        adapter=EncoderAdapter(d, max_len, Path(tokenizer) if tokenizer is not None else None), arch_files=files,
     )
+
+
+def with_tokenizer(files: dict[str, Path], model_dir: Path, tokenizer: str | Path | None) -> dict[str, Path]:
+    """A directory's architecture files with the tokenizer files of `tokenizer` (a directory) in place of its own;
+    refused when the tokenizer directory (by default the model's) holds no tokenizer."""
+    tok_files = hf.tokenizer_files(Path(tokenizer) if tokenizer is not None else model_dir)
+    names = set(hf.TOKENIZER_FILES) | set(hf.TOKENIZER_SIDE_FILES)
+    return {**{n: p for n, p in files.items() if n not in names}, **tok_files}
 
 
 def minilm_dir() -> Path:
