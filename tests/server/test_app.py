@@ -38,11 +38,12 @@ def bearer(key: str) -> dict:
 
 
 ROUTES = [("post", "/v1/predict", {"inputs": [[0.0] * 64]}), ("post", "/v1/embed", {"texts": ["x"]}),
+          ("post", "/v1/generate", {"prompt": "x"}),
           ("get", "/v1/info", None), ("get", "/v1/clients", None), ("post", "/v1/clients", {"name": "x"}),
           ("post", "/v1/clients/ann/rotate", None), ("post", "/v1/clients/ann/revoke", None),
           ("put", "/v1/clients/ann/budget", {"max_queries": 1}), ("get", "/v1/audit", None),
           ("post", "/v1/integrity/check", None)]
-ADMIN_ROUTES = [r for r in ROUTES if r[1] not in ("/v1/predict", "/v1/embed")]
+ADMIN_ROUTES = [r for r in ROUTES if r[1] not in ("/v1/predict", "/v1/embed", "/v1/generate")]
 
 
 def test_healthz_is_open_and_every_other_route_needs_a_valid_key(make_server):

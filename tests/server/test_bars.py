@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from secquant.server import ServerConfig, create_app
 
 OPEN = {"/healthz"}
-USER_ROUTES = {"/v1/predict", "/v1/embed"}  # any other protected route is admin-only
+USER_ROUTES = {"/v1/predict", "/v1/embed", "/v1/generate"}  # any other protected route is admin-only
 TRACEBACK = re.compile(r"Traceback|File \"|\.py\", line|RuntimeError|sqlalchemy|sqlite3|torch\.", re.IGNORECASE)
 ONE = [[0.0] * 64]
 
@@ -79,7 +79,7 @@ def test_openapi_spec_validates_and_schemathesis_finds_no_5xx(app_and_keys):
     sent = 0
     with TestClient(app, raise_server_exceptions=False) as c:
         ops = [r.ok() for r in schema.get_all_operations()]
-        assert len(ops) == len(_operations(app)) == 12  # GET and HEAD /healthz, 10 protected
+        assert len(ops) == len(_operations(app)) == 13  # GET and HEAD /healthz, 11 protected
         for op in ops:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 @settings(max_examples=15, derandomize=True, deadline=None, database=None,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, export, integrity, mask, membership, private, quantize, robustness, sealing, server, watermark
+from . import evaluate, export, generate, integrity, mask, membership, private, quantize, robustness, sealing, server, watermark
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize PyTorch models securely and privately.")
-for area in (quantize, evaluate, sealing, export, integrity, mask, private, server, watermark):
+for area in (quantize, evaluate, generate, sealing, export, integrity, mask, private, server, watermark):
     app.add_typer(area.app)
 audit = typer.Typer(no_args_is_help=True, help="Audit models: privacy leakage, robustness, quantization divergence.")
 for area in (membership, robustness):

@@ -27,6 +27,8 @@ def quantize(
                                                               "tensors; FILE.age is decrypted in memory with "
                                                               "--identity), or 'synthetic' for data-free calibration"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory for a Hugging Face "
+                                             "model directory that has none"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="calibrate activation ranges with "
                                                                           "(epsilon, delta)-differential privacy"),
@@ -46,7 +48,8 @@ def quantize(
         qm = _quantize(model, recipe if recipe is not None else preset, out=out, calib=calib,
                        weights=str(weights) if weights else None, overwrite=overwrite, progress=prog,
                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, identity=identity,
-                       passphrase=read_passphrase(ask_passphrase), record_source_name=record_source_name)
+                       passphrase=read_passphrase(ask_passphrase), record_source_name=record_source_name,
+                       tokenizer=tokenizer)
     n = len(qm.manifest.layers)
     err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name}; calibration data: "
               f"{qm.manifest.calibration.data})")

@@ -15,6 +15,9 @@ Routes (all but /healthz need `Authorization: Bearer <key>`; 401 otherwise):
 - `POST /v1/predict` {"inputs": [[...], ...]} -> {"predictions": [{"label": 3, "top": [{"label": 3,
   "score": 0.98}, ...]}]} (classifiers; `top` has k entries with --top-k, scores rounded with --round)
 - `POST /v1/embed` {"texts": ["...", ...]} -> {"embeddings": [[...], ...], "dim": 384} (encoders)
+- `POST /v1/generate` {"prompt": "...", "max_new_tokens": 32, "temperature": null, "top_k": null, "seed": null}
+  -> {"text": "...", "prompt_tokens": 5, "generated_tokens": 32, "decoding": "greedy"} (causal LMs; one
+  prompt per request, charged as one query against the client's budget)
 - admin only (403 for users): `GET /v1/info` (model, backend, integrity state, config),
   `GET|POST /v1/clients`, `POST /v1/clients/{name}/rotate`, `POST /v1/clients/{name}/revoke`,
   `PUT /v1/clients/{name}/budget`, `GET /v1/audit?limit=&client=&status=`, `POST /v1/integrity/check`,

@@ -50,6 +50,7 @@ class ServerConfig:
     max_batch: int = 64
     max_body_bytes: int = 1 << 20
     max_text_chars: int = 2000
+    max_new_tokens: int = 256  # most tokens one /v1/generate request may ask for
     integrity_interval: float = 30.0  # seconds between checks; <= 0 turns the periodic check off
     auth_failures_per_minute: int | None = 20  # per peer address, then 429 before any key check; None: off
     auth_refusal_delay_s: float = 1.0  # a refused address waits this long for its 429 (at most Retry-After)

@@ -25,6 +25,15 @@ class EmbedRequest(_Body):
     texts: list[str] = Field(..., description="sentences to embed")
 
 
+class GenerateRequest(_Body):
+    prompt: str = Field(..., description="the text to continue")
+    max_new_tokens: int = Field(32, ge=1, le=_INT32, description="most tokens to generate")
+    temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="sampling temperature "
+                                      "(default: greedy decoding)")
+    top_k: int | None = Field(None, ge=1, le=_INT32, description="sample from the k most likely tokens")
+    seed: int | None = Field(None, ge=0, le=_INT64, description="seed of the sampling")
+
+
 class NewClient(_Body):
     name: str
     role: Literal["user", "admin"] = "user"

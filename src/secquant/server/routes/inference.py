@@ -1,4 +1,4 @@
-"""The open health check and the client routes: /healthz (GET and HEAD), /v1/predict, /v1/embed.
+"""The open health check and the client routes: /healthz (GET and HEAD), /v1/predict, /v1/embed, /v1/generate.
 
 Route functions carry no return annotation: FastAPI would turn it into a response model and change
 the OpenAPI document. Their names make the operation ids, so they are part of the interface.
@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ..gate import Authenticated, Gate, gate_of
-from ..schemas import EmbedRequest, PredictRequest
+from ..schemas import EmbedRequest, GenerateRequest, PredictRequest
 
 router = APIRouter()
 
@@ -85,3 +85,26 @@ async def embed(body: EmbedRequest, request: Request, p: Authenticated):
     await gate.charge(request, p, len(body.texts))
     emb = await run_in_threadpool(gate.model.embed, body.texts)
     return {"embeddings": [gate.harden(r) for r in emb.float().tolist()], "dim": int(emb.shape[-1])}
+
+
+@router.post("/v1/generate")
+async def generate(body: GenerateRequest, request: Request, p: Authenticated):
+    """One prompt per request, charged as one query (the budget counts prompts, as /v1/embed counts texts)."""
+    from ...errors import SecquantError
+
+    gate = gate_of(request)
+    cfg = gate.config
+    _serving_task(gate, request, "generate")
+    if not body.prompt:
+        raise HTTPException(422, "prompt must be a non-empty text")
+    if len(body.prompt) > cfg.max_text_chars:
+        raise HTTPException(422, f"the prompt may have at most {cfg.max_text_chars} characters")
+    if body.max_new_tokens > cfg.max_new_tokens:
+        raise HTTPException(422, f"max_new_tokens may be at most {cfg.max_new_tokens}")
+    await gate.charge(request, p, 1)
+    try:
+        res = await run_in_threadpool(gate.model.generate, body.prompt, max_new_tokens=body.max_new_tokens,
+                                      temperature=body.temperature, top_k=body.top_k, seed=body.seed)
+    except SecquantError as e:
+        raise HTTPException(422, str(e)[:300]) from None
+    return {k: res[k] for k in ("text", "prompt_tokens", "generated_tokens", "decoding")}
