@@ -113,7 +113,7 @@ def test_openapi_spec_validates_and_schemathesis_finds_no_5xx(app_and_keys):
 def test_every_protected_route_401_without_key_403_for_wrong_role(app_and_keys):
     app, store, admin, user = app_and_keys
     ops = _operations(app)
-    assert {("GET", "/healthz"), ("HEAD", "/healthz")} <= set(ops) and len(ops) == 12
+    assert {("GET", "/healthz"), ("HEAD", "/healthz")} <= set(ops) and len(ops) == 13
     store.add_client("gone")
     revoked = store.rotate_key("gone")
     store.revoke("gone")
