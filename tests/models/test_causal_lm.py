@@ -233,3 +233,27 @@ def test_vit_saved_by_transformers_loads_its_weights(tmp_path):
     with pytest.raises(ModelError, match="no tokenizer files"):  # no tokenizer: refused, not all-[UNK]
         load_model(str(d))
     assert isinstance(enc.transformer, ViTModel)
+
+
+def test_gptq_runs_decoder_layer_by_decoder_layer(monkeypatch):
+    """GPTQ on a causal LM runs each decoder layer on cached inputs (the embeddings run once per calibration
+    pass, not once per GPTQ stage), with exactly the codes of the stage-by-stage pass over the whole model."""
+    import secquant.quant.algorithms.gptq as gptq_mod
+
+    h = load_model(str(tiny_causal_lm("qwen2")))
+    calls = {"embed": 0, "blocks": 0}
+    emb = h.module.get_input_embeddings()
+    emb.register_forward_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1))  # deep copies keep it
+    seen_chain = []
+    real = gptq_mod.chained_blocks
+    monkeypatch.setattr(gptq_mod, "chained_blocks", lambda *a: seen_chain.append(real(*a)) or seen_chain[-1])
+    by_block = secquant.quantize(h, "w4a16-gptq")
+    block_embeds = calls["embed"]
+    assert seen_chain[0][0] == "model.layers"
+    monkeypatch.setattr(gptq_mod, "chained_blocks", lambda *a: None)
+    calls["embed"] = 0
+    whole = secquant.quantize(h, "w4a16-gptq")
+    a, b = by_block.module.state_dict(), whole.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # 2 decoder layers of 4 stages each + lm_head: the whole-model pass runs the embeddings ~9 times per batch
+    assert block_embeds < 0.5 * calls["embed"]

@@ -22,6 +22,7 @@ from ..modules.weight import mse_range
 from ..modules import quantize_module
 from ..primitives import PerChannel, PerGroup, PerTensor, choose_qparams, qrange, reduce_range
 from .base import CountedBatches, WeightPass, handles
+from .gptq_blocks import StageDone, batch_mask, chained_blocks, gptq_by_block
 from .rtn import apply_recipe, plan, set_submodule
 
 
@@ -189,8 +190,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, args: QuantArgs, damp: float
 
 # ------------------------------------------------------------------------------- the model-level driver
 
-class _StageDone(Exception):
-    """Raised from a hook once every layer of the current stage has seen the batch."""
+_StageDone = StageDone  # raised from a hook once every layer of the current stage has seen the batch
 
 
 @torch.no_grad()
@@ -200,11 +200,13 @@ def gptq_stages(model: nn.Module, names: list[str], batch, run_batch) -> list[li
     Each stage is quantized before the next one's Hessians are collected, so every layer sees
     inputs that already went through all quantized layers before it (sequential GPTQ).
     """
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, bool]] = []  # (layer, reads the very tensor the layer hooked before it read)
+    last: list[torch.Tensor | None] = [None]  # held, so its id cannot be reused by a later tensor
 
     def hook(mod, inp, name):
         if all(n != name for n, _ in order):
-            order.append((name, id(inp[0])))
+            order.append((name, inp[0] is last[0]))
+        last[0] = inp[0]
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
     try:
@@ -212,24 +214,69 @@ def gptq_stages(model: nn.Module, names: list[str], batch, run_batch) -> list[li
     finally:
         for h in hooks:
             h.remove()
+    last[0] = None
     stages: list[list[str]] = []
-    last_input = None
-    for name, inp in order:
-        if stages and inp == last_input:
+    for name, same in order:
+        if stages and same:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_input = inp
     missing = [n for n in names if all(n != o for o, _ in order)]
     if missing:
         raise CalibrationError(f"GPTQ: layers not reached by the model's forward pass: {', '.join(missing[:5])}")
     return stages
 
 
+class _StageInputs:
+    """Hooks that feed one stage's Hessians from each batch: the inputs each layer of the stage gets in the model
+    being quantized (and, for float targets, in the float reference); a forward stops once every layer of the
+    stage has seen the batch. Padding positions are left out (not activations the model sees in use)."""
+
+    def __init__(self, model: nn.Module, reference: nn.Module | None, stage: list[str]) -> None:
+        self.stage = stage
+        self.acc = {n: HessianAccumulator() for n in stage}
+        self.seen: set[str] = set()
+        self.float_inputs: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.n_batches = 0
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: self._hook(i, n))
+                        for n in stage]
+        if reference is not None:
+            self.handles += [reference.get_submodule(n).register_forward_pre_hook(
+                lambda m, i, n=n: self._float_hook(i, n)) for n in stage]
+
+    def _real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask
+        return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
+
+    def _hook(self, inp, name: str) -> None:
+        self.acc[name].add(self._real_rows(inp[0].detach()), self.float_inputs.get(name))
+        self.seen.add(name)
+        if len(self.seen) == len(self.stage):
+            raise _StageDone
+
+    def _float_hook(self, inp, name: str) -> None:
+        self.float_inputs[name] = self._real_rows(inp[0].detach())
+        if len(self.float_inputs) == len(self.stage):
+            raise _StageDone
+
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        self.seen.clear()
+        self.float_inputs.clear()
+        self.mask = mask
+        self.n_batches += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @handles(GPTQ)
 def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str, dict], int]:
     """Sequential GPTQ: each stage's Hessians come from inputs that already went through the
-    quantized stages before it; memory is one H per layer of the stage (no stored activations).
+    quantized stages before it; memory is one H per layer of the stage (no stored activations), or, for a
+    model that runs a chain of blocks (a transformer's layers), one block's inputs (gptq_blocks: decoder
+    layer by decoder layer, each block run on cached inputs instead of the whole model per stage).
 
     With smoothing, layer y = (x/s)(W s)^T is quantized as W s with the Hessian of x/s; with a
     rotation R, as W s R with the Hessian of (x/s) R.
@@ -247,74 +294,68 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
     stages = gptq_stages(model, gptq_names, first, run_batch)
     samples = 0
     tick = wp.progress("GPTQ blocks", len(stages))
+
+    def quantize_stage(stage: list[str], hooks: _StageInputs) -> None:
+        if hooks.n_batches == 0:
+            raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
+        for name in stage:
+            layers[name] = _quantize_layer(model, name, todo[name], hooks.acc[name], smooth.get(name), recipe)
+
+    chain = chained_blocks(model, stages, first, run_batch)
+    if chain is not None:
+        prefix = chain[0]
+        in_blocks = [s for s in stages if s[0].startswith(prefix + ".")]
+        stages = stages[len(in_blocks):]  # after the blocks (an LM head): stage by stage over the whole model
+        passes: list[CountedBatches] = []
+
+        def counted_batches() -> CountedBatches:
+            passes.append(CountedBatches(batches()))
+            return passes[-1]
+
+        gptq_by_block(model, reference, prefix, in_blocks, counted_batches, run_batch,
+                      lambda stage: _StageInputs(model, reference, stage), quantize_stage, tick)
+        samples = max(p.samples for p in passes)
     for stage in stages:
-        acc = {n: HessianAccumulator() for n in stage}
-        seen: set[str] = set()
-        float_inputs: dict[str, torch.Tensor] = {}
-        mask: list[torch.Tensor | None] = [None]
-
-        def real_rows(x: torch.Tensor) -> torch.Tensor:
-            """The rows of real tokens: padding positions are not activations the model sees in use."""
-            m = mask[0]
-            return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
-
-        def hook(mod, inp, name):
-            acc[name].add(real_rows(inp[0].detach()), float_inputs.get(name))
-            seen.add(name)
-            if len(seen) == len(stage):
-                raise _StageDone
-
-        def float_hook(mod, inp, name):
-            float_inputs[name] = real_rows(inp[0].detach())
-            if len(float_inputs) == len(stage):
-                raise _StageDone
-
-        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in stage]
-        if reference is not None:
-            hooks += [reference.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: float_hook(m, i, n))
-                      for n in stage]
-        n_seen = 0
+        hooks = _StageInputs(model, reference, stage)
         try:
             with torch.no_grad():
                 counted = CountedBatches(batches())
                 for b in counted:
-                    seen.clear()
-                    float_inputs.clear()
-                    m = b.get("attention_mask") if isinstance(b, dict) else None
-                    mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+                    hooks.start_batch(batch_mask(b))
                     for m in (reference, model) if reference is not None else (model,):
                         try:
                             run_batch(m, b)
                         except _StageDone:
                             pass
-                    n_seen += 1
         finally:
-            for h in hooks:
-                h.remove()
+            hooks.remove()
         samples = max(samples, counted.samples)
-        if n_seen == 0:
-            raise CalibrationError("GPTQ needs calibration data: the calibration set is empty")
-        for name in stage:
-            t, wargs, aargs = todo[name]
-            mod = model.get_submodule(name)
-            if acc[name].n == 0:
-                raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
-            w = mod.weight.detach().float()
-            w = w.t() if t == "Conv1D" else w
-            # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
-            # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
-            qmod = quantize_module(mod, t, wargs, aargs, smooth.get(name), recipe.rotation)
-            w = qmod.weight_space(w)
-            H = qmod.input_gram(acc[name].H)
-            C = qmod.input_gram(acc[name].C) if acc[name].C is not None else None
-            if C is not None:
-                w = float_target(w, H, C, cfg.float_targets_ridge)
-            q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
-                                               block_size=cfg.block_size)
-            qmod.set_quantized(q, scale, zp)
-            set_submodule(model, name, qmod)
-            entry = qmod.layer_info(t)
-            entry["config"]["gptq"] = {**info, "float_targets": C is not None}
-            layers[name] = entry
+        quantize_stage(stage, hooks)
         tick(1)
     return {n: layers[n] for n in todo}, samples
+
+
+def _quantize_layer(model: nn.Module, name: str, todo_entry, acc: HessianAccumulator, prep, recipe: Recipe) -> dict:
+    """GPTQ on one layer from its accumulated Gram matrices; the layer is replaced in `model`. Its manifest entry."""
+    t, wargs, aargs = todo_entry
+    cfg = recipe.algorithm
+    mod = model.get_submodule(name)
+    if acc.n == 0:
+        raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
+    w = mod.weight.detach().float()
+    w = w.t() if t == "Conv1D" else w
+    # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
+    # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
+    qmod = quantize_module(mod, t, wargs, aargs, prep, recipe.rotation)
+    w = qmod.weight_space(w)
+    H = qmod.input_gram(acc.H)
+    C = qmod.input_gram(acc.C) if acc.C is not None else None
+    if C is not None:
+        w = float_target(w, H, C, cfg.float_targets_ridge)
+    q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
+                                       block_size=cfg.block_size)
+    qmod.set_quantized(q, scale, zp)
+    set_submodule(model, name, qmod)
+    entry = qmod.layer_info(t)
+    entry["config"]["gptq"] = {**info, "float_targets": C is not None}
+    return entry
