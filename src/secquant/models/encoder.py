@@ -267,7 +267,9 @@ def random_vocabulary_sentences(tokenizer, n: int, seed: int = 0, min_words: int
     from ..errors import CalibrationError
 
     vocab = sorted(tokenizer.get_vocab())
-    words = [w for w in vocab if w.isalpha() and len(w) > 1 and not w.startswith("##")]
+    # byte-level BPE (GPT-2, Qwen2) and SentencePiece (Llama) vocabularies mark a word's leading space
+    words = sorted({v for w in vocab if (v := w.lstrip("\u0120\u2581")).isalpha() and len(v) > 1
+                    and not w.startswith("##")})
     if len(words) < 100:
         raise CalibrationError("the tokenizer's vocabulary has too few whole words to synthesize sentences from")
     rng = random.Random(seed)
