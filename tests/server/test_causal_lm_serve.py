@@ -15,16 +15,20 @@ from secquant.server import ServerConfig, create_app, open_served
 PROMPT = "The city council"
 
 
-@pytest.fixture(scope="module")
-def sealed_lm(server_keys, tmp_path_factory):
-    """(artifact dir, sealed file) of the tiny Llama-style model quantized with w4a16-gptq."""
+PRESETS = {"llama": "w4a16-gptq", "gpt2": "w8a8-dynamic", "qwen2": "w8a16"}
+
+
+@pytest.fixture(scope="module", params=list(PRESETS))
+def sealed_lm(request, server_keys, tmp_path_factory):
+    """(artifact dir, sealed file) of a tiny causal LM of each style (Llama, GPT-2, Qwen2), quantized."""
     from secquant.security import seal
 
     owner, _ = server_keys
-    d = tmp_path_factory.mktemp("lm-sealed")
-    art = d / "llama-w4"
-    secquant.quantize(str(tiny_causal_lm("llama")), "w4a16-gptq", out=art)
-    return art, seal(art, [owner.recipient.read_text().strip()], owner.sign_key, d / "llama-w4.age")
+    style = request.param
+    d = tmp_path_factory.mktemp(f"lm-sealed-{style}")
+    art = d / style
+    secquant.quantize(str(tiny_causal_lm(style)), PRESETS[style], out=art)
+    return art, seal(art, [owner.recipient.read_text().strip()], owner.sign_key, d / f"{style}.age")
 
 
 def bearer(key: str) -> dict:
