@@ -256,7 +256,7 @@ def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, 
     if isinstance(against, nn.Module):
         ref, named = against.eval(), "the given float module"
     elif against is not None:
-        ref, named = load_model(str(against), weights).module, str(against)
+        ref, named = load_model(str(against), weights, _artifact_tokenizer(qm, against)).module, str(against)
     elif src in BUILTINS and weights is None:
         ref, named = BUILTINS[src]().module, src
     else:
@@ -272,6 +272,17 @@ def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, 
                          f"differs from the manifest's source.weights_sha256){hint}: pass the model it was made "
                          "from with --against")
     return ref
+
+
+def _artifact_tokenizer(qm: QuantizedModel, against: str) -> str | None:
+    """The artifact directory, as the tokenizer of a float Hugging Face directory that has none (it was quantized
+    with --tokenizer: the artifact carries those files, and the float reference only needs the weights)."""
+    from .models.hf import TOKENIZER_FILES
+
+    d = Path(against)
+    if qm.path is None or not d.is_dir() or any((d / n).exists() for n in TOKENIZER_FILES):
+        return None
+    return str(qm.path)
 
 
 def _shown(text: str, limit: int = 120) -> str:

@@ -165,7 +165,7 @@ def test_directory_without_tokenizer_is_refused_unless_named(tmp_path, cli, asse
     r = cli("quantize", d, "--preset", "w8a16", "--out", tmp_path / "x", "--tokenizer", src)
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "x" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    r = cli("eval", tmp_path / "x", "--against", src)
+    r = cli("eval", tmp_path / "x", "--against", d)  # the float directory has no tokenizer: the artifact's is used
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["metric"] == "perplexity" and {"value", "float_value", "kl_divergence", "top1_agreement"} <= set(res)
