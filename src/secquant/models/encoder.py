@@ -288,6 +288,12 @@ def load_encoder_dir(model_dir: str | Path, spec: str | None = None, tokenizer: 
     files = arch_files_of(d)  # every file secquant will read or copy, checked before any is read
     if "config.json" not in files:
         raise ModelError(f"{d} is not a Hugging Face model directory (no config.json)")
+    cfg = hf.read_config(d)
+    if tokenizer is None and ("image_size" in cfg or "num_channels" in cfg) and \
+            not any(model_file(d, n) for n in hf.TOKENIZER_FILES):
+        raise ModelError(f"{d} holds an image model ({str(cfg.get('model_type'))[:40]}): secquant reads Hugging Face "
+                         "directories of text models (encoders, causal LMs); quantize an image model as a factory "
+                         "(package.module:factory returning it, with a sample_shape attribute) with --weights")
     files = with_tokenizer(files, d, tokenizer)
     pooling, normalize, max_len = _pooling_of(d)
     enc = load_encoder_weights(d, pooling, normalize)
