@@ -53,7 +53,8 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
          time_budget: float | None = None, candidates: Iterable[int] = DEFAULT_CANDIDATES,
          data: str | Path | None = None, calib: str | Path | None = None, out: str | Path | None = None,
          overwrite: bool = False, progress: Progress | None = None,
-         log: Callable[[str], Any] | None = print) -> TuneResult:
+         log: Callable[[str], Any] | None = print, weights: str | None = None, sample_shape: Any = None,
+         sample_dtype: Any = None) -> TuneResult:
     """Choose weight bits per layer (or float) to minimize size with the metric drop <= max_drop.
 
     max_drop is in accuracy points for metric 'accuracy' (1.0 = one percentage point) and in mean
@@ -72,7 +73,7 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     if isinstance(model, ModelHandle):
         handle = model
     elif isinstance(model, (str, Path)):
-        handle = load_model(str(model))
+        handle = load_model(str(model), weights, sample_shape, sample_dtype)  # weights etc.: factory models
     else:
         raise ModelError(f"tune() takes a model spec string or a ModelHandle, got {type(model).__name__}")
     check_finite(handle.module)

@@ -20,8 +20,13 @@ BUILTINS = {"builtin:digits": load_builtin_digits, "builtin:minilm": load_builti
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter)}
 
 
-def load_model(spec: str, weights: str | None = None) -> ModelHandle:
-    """Resolve a model spec to a float model handle."""
+def load_model(spec: str, weights: str | None = None, sample_shape: Any = None,
+               sample_dtype: Any = None) -> ModelHandle:
+    """Resolve a model spec to a float model handle. `sample_shape` / `sample_dtype` (factory models only):
+    the input of one sample, when the model has no `sample_shape` / `sample_dtype` attribute (models.inputs)."""
+    if (sample_shape is not None or sample_dtype is not None) and not is_factory_spec(spec):
+        raise ModelError(f"--sample-shape and --sample-dtype are for factory models (package.module:factory); "
+                         f"{spec[:120]} knows its own inputs")
     if spec in BUILTINS:
         if weights is not None:
             raise ModelError(f"--weights cannot be combined with {spec}")
@@ -34,7 +39,7 @@ def load_model(spec: str, weights: str | None = None) -> ModelHandle:
             raise ModelError("--weights is for factory models; a model directory carries its own weights")
         return load_encoder_dir(p)
     if is_factory_spec(spec):
-        return load_factory(spec, weights)
+        return load_factory(spec, weights, sample_shape, sample_dtype)
     raise ModelError(
         f"cannot resolve model {spec!r}: use builtin:digits, builtin:minilm, a Hugging Face model "
         "directory, or package.module:factory with --weights FILE.safetensors"
