@@ -110,7 +110,7 @@ def _without_data(model: str | nn.Module | ModelHandle) -> bool:
     if isinstance(model, nn.Module):
         return True
     spec = str(model)
-    return is_factory_spec(spec) and not Path(spec).is_dir()
+    return is_factory_spec(spec) and not spec.startswith("builtin:") and not Path(spec).is_dir()
 
 
 def precheck(model: str | nn.Module | ModelHandle, recipe: Recipe, *, out=None, overwrite: bool = False,
@@ -123,10 +123,11 @@ def precheck(model: str | nn.Module | ModelHandle, recipe: Recipe, *, out=None, 
     from .privacy.synthetic import SYNTHETIC
 
     _check_out(out, overwrite)
-    for f, flag in ((weights, "--weights"), (identity, "--identity"), (train, "--train"),
-                    (None if calib == SYNTHETIC else calib, "--calib")):
+    for f, flag in ((weights, "--weights"), (identity, "--identity"), (train, "--train")):
         if f is not None and not Path(f).exists():
             raise SecquantError(f"{flag} {f}: no such file")
+    if calib is not None and calib != SYNTHETIC and not Path(calib).exists():
+        raise CalibrationError(f"--calib {calib}: no such file")
     CalibrationPlan.check_options(calib, dp_epsilon, dp_delta)
     if needs_calib and recipe.needs_calibration and calib is None and _without_data(model):
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
@@ -305,7 +306,7 @@ def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, 
                          "(API: against=)")
     if state_dict_sha256(ref.state_dict()) != qm.manifest.source.weights_sha256:
         differs = "its weights hash differs from the manifest's source.weights_sha256"
-        if isinstance(against, str) and is_factory_spec(against) and not Path(against).is_dir():
+        if isinstance(against, str) and _without_data(against):  # a factory spec
             if weights is None:
                 raise ModelError(f"--weights is missing: {named} alone builds a model with its own initial weights "
                                  f"({differs}); pass --weights FILE with the float weights this artifact was "

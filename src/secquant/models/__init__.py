@@ -24,7 +24,8 @@ def load_model(spec: str, weights: str | None = None, sample_shape: Any = None,
                sample_dtype: Any = None) -> ModelHandle:
     """Resolve a model spec to a float model handle. `sample_shape` / `sample_dtype` (factory models only):
     the input of one sample, when the model has no `sample_shape` / `sample_dtype` attribute (models.inputs)."""
-    if (sample_shape is not None or sample_dtype is not None) and not is_factory_spec(spec):
+    factory = is_factory_spec(spec) and not spec.startswith("builtin:") and not Path(spec).is_dir()
+    if (sample_shape is not None or sample_dtype is not None) and not factory:
         raise ModelError(f"--sample-shape and --sample-dtype are for factory models (package.module:factory); "
                          f"{spec[:120]} knows its own inputs")
     if spec in BUILTINS:
