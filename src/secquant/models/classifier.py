@@ -143,7 +143,9 @@ class TensorClassifierAdapter(Adapter):
 
     def sample_batch(self) -> torch.Tensor:
         if not self.sample_shape:
-            return super().sample_batch()
+            raise ModelError("this classifier records no input shape: pass --sample-shape (the shape of one sample "
+                             "without the batch dimension; API: sample_shape=, or sample_input=<a batch>), or give "
+                             "the model a `sample_shape` attribute, or pass --sample-shape to quantize to record it")
         return made_up_inputs(2, self.sample_shape, self.sample_dtype, self.id_high, torch.Generator().manual_seed(0))
 
     def graph_io(self, sample: torch.Tensor) -> GraphIO:
