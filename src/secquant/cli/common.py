@@ -56,9 +56,10 @@ def user_errors(fn):
 
 class LineProgress:
     """Progress as plain lines, for stderr that is not a terminal (CI, logs, pipes), where a live bar shows
-    nothing: `[  12.3s] calibrating: 8/8` (seconds since the command started) when a stage ends, and while
-    a long stage runs at most one line every `interval` seconds (GPTQ's layers, not a line per batch).
-    Stages that end within `quiet` seconds print nothing: a quick run stays quiet."""
+    nothing: `[  12.3s] calibrating: 8/8` (seconds since the command started) when a stage ends (its total
+    reached, the next stage started, or the command done), and while a long stage runs at most one line
+    every `interval` seconds (GPTQ's layers, not a line per batch). Stages that take less than `quiet`
+    seconds print nothing: a quick run stays quiet."""
 
     interval = 5.0
     quiet = 1.0
@@ -66,39 +67,42 @@ class LineProgress:
     def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
         self.console, self.clock = console, clock
         self.t0 = clock()
-        self.running: list[dict[str, Any]] = []  # stages not ended yet (totals not reached, or no total)
+        self.running: list[dict[str, Any]] = []  # stages whose total is not reached (or that have none)
 
     def _line(self, st: dict[str, Any], now: float) -> None:
         count = f"{st['done']}/{st['total']}" if st["total"] else f"{st['done']} done"
         self.console.print(f"[{now - self.t0:6.1f}s] {one_line(st['label'], 120)}: {count}", markup=False,
                            highlight=False, soft_wrap=True)
-        st["printed"] = now
+        st["printed"], st["shown"] = now, st["done"]
+
+    def _flush(self, now: float) -> None:
+        """A line for each running stage with progress not shown yet (totals are often estimates)."""
+        for st in self.running:
+            if st["done"] != st["shown"] and now - st["start"] >= self.quiet:
+                self._line(st, now)
 
     def __call__(self, label: str, total: int | None) -> Callable[[int], None]:
         now = self.clock()
-        st = {"label": label, "total": total, "done": 0, "start": now, "printed": now}
+        self._flush(now)
+        st = {"label": label, "total": total, "done": 0, "shown": 0, "start": now, "printed": now}
         self.running.append(st)
 
         def advance(n: int) -> None:
-            if st not in self.running:
-                return
             st["done"] += n
             now = self.clock()
             if st["total"] and st["done"] >= st["total"]:
-                self.running.remove(st)
-                if now - st["start"] >= self.quiet:
-                    self._line(st, now)
-            elif now - st["printed"] >= self.interval:
+                if st in self.running:
+                    self.running.remove(st)
+                    if now - st["start"] >= self.quiet:
+                        self._line(st, now)
+            elif st in self.running and now - st["printed"] >= self.interval:
                 self._line(st, now)
 
         return advance
 
     def close(self) -> None:
-        """The last line of each stage still running (stages without a total end with the command)."""
-        now = self.clock()
-        for st in self.running:
-            if now - st["start"] >= self.quiet:
-                self._line(st, now)
+        """The last line of the stages still running (stages without a total end with the command)."""
+        self._flush(self.clock())
         self.running = []
 
 
