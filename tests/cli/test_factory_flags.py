@@ -189,3 +189,47 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     assert "2 missing key(s): fc2.bias, fc2.weight" in msg
     assert "7 unexpected key(s): extra.0, extra.1" in msg and "(2 more)" in msg
     assert "1 shape mismatch(es): fc1.weight (file [16, 7], model [16, 6])" in msg
+
+
+def test_integrity_and_watermark_verify_rebuild_with_factory(tiny_artifact, tmp_path, cli, assert_user_error):
+    from secquant.security import keygen, seal
+
+    art, w = tiny_artifact
+    keys = keygen(tmp_path / "owner")
+    sealed = seal(art, [keys.recipient.read_text().strip()], keys.sign_key, tmp_path / "q.age")
+    opened = ["--identity", keys.identity, "--verify-key", keys.verify_key]
+    assert "--factory" in assert_user_error(cli("integrity", sealed, *opened))
+    r = cli("integrity", sealed, *opened, "--factory", TINY)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["intact"] is True
+
+    wm = tmp_path / "owner.wm"
+    assert cli("watermark", "keygen", "--out", wm).exit_code == 0
+    marked = tmp_path / "marked"
+    r = cli("watermark", "embed", TINY, "--weights", w, "--preset", "w8a16", "--key", wm, "--out", marked,
+            "--tau", "0.45")  # a wide band: the tiny model has few weights to carry the mark
+    assert r.exit_code == 0, r.stderr
+    assert "--factory" in assert_user_error(cli("watermark", "verify", marked, "--key", wm))
+    # the factory rebuilds the artifact; the float model is the user's (a manifest's factory is never called)
+    line = assert_user_error(cli("watermark", "verify", marked, "--key", wm, "--factory", TINY))
+    assert "--float" in line
+    r = cli("watermark", "verify", marked, "--key", wm, "--factory", TINY, "--float", TINY, "--weights", w)
+    assert r.exit_code == 0, r.stderr
+    assert "DETECTED" in r.stdout
+    # the API neither: the factory the manifest names is not called to make the float reference
+    import secquant
+    import secquant.models.factory
+    from secquant.security.watermark import WatermarkError, verify_watermark
+
+    qm = secquant.load(marked, factory=TINY, allow_unsealed=True)
+
+    def refuse(spec):
+        raise AssertionError(f"called {spec} named by a manifest")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(secquant.models.factory, "call_factory", refuse)
+    try:
+        with pytest.raises(WatermarkError, match="float_model="):
+            verify_watermark(qm, wm)
+    finally:
+        mp.undo()

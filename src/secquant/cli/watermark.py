@@ -87,7 +87,12 @@ def embed(
     layers = {n: e.model_dump() for n, e in m.layers.items()}
     save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
                   tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record())
-    check = verify_watermark(out, k, float_model=source)  # from the written files, as a verifier would
+    written: object = out
+    if m.model.rebuild.get("loader") == "factory":  # rebuilt with the factory the user just named
+        from ..api import load
+
+        written = load(out, factory=model, allow_unsealed=True)
+    check = verify_watermark(written, k, float_model=source)  # from the written files, as a verifier would
     res = {"artifact": str(out), "recipe": m.recipe.name, **rep.to_dict(),
            "verify": {k_: getattr(check, k_) for k_ in ("detected", "n", "z", "p_value", "log10_p_value")}}
     sys.stdout.write(json.dumps(res) + "\n")
