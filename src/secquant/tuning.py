@@ -62,7 +62,8 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     classifiers with labelled data, cosine otherwise. size_budget (bytes of model.safetensors) is a
     second constraint; time_budget (seconds) stops the search early, keeping the best model so far.
     The best model found is always returned, and saved when `out` is given, even if the goal was not
-    met (summary['goal_met'] is False and summary['statement'] says why).
+    met (summary['goal_met'] is False and summary['statement'] says why). `weights`, `sample_shape` and
+    `sample_dtype` are for a factory model spec, as in secquant.quantize.
     """
     t0 = time.perf_counter()
     config = MixedPrecision(max_drop, metric, size_budget, time_budget, tuple(candidates)
