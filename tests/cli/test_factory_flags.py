@@ -152,6 +152,12 @@ def test_token_id_model_exports_with_an_integer_input(tmp_path, cli):
     got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": ids.numpy()})[0]
     want = secquant.load(out, factory="input_factory:tokens", allow_unsealed=True)(ids)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    # eval on ONNX Runtime feeds a data file's ids as int64 too
+    save_file({"inputs": ids}, str(tmp_path / "ids.safetensors"))
+    r = cli("eval", out, "--factory", "input_factory:tokens", "--weights", w, "--data", tmp_path / "ids.safetensors",
+            "--runtime", "onnx")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["mean_cosine_to_float"] > 0.99
 
 
 def test_sample_dtype_from_the_attribute_or_the_flag(tmp_path, cli):
