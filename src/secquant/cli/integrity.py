@@ -31,7 +31,8 @@ def integrity(
     if not model.exists():
         raise SecquantError(f"{model} does not exist")
     qm = load(model, identity=identity, verify_key=verify_key, passphrase=read_passphrase(ask_passphrase),
-              allow_unsealed=True, min_release=min_release, factory=factory)  # loading checks the record, refuses a mismatch
+              allow_unsealed=True, min_release=min_release,
+              factory=factory)  # loading checks the record, refuses a mismatch
     found = qm.check_integrity()
     g = qm.integrity
     res = {"model": str(model), "intact": not found, "layers": len(g.layers), "tensors": len(g.tensors),

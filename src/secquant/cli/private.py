@@ -31,6 +31,7 @@ def _query_inputs(index: Optional[list[int]], inputs: Optional[Path], sample_sha
         raise SecquantError(f"--index {bad[0]} is out of range: the digits test split has {n} images (0..{n - 1})")
     return d["test_x"][index], d["test_y"][index]
 
+
 def _loaded(artifact: Path, factory: str | None):
     """The artifact directory, or (a factory-built one, with --factory) the model rebuilt by that factory."""
     if factory is None:
@@ -58,8 +59,8 @@ def private_eval(
     the plaintext quantized model."""
     from ..runtime.private import private_evaluate
 
-    res = private_evaluate(_loaded(artifact, factory), samples=samples, parties=parties, data=data, precision_bits=precision_bits,
-                           log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    res = private_evaluate(_loaded(artifact, factory), samples=samples, parties=parties, data=data,
+                           precision_bits=precision_bits, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
         return

@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 
 from ..errors import SecquantError
-from .common import (RichProgress, err, existing, out, parse_sample_dtype, parse_sample_shape, parse_size, print_privacy,
-                     read_passphrase, sample_dtype_option, sample_shape_option, user_errors, weights_option)
+from .common import (RichProgress, err, existing, out, parse_sample_dtype, parse_sample_shape, parse_size,
+                     print_privacy, read_passphrase, sample_dtype_option, sample_shape_option, user_errors,
+                     weights_option)
 
 app = typer.Typer()
 

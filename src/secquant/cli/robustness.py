@@ -179,7 +179,8 @@ def robustness(
     _check_out(out_dir, overwrite)
     grid = _floats(eps, "--eps")
     clip = _input_range(input_range)
-    for f, flag in ((data, "--data"), (train, "--train"), (identity, "--identity"), *((q, "--quantized") for q in quantized)):
+    for f, flag in ((data, "--data"), (train, "--train"), (identity, "--identity"),
+                    *((q, "--quantized") for q in quantized)):
         existing(f, flag)  # before the models load
     handle = _load_float(float_model, weights)
     models = {"fp32": handle.module.eval()}

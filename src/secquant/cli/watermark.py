@@ -11,9 +11,9 @@ from typing import Optional
 import typer
 
 from ..security.watermark_params import DEFAULT_MAX_TAU, DEFAULT_STRENGTH, DEFAULT_THRESHOLD
-from .common import (MIN_RELEASE_HELP, RichProgress, describe_release, err, existing, factory_option, parse_sample_dtype,
-                     parse_sample_shape, read_passphrase, sample_dtype_option, sample_shape_option, user_errors,
-                     weights_option)
+from .common import (MIN_RELEASE_HELP, RichProgress, describe_release, err, existing, factory_option,
+                     parse_sample_dtype, parse_sample_shape, read_passphrase, sample_dtype_option, sample_shape_option,
+                     user_errors, weights_option)
 
 EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no mark found
 
