@@ -22,7 +22,9 @@ from .artifact.fsutil import atomic_file, private_dir, refuse_existing
 from .artifact.store import build_manifest, describe
 from .errors import CalibrationError, ModelError, SecquantError
 from .fidelity import compare, float_size_bytes
-from .models import BUILTINS, ModelHandle, TensorClassifierAdapter, load_artifact, load_model
+from .models import BUILTINS, ModelHandle, load_artifact, load_model
+from .models.classifier import module_handle
+from .models.factory import is_factory_spec
 from .quant.algorithms import quantize_model
 from .recipes import Recipe, get_preset, load_recipe
 
@@ -88,17 +90,52 @@ def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
     return get_preset(str(recipe))
 
 
-def _handle(model: str | nn.Module | ModelHandle, weights: str | None, tokenizer: str | Path | None = None) -> ModelHandle:
+def _handle(model: str | nn.Module | ModelHandle, weights: str | None, progress: Progress | None = None,
+            sample_shape: Any = None, sample_dtype: Any = None, tokenizer: str | Path | None = None) -> ModelHandle:
     if tokenizer is not None and not isinstance(model, (str, Path)):
         raise SecquantError("tokenizer= is for a Hugging Face model directory named by its path")
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, nn.Module):
-        shape = getattr(model, "sample_shape", None)
-        return ModelHandle(model.eval(), f"python:{type(model).__qualname__}",
-                           {"loader": "module", "sample_shape": list(shape) if shape else None},
-                           TensorClassifierAdapter(tuple(shape) if shape else None))
-    return load_model(str(model), weights, None if tokenizer is None else str(tokenizer))
+        return module_handle(model, f"python:{type(model).__qualname__}", {"loader": "module"}, sample_shape,
+                             sample_dtype)
+    done = (progress or _no_progress)("loading model", 1)
+    handle = load_model(str(model), weights, sample_shape, sample_dtype,
+                        tokenizer=None if tokenizer is None else str(tokenizer))
+    done(1)
+    return handle
+
+
+def _without_data(model: str | nn.Module | ModelHandle) -> bool:
+    """The model brings no calibration data of its own (known from the spec alone, before loading it)."""
+    if isinstance(model, ModelHandle):
+        return not model.adapter.has_builtin_data
+    if isinstance(model, nn.Module):
+        return True
+    spec = str(model)
+    return is_factory_spec(spec) and not spec.startswith("builtin:") and not Path(spec).is_dir()
+
+
+def precheck(model: str | nn.Module | ModelHandle, recipe: Recipe, *, out=None, overwrite: bool = False,
+             calib=None, weights=None, dp_epsilon=None, dp_delta=None, identity=None, train=None,
+             needs_calib: bool = True) -> None:
+    """Every check the arguments allow alone, run before the (slow) model load: the output does not exist
+    (unless overwrite), named files exist, DP options are consistent, calibration data is given when the
+    recipe needs it and the model brings none."""
+    from .privacy.plan import CalibrationPlan
+    from .privacy.synthetic import SYNTHETIC
+
+    _check_out(out, overwrite)
+    for f, flag in ((weights, "--weights"), (identity, "--identity"), (train, "--train")):
+        if f is not None and not Path(f).exists():
+            raise SecquantError(f"{flag} {f}: no such file")
+    if calib is not None and calib != SYNTHETIC and not Path(calib).exists():
+        raise CalibrationError(f"--calib {calib}: no such file")
+    CalibrationPlan.check_options(calib, dp_epsilon, dp_delta)
+    if needs_calib and recipe.needs_calibration and calib is None and _without_data(model):
+        raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
+                               "scale search) and this model brings none: pass --calib FILE (or --calib synthetic "
+                               "for data-free calibration)")
 
 
 def _check_out(out: str | Path | None, overwrite: bool) -> None:
@@ -134,6 +171,8 @@ def quantize(
     passphrase: str | None = None,
     record_source_name: bool = False,
     tokenizer: str | Path | None = None,
+    sample_shape: Any = None,
+    sample_dtype: Any = None,
 ) -> QuantizedModel:
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given.
 
@@ -146,12 +185,16 @@ def quantize(
     with differential privacy on `calib`: every other data-reading step runs on synthetic inputs only,
     and the privacy ledger records the budget spent (epsilon = 0 when the recipe reads no private data).
     The manifest identifies `calib` by hash; its name only with `record_source_name=True`.
+    `sample_shape` / `sample_dtype` (factory models and modules): the input of one sample, without the
+    batch dimension, when the model has no `sample_shape` / `sample_dtype` attribute (recorded in the
+    manifest; see secquant.models.inputs). Everything the arguments allow is checked before the model loads.
     """
     from .privacy.encrypted_data import plaintext_path
 
     recipe = resolve_recipe(recipe)
-    handle = _handle(model, weights, tokenizer)
-    _check_out(out, overwrite)
+    precheck(model, recipe, out=out, overwrite=overwrite, calib=calib, weights=weights, dp_epsilon=dp_epsilon,
+             dp_delta=dp_delta, identity=identity)
+    handle = _handle(model, weights, progress, sample_shape, sample_dtype, tokenizer)
     with plaintext_path(calib, identity, passphrase) as data:
         qmodule, layers, calibration, privacy, key = _quantize(handle, recipe, calib, data, progress, dp_epsilon,
                                                                dp_delta, record_source_name)
@@ -256,8 +299,12 @@ def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, 
     if isinstance(against, nn.Module):
         ref, named = against.eval(), "the given float module"
     elif against is not None:
-        ref, named = load_model(str(against), weights, _artifact_tokenizer(qm, against)).module, str(against)
-    elif src in BUILTINS and weights is None:
+        ref, named = load_model(str(against), weights, tokenizer=_artifact_tokenizer(qm, against)).module, \
+            str(against)
+    elif src in BUILTINS:
+        if weights is not None:
+            raise ModelError(f"this artifact was quantized from {src}, which carries its own weights: drop --weights "
+                             "(it is for factory models)")
         ref, named = BUILTINS[src]().module, src
     else:
         how = ("--against PACKAGE.MODULE:FACTORY --weights FILE (the factory and float weights it was made from)"
@@ -266,11 +313,16 @@ def reference_model(qm: QuantizedModel, against: str | nn.Module | None = None, 
                          f"imports or opens what a manifest names, so name the float model yourself: {how} "
                          "(API: against=)")
     if state_dict_sha256(ref.state_dict()) != qm.manifest.source.weights_sha256:
-        hint = " (did you forget --weights?)" if against is not None and not isinstance(against, nn.Module) \
-            and weights is None and not str(against).startswith("builtin:") else ""
-        raise ModelError(f"{named} is not the float model this artifact was quantized from (its weights hash "
-                         f"differs from the manifest's source.weights_sha256){hint}: pass the model it was made "
-                         "from with --against")
+        differs = "its weights hash differs from the manifest's source.weights_sha256"
+        if isinstance(against, str) and _without_data(against):  # a factory spec
+            if weights is None:
+                raise ModelError(f"--weights is missing: {named} alone builds a model with its own initial weights "
+                                 f"({differs}); pass --weights FILE with the float weights this artifact was "
+                                 "quantized from (API: weights=)")
+            raise ModelError(f"{named} with --weights {weights} is not the float model this artifact was quantized "
+                             f"from ({differs}): pass the --weights file it was made from")
+        raise ModelError(f"{named} is not the float model this artifact was quantized from ({differs}): pass the "
+                         "model it was made from with --against")
     return ref
 
 
@@ -353,6 +405,8 @@ def qat(
     dp_delta: float | None = None,
     max_grad_norm: float = 1.0,
     record_source_name: bool = False,
+    sample_shape: Any = None,
+    sample_dtype: Any = None,
 ) -> QuantizedModel:
     """Quantization-aware retraining (LSQ) of a classifier on its training set; saves like quantize().
 
@@ -376,8 +430,9 @@ def qat(
     if dp_epsilon is not None and checkpoint_dir is not None:
         raise SecquantError("--checkpoints is not supported with --dp-epsilon: drop one of them")
     recipe = resolve_recipe(recipe)
-    handle = _handle(model, weights)
-    _check_out(out, overwrite)
+    precheck(model, recipe, out=out, overwrite=overwrite, calib=calib, weights=weights, train=train,
+             needs_calib=False)  # ranges start from the training set when no --calib is given
+    handle = _handle(model, weights, progress, sample_shape, sample_dtype)
     x, y = handle.adapter.train_set(train)
     float_module = handle.module
     source = source_entry(float_module)

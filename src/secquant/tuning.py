@@ -53,7 +53,8 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
          time_budget: float | None = None, candidates: Iterable[int] = DEFAULT_CANDIDATES,
          data: str | Path | None = None, calib: str | Path | None = None, out: str | Path | None = None,
          overwrite: bool = False, progress: Progress | None = None,
-         log: Callable[[str], Any] | None = print) -> TuneResult:
+         log: Callable[[str], Any] | None = print, weights: str | None = None, sample_shape: Any = None,
+         sample_dtype: Any = None) -> TuneResult:
     """Choose weight bits per layer (or float) to minimize size with the metric drop <= max_drop.
 
     max_drop is in accuracy points for metric 'accuracy' (1.0 = one percentage point) and in mean
@@ -61,7 +62,8 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     classifiers with labelled data, cosine otherwise. size_budget (bytes of model.safetensors) is a
     second constraint; time_budget (seconds) stops the search early, keeping the best model so far.
     The best model found is always returned, and saved when `out` is given, even if the goal was not
-    met (summary['goal_met'] is False and summary['statement'] says why).
+    met (summary['goal_met'] is False and summary['statement'] says why). `weights`, `sample_shape` and
+    `sample_dtype` are for a factory model spec, as in secquant.quantize.
     """
     t0 = time.perf_counter()
     config = MixedPrecision(max_drop, metric, size_budget, time_budget, tuple(candidates)
@@ -72,7 +74,7 @@ def tune(model: str | ModelHandle, *, max_drop: float, metric: str | None = None
     if isinstance(model, ModelHandle):
         handle = model
     elif isinstance(model, (str, Path)):
-        handle = load_model(str(model))
+        handle = load_model(str(model), weights, sample_shape, sample_dtype)  # weights etc.: factory models
     else:
         raise ModelError(f"tune() takes a model spec string or a ModelHandle, got {type(model).__name__}")
     check_finite(handle.module)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import RichProgress, err, out, user_errors
+from .common import RichProgress, err, existing, factory_option, out, user_errors, weights_option
 
 app = typer.Typer()
 
@@ -23,10 +23,10 @@ def eval_(
                                                                   "artifact was made from a built-in (nothing a "
                                                                   "manifest names is ever imported or opened)"),
     data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: the model's built-in held-out data)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="float weights for a factory model (--factory or "
-                                                                   "--against)"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names "
-                                                                  "(also the float reference, with --weights)"),
+    weights: Optional[Path] = weights_option("float weights of the factory model the artifact was made from "
+                                             "(with --factory or --against)"),
+    factory: Optional[str] = factory_option("confirm the package.module:factory a factory-built artifact names "
+                                            "(also the float reference, with --weights)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     runtime: str = typer.Option("torch", "--runtime", help="torch (eager PyTorch) or onnx (ONNX Runtime; exports "
                                                            "model.onnx into the artifact if missing)"),
@@ -36,11 +36,12 @@ def eval_(
     from ..api import evaluate, load
     from ..runtime.backend import backend_class
 
-    backend_class(runtime)  # a bad --runtime fails before anything loads
+    backend_class(runtime)  # bad arguments fail before anything loads
+    w, data_file = existing(weights, "--weights"), existing(data, "--data")
     qm = load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
     with RichProgress() as prog:
-        res = evaluate(qm, against=against or factory, data=data, weights=str(weights) if weights else None,
-                       batch_size=batch_size, progress=prog, runtime=runtime, threads=threads)
+        res = evaluate(qm, against=against or factory, data=data_file, weights=w, batch_size=batch_size,
+                       progress=prog, runtime=runtime, threads=threads)
     sys.stdout.write(json.dumps(res) + "\n")
 
 @app.command()

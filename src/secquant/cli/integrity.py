@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import MIN_RELEASE_HELP, describe_release, err, read_passphrase, user_errors
+from .common import MIN_RELEASE_HELP, describe_release, err, factory_option, read_passphrase, user_errors
 
 app = typer.Typer()
 
@@ -21,6 +21,7 @@ def integrity(
     verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
     ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
     min_release: Optional[int] = typer.Option(None, "--min-release", min=0, help=MIN_RELEASE_HELP),
+    factory: Optional[str] = factory_option(),
 ) -> None:
     """Check every tensor the model computes with (codes, scales, biases, caches, ...) against the keyed
     checksums sealed with it; print JSON."""
@@ -30,7 +31,8 @@ def integrity(
     if not model.exists():
         raise SecquantError(f"{model} does not exist")
     qm = load(model, identity=identity, verify_key=verify_key, passphrase=read_passphrase(ask_passphrase),
-              allow_unsealed=True, min_release=min_release)  # loading checks the record, refuses a mismatch
+              allow_unsealed=True, min_release=min_release,
+              factory=factory)  # loading checks the record, refuses a mismatch
     found = qm.check_integrity()
     g = qm.integrity
     res = {"model": str(model), "intact": not found, "layers": len(g.layers), "tensors": len(g.tensors),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import err, user_errors
+from .common import err, factory_option, user_errors
 
 
 def _query_inputs(index: Optional[list[int]], inputs: Optional[Path], sample_shape: list[int]):
@@ -31,6 +31,16 @@ def _query_inputs(index: Optional[list[int]], inputs: Optional[Path], sample_sha
         raise SecquantError(f"--index {bad[0]} is out of range: the digits test split has {n} images (0..{n - 1})")
     return d["test_x"][index], d["test_y"][index]
 
+
+def _loaded(artifact: Path, factory: str | None):
+    """The artifact directory, or (a factory-built one, with --factory) the model rebuilt by that factory."""
+    if factory is None:
+        return artifact
+    from ..api import load
+
+    return load(artifact, factory=factory, allow_unsealed=True)  # naming a directory is the opt-in
+
+
 app = typer.Typer()
 
 
@@ -43,13 +53,14 @@ def private_eval(
     data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: built-in held-out set)"),
     precision_bits: int = typer.Option(24, "--precision-bits", help="bits of each requantization multiplier"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    factory: Optional[str] = factory_option(),
 ) -> None:
     """Run held-out inputs through the model secret-shared among 3 local parties (MPyC) and compare with
     the plaintext quantized model."""
     from ..runtime.private import private_evaluate
 
-    res = private_evaluate(artifact, samples=samples, parties=parties, data=data, precision_bits=precision_bits,
-                           log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    res = private_evaluate(_loaded(artifact, factory), samples=samples, parties=parties, data=data,
+                           precision_bits=precision_bits, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
         return
@@ -68,12 +79,13 @@ def private_serve(
     sessions: int = typer.Option(0, "--sessions", min=0, help="stop after this many queries (0: never)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --bundle if it exists"),
     precision_bits: int = typer.Option(24, "--precision-bits", help="bits of each requantization multiplier"),
+    factory: Optional[str] = factory_option(),
 ) -> None:
     """Run the model owner (party 1) and helper (party 2) as processes on 127.0.0.1; clients use the bundle."""
     from ..runtime.private import PrivateBackend
     from ..runtime.private.serve import prepare_service, serve
 
-    backend = PrivateBackend.load(artifact, precision_bits)
+    backend = PrivateBackend.load(_loaded(artifact, factory), precision_bits)
     server, peers = prepare_service(backend.program, bundle, base_port=base_port, overwrite=overwrite)
     err.print(f"wrote the client bundle {bundle} (give it to the client; it holds no weight)",
               highlight=False, soft_wrap=True)

@@ -11,7 +11,9 @@ import typer
 from rich.table import Table
 
 from ..errors import SecquantError
-from .common import RichProgress, err, out, parse_size, print_privacy, read_passphrase, user_errors
+from .common import (RichProgress, err, existing, out, parse_sample_dtype, parse_sample_shape, parse_size,
+                     print_privacy, read_passphrase, sample_dtype_option, sample_shape_option, user_errors,
+                     weights_option)
 
 app = typer.Typer()
 
@@ -26,7 +28,9 @@ def quantize(
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration data (text for encoders; .safetensors/.npy "
                                                               "tensors; FILE.age is decrypted in memory with "
                                                               "--identity), or 'synthetic' for data-free calibration"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    weights: Optional[Path] = weights_option(),
+    sample_shape: Optional[str] = sample_shape_option(),
+    sample_dtype: Optional[str] = sample_dtype_option(),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory for a Hugging Face "
                                              "model directory that has none"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
@@ -44,12 +48,13 @@ def quantize(
 
     if (preset is None) == (recipe is None):
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
-    with RichProgress() as prog:
+    shape, dtype = parse_sample_shape(sample_shape), parse_sample_dtype(sample_dtype)
+    with RichProgress() as prog:  # api.quantize checks every other argument before the model loads
         qm = _quantize(model, recipe if recipe is not None else preset, out=out, calib=calib,
-                       weights=str(weights) if weights else None, overwrite=overwrite, progress=prog,
+                       weights=existing(weights, "--weights"), overwrite=overwrite, progress=prog,
                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, identity=identity,
                        passphrase=read_passphrase(ask_passphrase), record_source_name=record_source_name,
-                       tokenizer=tokenizer)
+                       sample_shape=shape, sample_dtype=dtype, tokenizer=tokenizer)
     n = len(qm.manifest.layers)
     err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name}; calibration data: "
               f"{qm.manifest.calibration.data})")
@@ -69,7 +74,9 @@ def qat(
                                          "training set; with --dp-epsilon: public data sharing no sample with the "
                                          "training set (checked), default ZeroQ synthetic inputs)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="write a safetensors checkpoint per epoch here"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    weights: Optional[Path] = weights_option(),
+    sample_shape: Optional[str] = sample_shape_option(),
+    sample_dtype: Optional[str] = sample_dtype_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="retrain under DP-SGD (Opacus), spending at most this epsilon on the training set"),
     dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default 1e-5; must be below 1/n)"),
@@ -85,11 +92,13 @@ def qat(
 
     if (preset is None) == (recipe is None):
         raise SecquantError("give exactly one of --preset P or --recipe FILE")
+    shape, dtype = parse_sample_shape(sample_shape), parse_sample_dtype(sample_dtype)
     with RichProgress() as prog:
         qm = _qat(model, recipe if recipe is not None else preset, epochs=epochs, out=out, lr=lr, train=train,
-                  calib=calib, checkpoint_dir=checkpoints, weights=str(weights) if weights else None,
+                  calib=calib, checkpoint_dir=checkpoints, weights=existing(weights, "--weights"),
                   overwrite=overwrite, progress=prog, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                  max_grad_norm=max_grad_norm, seed=seed, record_source_name=record_source_name)
+                  max_grad_norm=max_grad_norm, seed=seed, record_source_name=record_source_name,
+                  sample_shape=shape, sample_dtype=dtype)
         res = evaluate(qm, progress=prog) if model.startswith("builtin:") else None
     print_privacy(qm)
     summary = {"artifact": str(out), "recipe": qm.manifest.recipe.name, "training": qm.manifest.training}
@@ -107,6 +116,9 @@ def tune(
     size_budget: Optional[str] = typer.Option(None, "--size-budget", help="largest model.safetensors, e.g. 5MB"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="seconds for the search"),
     data: Optional[Path] = typer.Option(None, "--data", help="evaluation data (default: built-in held-out data)"),
+    weights: Optional[Path] = weights_option(),
+    sample_shape: Optional[str] = sample_shape_option(),
+    sample_dtype: Optional[str] = sample_dtype_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Search bits per layer for the smallest model within --max-drop; always saves the best found.
@@ -116,10 +128,12 @@ def tune(
     from ..tuning import tune as _tune
 
     budget = parse_size(size_budget) if size_budget else None
+    shape, dtype = parse_sample_shape(sample_shape), parse_sample_dtype(sample_dtype)
     with RichProgress() as prog:
         res = _tune(model, max_drop=max_drop, metric=metric, size_budget=budget, time_budget=time_budget,
-                    data=data, out=out, overwrite=overwrite, progress=prog,
-                    log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+                    data=existing(data, "--data"), out=out, overwrite=overwrite, progress=prog,
+                    log=lambda s: err.print(s, highlight=False, soft_wrap=True), weights=existing(weights, "--weights"),
+                    sample_shape=shape, sample_dtype=dtype)
     sys.stdout.write(json.dumps(res.summary) + "\n")
     if not res.goal_met:
         raise typer.Exit(3)

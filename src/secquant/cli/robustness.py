@@ -17,7 +17,7 @@ import typer
 
 from ..errors import SecquantError
 from ..privacy.encrypted_data import plaintext_path
-from .common import RichProgress, err, user_errors
+from .common import RichProgress, err, existing, factory_option, user_errors, weights_option
 
 if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it (sealing runs without)
     import torch
@@ -90,7 +90,7 @@ def _load_quantized(path: Path, factory: str | None, float_handle=None, float_sp
 def _load_float(spec: str, weights: Path | None):
     from ..models import load_model
 
-    return load_model(spec, str(weights) if weights else None)
+    return load_model(spec, existing(weights, "--weights"))
 
 
 def _emit(result: dict[str, Any], out_dir: Path | None, overwrite: bool, name: str, extra=None) -> None:
@@ -148,8 +148,8 @@ audit = typer.Typer()
 def robustness(
     float_model: str = typer.Option(..., "--float", help="the float classifier: builtin:digits or package.module:factory"),
     quantized: list[Path] = typer.Option(..., "--quantized", help="quantized artifact directory; repeat for several"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory factory-built artifacts name"),
+    weights: Optional[Path] = weights_option("float weights of a factory --float model"),
+    factory: Optional[str] = factory_option(),
     data: Optional[Path] = typer.Option(None, "--data", help="labelled data (.safetensors with 'inputs', 'labels'); default: built-in held-out split"),
     eps: str = typer.Option("0,0.02,0.05,0.1,0.2", "--eps", help="L-inf epsilon grid, comma-separated"),
     steps: int = typer.Option(10, "--steps", min=1, help="PGD steps"),
@@ -179,6 +179,9 @@ def robustness(
     _check_out(out_dir, overwrite)
     grid = _floats(eps, "--eps")
     clip = _input_range(input_range)
+    for f, flag in ((data, "--data"), (train, "--train"), (identity, "--identity"),
+                    *((q, "--quantized") for q in quantized)):
+        existing(f, flag)  # before the models load
     handle = _load_float(float_model, weights)
     models = {"fp32": handle.module.eval()}
     for d in quantized:
@@ -218,7 +221,7 @@ def robustness(
 @user_errors
 def bitflip(
     artifact: Path = typer.Argument(..., help="quantized artifact directory (uniform integer weights)"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    factory: Optional[str] = factory_option(),
     data: Optional[Path] = typer.Option(None, "--data", help="labelled evaluation data; default: built-in held-out split"),
     max_flips: int = typer.Option(50, "--max-flips", min=1, help="stop the attack after this many flips"),
     target_accuracy: float = typer.Option(0.2, "--target-accuracy", help="stop once accuracy falls below this"),
@@ -262,8 +265,8 @@ def bitflip(
 def divergence(
     float_model: str = typer.Option(..., "--float", help="the float model the artifact was quantized from"),
     quantized: Path = typer.Option(..., "--quantized", help="quantized artifact directory"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built artifact names"),
+    weights: Optional[Path] = weights_option("float weights of a factory --float model"),
+    factory: Optional[str] = factory_option(),
     probe: Optional[Path] = typer.Option(None, "--probe", help="probe inputs (.safetensors/.npy); default: built-in held-out split"),
     alpha: float = typer.Option(1e-3, "--alpha", help="significance level of the one-sided binomial test"),
     copies: int = typer.Option(16, "--copies", min=1, help="randomly perturbed copies that calibrate the expected disagreement"),
@@ -285,6 +288,8 @@ def divergence(
     )
 
     _check_out(out_dir, overwrite)
+    for f, flag in ((probe, "--probe"), (quantized, "--quantized"), (key_file, "--key-file"), (identity, "--identity")):
+        existing(f, flag)  # before the models load
     handle = _load_float(float_model, weights)
     qm = _load_quantized(quantized, factory, handle, float_model)
     with plaintext_path(probe, identity) as plain:

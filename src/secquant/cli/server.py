@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import MIN_RELEASE_HELP, describe_release, err, out, read_passphrase, user_errors
+from .common import MIN_RELEASE_HELP, describe_release, err, factory_option, out, read_passphrase, user_errors
 
 DB_HELP = "server database: a SQLite file path or URL (sqlite:///PATH), or postgresql://USER:PW@HOST/DB"
 SECRET_HELP = ("file holding the secret API keys are hashed under (created 0600 if missing); default: DB.secret "
@@ -70,8 +70,7 @@ def serve(
                                            "address (IPv6: a /64) may send before it gets 429 (0: no limit)"),
     auth_refusal_delay: float = typer.Option(1.0, "--auth-refusal-delay", min=0.0, max=30.0,
                                              help="seconds a refused address waits for its 429"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="confirm the factory a factory-built model "
-                                          "names"),
+    factory: Optional[str] = factory_option(),
     passphrase: bool = typer.Option(False, "--passphrase", help="the identity is passphrase-protected "
                                     "(prompted, or $SECQUANT_PASSPHRASE)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),

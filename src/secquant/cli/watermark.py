@@ -11,7 +11,9 @@ from typing import Optional
 import typer
 
 from ..security.watermark_params import DEFAULT_MAX_TAU, DEFAULT_STRENGTH, DEFAULT_THRESHOLD
-from .common import MIN_RELEASE_HELP, RichProgress, describe_release, err, read_passphrase, user_errors
+from .common import (MIN_RELEASE_HELP, RichProgress, describe_release, err, existing, factory_option,
+                     parse_sample_dtype, parse_sample_shape, read_passphrase, sample_dtype_option, sample_shape_option,
+                     user_errors, weights_option)
 
 EXIT_NOT_DETECTED = 3  # 0: detected, 2: error (user_errors), 3: verified, no mark found
 
@@ -46,7 +48,9 @@ def embed(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a named recipe with integer weights"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="a recipe file (YAML or JSON)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory model (.safetensors)"),
+    weights: Optional[Path] = weights_option(),
+    sample_shape: Optional[str] = sample_shape_option(),
+    sample_dtype: Optional[str] = sample_dtype_option(),
     strength: Optional[float] = typer.Option(None, "--strength", help="expected z-score of the fresh mark (sets "
                                              f"tau = z / sqrt(12 N)); default: {DEFAULT_STRENGTH:g}, with tau at "
                                              f"most {DEFAULT_MAX_TAU:g}"),
@@ -55,7 +59,7 @@ def embed(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Quantize MODEL and mark its integer weights with KEY; write the artifact and print JSON."""
-    from ..api import quantize
+    from ..api import precheck, quantize, resolve_recipe
     from ..artifact import save_artifact
     from ..errors import OutputExistsError, SecquantError
     from ..security.watermark import as_key, embed_watermark, verify_watermark
@@ -67,9 +71,12 @@ def embed(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or remove it first")
     k = as_key(key)  # a bad key fails before any work
+    rec = resolve_recipe(recipe if recipe is not None else preset)
+    shape, dtype = parse_sample_shape(sample_shape), parse_sample_dtype(sample_dtype)
+    precheck(model, rec, out=out, overwrite=overwrite, calib=calib, weights=weights)  # before the model loads
     with RichProgress() as prog:
-        qm = quantize(model, recipe if recipe is not None else preset, calib=calib,
-                      weights=str(weights) if weights else None, progress=prog)
+        qm = quantize(model, rec, calib=calib, weights=existing(weights, "--weights"), progress=prog,
+                      sample_shape=shape, sample_dtype=dtype)
     source = qm.handle.module
     rep = embed_watermark(qm.module, source, k, tau=tau, strength=strength)
     if rep.log10_p_value > math.log10(DEFAULT_THRESHOLD):  # nothing is written for a mark too weak
@@ -80,7 +87,12 @@ def embed(
     layers = {n: e.model_dump() for n, e in m.layers.items()}
     save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
                   tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record())
-    check = verify_watermark(out, k, float_model=source)  # from the written files, as a verifier would
+    written: object = out
+    if m.model.rebuild.get("loader") == "factory":  # rebuilt with the factory the user just named
+        from ..api import load
+
+        written = load(out, factory=model, allow_unsealed=True)
+    check = verify_watermark(written, k, float_model=source)  # from the written files, as a verifier would
     res = {"artifact": str(out), "recipe": m.recipe.name, **rep.to_dict(),
            "verify": {k_: getattr(check, k_) for k_ in ("detected", "n", "z", "p_value", "log10_p_value")}}
     sys.stdout.write(json.dumps(res) + "\n")
@@ -103,7 +115,8 @@ def verify(
     float_model: Optional[str] = typer.Option(None, "--float", help="the owner's float model the mark is measured "
                                               "against (default: the one the reference's manifest names, checked "
                                               "against its source hash)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a factory --float model"),
+    weights: Optional[Path] = weights_option("float weights of a factory --float model"),
+    factory: Optional[str] = factory_option(),
     identity: Optional[Path] = typer.Option(None, "--identity", help="age identity (sealed files)"),
     verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="signer's public key (sealed files)"),
     ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
@@ -118,20 +131,25 @@ def verify(
     if reference is not None and not reference.is_dir():
         raise SecquantError(f"--reference {reference} is not an artifact directory")
     k = as_key(key)  # a bad key fails before any loading
+    w = existing(weights, "--weights")
+    if model.is_dir() and min_release is not None:
+        raise SecquantError("--min-release applies to sealed files: a plain directory's release is not signed")
+    from ..api import load
+
     fmod = None
     if float_model is not None:
         from ..models import load_model
 
-        fmod = load_model(float_model, str(weights) if weights else None).module
+        fmod = load_model(float_model, w).module
     target: object = model
     if model.is_file():
-        from ..api import load
-
         target = load(model, identity=identity, verify_key=verify_key, passphrase=read_passphrase(ask_passphrase),
-                      min_release=min_release)
+                      min_release=min_release, factory=factory)
         err.print(f"opened and verified {model} ({describe_release(target)})", highlight=False, soft_wrap=True)
-    elif min_release is not None:
-        raise SecquantError("--min-release applies to sealed files: a plain directory's release is not signed")
+    elif factory is not None:  # a factory-built artifact: rebuilt with the factory the user confirms
+        target = load(model, factory=factory, allow_unsealed=True)
+    if reference is not None and factory is not None:
+        reference = load(reference, factory=factory, allow_unsealed=True)
     rep = verify_watermark(target, k, threshold=threshold, reference=reference, float_model=fmod)
     if as_json:
         sys.stdout.write(json.dumps({"model": str(model), **rep.to_dict()}) + "\n")

@@ -22,9 +22,15 @@ BUILTINS = {"builtin:digits": load_builtin_digits, "builtin:minilm": load_builti
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (TensorClassifierAdapter, EncoderAdapter, CausalLMAdapter)}
 
 
-def load_model(spec: str, weights: str | None = None, tokenizer: str | None = None) -> ModelHandle:
-    """Resolve a model spec to a float model handle. `tokenizer`: a directory whose tokenizer a Hugging Face
-    model directory without one uses."""
+def load_model(spec: str, weights: str | None = None, sample_shape: Any = None,
+               sample_dtype: Any = None, tokenizer: str | None = None) -> ModelHandle:
+    """Resolve a model spec to a float model handle. `sample_shape` / `sample_dtype` (factory models only):
+    the input of one sample, when the model has no `sample_shape` / `sample_dtype` attribute (models.inputs).
+    `tokenizer`: a directory whose tokenizer a Hugging Face model directory without one uses."""
+    factory = is_factory_spec(spec) and not spec.startswith("builtin:") and not Path(spec).is_dir()
+    if (sample_shape is not None or sample_dtype is not None) and not factory:
+        raise ModelError(f"--sample-shape and --sample-dtype are for factory models (package.module:factory); "
+                         f"{spec[:120]} knows its own inputs")
     if tokenizer is not None and not Path(spec).is_dir():
         raise ModelError("--tokenizer is for Hugging Face model directories")
     if spec in BUILTINS:
@@ -41,7 +47,7 @@ def load_model(spec: str, weights: str | None = None, tokenizer: str | None = No
             return load_causal_lm_dir(p, tokenizer=tokenizer)
         return load_encoder_dir(p, tokenizer=tokenizer)
     if is_factory_spec(spec):
-        return load_factory(spec, weights)
+        return load_factory(spec, weights, sample_shape, sample_dtype)
     raise ModelError(
         f"cannot resolve model {spec!r}: use builtin:digits, builtin:minilm, a Hugging Face model "
         "directory, or package.module:factory with --weights FILE.safetensors"

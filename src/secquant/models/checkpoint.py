@@ -45,3 +45,40 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ModelError(f"{p} does not hold a flat state dict of tensors")
         return obj
     raise ModelError(f"unsupported weights format {p.suffix!r}: use .safetensors (or a weights-only .pt/.bin)")
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def describe_mismatch(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `sd` from loading into `model` (missing keys, unexpected keys, shape mismatches: counts and
+    the first few of each), in one line; None when it fits."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} (file {list(sd[k].shape)}, model {list(want[k].shape)})" for k in want
+              if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {_names(shapes, 3)}")
+    return "; ".join(parts) or None
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], weights: str, spec: str) -> None:
+    """Load a float state dict into a freshly built model, or refuse naming every kind of mismatch."""
+    problem = describe_mismatch(model, sd)
+    if problem is None:
+        try:
+            model.load_state_dict(sd)
+            return
+        except RuntimeError as e:  # e.g. a dtype that cannot be copied
+            problem = str(e).splitlines()[0]
+    raise ModelError(f"{weights} does not fit {spec}: {problem}. Pass the weights saved from this model's "
+                     "state_dict() (safetensors.torch.save_file(model.state_dict(), ...))")

@@ -18,8 +18,9 @@ from torch import nn
 from ..errors import CalibrationError, ModelError
 from .base import Adapter, GraphIO, ModelHandle
 from .data import input_tensor, read_tensors, write_tensors
+from .inputs import (DEFAULT_DTYPE, MAX_SAMPLE_ELEMENTS, check_sample_shape, dtype_name, id_bound, infer_sample_dtype,
+                     made_up_inputs)
 
-MAX_SAMPLE_ELEMENTS = 2**24
 ZEROQ_STEPS = 200
 # name -> () -> (untrained float architecture, adapter): the built-in classifiers register here (models/digits.py);
 # an artifact naming `builtin` is rebuilt only from this fixed table
@@ -36,9 +37,19 @@ class TensorClassifierAdapter(Adapter):
     tuning_samples = 256
     synthetic_description = "synthetic (ZeroQ: inputs optimized to match BatchNorm running statistics)"
 
-    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, sample_shape: tuple[int, ...] | None, builtin: Mapping[str, torch.Tensor] | None = None,
+                 sample_dtype: str = DEFAULT_DTYPE, id_high: int | None = None) -> None:
         self.sample_shape = sample_shape
         self.builtin = builtin
+        self.sample_dtype = sample_dtype  # models.inputs.SAMPLE_DTYPES: int64 for token-id models
+        self.id_high = id_high  # integer inputs: exclusive bound (the smallest embedding table), None if unknown
+
+    @classmethod
+    def for_module(cls, module: nn.Module, rebuild: dict[str, Any]) -> "TensorClassifierAdapter":
+        """The adapter of a (rebuilt) float module: input shape and dtype as the manifest records them (an
+        older manifest without a dtype: as the module shows it)."""
+        dtype = sample_dtype_of(rebuild) or infer_sample_dtype(module)
+        return cls(sample_shape_of(rebuild), sample_dtype=dtype, id_high=id_bound(module))
 
     @property
     def has_builtin_data(self) -> bool:
@@ -100,7 +111,10 @@ class TensorClassifierAdapter(Adapter):
 
         if not self.sample_shape:
             raise CalibrationError("synthetic (ZeroQ) calibration needs a tensor model with a known input shape "
-                                   "(a `sample_shape` attribute): pass --calib FILE instead")
+                                   "(a `sample_shape` attribute, or --sample-shape): pass --calib FILE instead")
+        if self.sample_dtype != DEFAULT_DTYPE:
+            raise CalibrationError(f"synthetic (ZeroQ) inputs are optimized floats, and this model takes "
+                                   f"{self.sample_dtype} inputs: pass --calib FILE instead")
         x = synthesize_from_batchnorm(module, n, tuple(self.sample_shape), ZEROQ_STEPS, seed)
         return lambda batch_size: (x[i:i + batch_size] for i in range(0, len(x), batch_size))
 
@@ -121,15 +135,18 @@ class TensorClassifierAdapter(Adapter):
             return list(x[order[:n]])
         if not self.sample_shape:
             return []
-        return list(torch.randn((n, *self.sample_shape), generator=torch.Generator().manual_seed(rng.getrandbits(63))))
+        gen = torch.Generator().manual_seed(rng.getrandbits(63))
+        return list(made_up_inputs(n, self.sample_shape, self.sample_dtype, self.id_high, gen, normal=True))
 
     def collate(self, items: list[Any]) -> torch.Tensor:
         return torch.stack(items)
 
     def sample_batch(self) -> torch.Tensor:
         if not self.sample_shape:
-            return super().sample_batch()
-        return torch.rand((2, *self.sample_shape), generator=torch.Generator().manual_seed(0))
+            raise ModelError("this classifier records no input shape: pass --sample-shape (the shape of one sample "
+                             "without the batch dimension; API: sample_shape=, or sample_input=<a batch>), or give "
+                             "the model a `sample_shape` attribute, or pass --sample-shape to quantize to record it")
+        return made_up_inputs(2, self.sample_shape, self.sample_dtype, self.id_high, torch.Generator().manual_seed(0))
 
     def graph_io(self, sample: torch.Tensor) -> GraphIO:
         return GraphIO(["input"], (sample,), None, "logits", {"input": {0: "batch"}, "logits": {0: "batch"}})
@@ -142,13 +159,13 @@ class TensorClassifierAdapter(Adapter):
         if isinstance(batch, Mapping):
             raise SecquantError("a classifier runs one input tensor, not a dict")
         arr = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        return {input_names[0]: np.ascontiguousarray(arr, dtype=np.float32)}
+        return {input_names[0]: np.ascontiguousarray(arr, dtype=np.dtype(self.sample_dtype))}
 
     @classmethod
     def for_artifact(cls, directory: Path, rebuild: dict[str, Any]) -> "TensorClassifierAdapter":
         if rebuild.get("loader") == "builtin" and rebuild.get("name") in BUILTIN_ARCHITECTURES:
             return BUILTIN_ARCHITECTURES["digits"]()[1]
-        return cls(sample_shape_of(rebuild))
+        return cls(sample_shape_of(rebuild), sample_dtype=sample_dtype_of(rebuild) or DEFAULT_DTYPE)
 
     @classmethod
     def rebuild(cls, d: Path, rebuild: dict[str, Any], spec: str, model: nn.Module | None,
@@ -159,7 +176,7 @@ class TensorClassifierAdapter(Adapter):
 
         loader = rebuild.get("loader")
         if model is not None:
-            return model, cls(sample_shape_of(rebuild))
+            return model, cls.for_module(model, rebuild)
         if loader == "builtin" and rebuild.get("name") in BUILTIN_ARCHITECTURES:
             return BUILTIN_ARCHITECTURES[rebuild["name"]]()
         if loader == "factory":
@@ -169,7 +186,8 @@ class TensorClassifierAdapter(Adapter):
                     "code named by a file unless you confirm it: pass factory=... with that name (CLI: --factory)")
             from .factory import call_factory
 
-            return call_factory(factory).eval(), cls(sample_shape_of(rebuild))
+            module = call_factory(factory).eval()
+            return module, cls.for_module(module, rebuild)
         if loader == "module":
             raise ArtifactError("this artifact was made from a Python nn.Module: pass model=<an instance of the same "
                                 "architecture> to secquant.load")
@@ -191,23 +209,42 @@ def sample_shape_of(rebuild: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def load_factory(spec: str, weights: str | None) -> ModelHandle:
+def sample_dtype_of(rebuild: dict[str, Any]) -> str | None:
+    """The input dtype a manifest records (None: not recorded, as in artifacts made before it was)."""
+    from ..errors import ArtifactError
+
+    dtype = rebuild.get("sample_dtype")
+    if dtype is None:
+        return None
+    try:
+        return dtype_name(dtype)
+    except ModelError:
+        raise ArtifactError(f"the manifest's sample_dtype {str(dtype)[:40]!r} is not one secquant feeds") from None
+
+
+def module_handle(model: nn.Module, spec: str, rebuild: dict[str, Any], sample_shape: Any = None,
+                  sample_dtype: Any = None) -> ModelHandle:
+    """A tensor classifier handle for a float module: its input shape is `sample_shape` (else the module's
+    `sample_shape` attribute) and its input dtype `sample_dtype` (else models.inputs.infer_sample_dtype);
+    both are recorded in `rebuild` (the manifest) for the commands that later rebuild it."""
+    given = check_sample_shape(sample_shape, "--sample-shape")
+    shape = given or check_sample_shape(getattr(model, "sample_shape", None), f"{spec}'s sample_shape attribute")
+    dtype = infer_sample_dtype(model, sample_dtype)
+    rebuild = {**rebuild, "sample_shape": list(shape) if shape else None, "sample_dtype": dtype}
+    adapter = TensorClassifierAdapter(shape, sample_dtype=dtype, id_high=id_bound(model))
+    return ModelHandle(module=model.eval(), spec=spec, rebuild=rebuild, adapter=adapter)
+
+
+def load_factory(spec: str, weights: str | None, sample_shape: Any = None, sample_dtype: Any = None) -> ModelHandle:
     """A `package.module:factory` model (called with no arguments, the caller's explicit choice) with the float
-    weights of `weights`; a tensor classifier whose per-sample shape is its `sample_shape` attribute."""
-    from .checkpoint import load_state_dict
+    weights of `weights`; a tensor classifier whose input shape and dtype are as `module_handle` says."""
+    from .checkpoint import load_into, load_state_dict
     from .factory import call_factory
 
+    check_sample_shape(sample_shape, "--sample-shape")  # a bad shape or dtype fails before the factory runs
+    if sample_dtype is not None:
+        dtype_name(sample_dtype, "--sample-dtype")
     model = call_factory(spec)
     if weights is not None:
-        sd = load_state_dict(weights)
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ModelError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
-    sample_shape = getattr(model, "sample_shape", None)
-    return ModelHandle(
-        module=model.eval(), spec=spec,
-        rebuild={"loader": "factory", "factory": spec,
-                 "sample_shape": list(sample_shape) if sample_shape else None},
-        adapter=TensorClassifierAdapter(tuple(sample_shape) if sample_shape else None),
-    )
+        load_into(model, load_state_dict(weights), str(weights), spec)
+    return module_handle(model, spec, {"loader": "factory", "factory": spec}, sample_shape, sample_dtype)

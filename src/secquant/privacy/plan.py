@@ -39,6 +39,22 @@ class CalibrationPlan:
                dp_delta: float | None) -> CalibrationPlan:
         """The plan for `recipe` on `handle`'s model with `calib` ("synthetic", a file, or None); refuses
         combinations that cannot keep their promise (a DP budget with nothing private to spend it on)."""
+        cls.check_options(calib, dp_epsilon, dp_delta)
+        if dp_epsilon is not None:
+            from .dp_calibration import check_budget
+
+            return cls("dp", calib, float(dp_epsilon), check_budget(dp_epsilon, dp_delta))
+        from .synthetic import SYNTHETIC
+
+        if calib == SYNTHETIC:
+            return cls("synthetic")
+        if calib is not None or handle.adapter.has_builtin_data:
+            return cls("raw", calib)
+        return cls("none")
+
+    @staticmethod
+    def check_options(calib: str | Path | None, dp_epsilon: float | None, dp_delta: float | None) -> None:
+        """The checks the options allow alone (run before the model loads): a DP budget needs private data."""
         from .synthetic import SYNTHETIC
 
         if calib == SYNTHETIC and dp_epsilon is not None:
@@ -51,12 +67,7 @@ class CalibrationPlan:
         if dp_epsilon is not None:
             from .dp_calibration import check_budget
 
-            return cls("dp", calib, float(dp_epsilon), check_budget(dp_epsilon, dp_delta))
-        if calib == SYNTHETIC:
-            return cls("synthetic")
-        if calib is not None or handle.adapter.has_builtin_data:
-            return cls("raw", calib)
-        return cls("none")
+            check_budget(dp_epsilon, dp_delta)
 
     def stage_batches(self, recipe: Any, handle: Any, data: str | Path | None) -> Callable[[], Iterable] | None:
         """The batches the scale search, the weight algorithm and (outside DP) the activation ranges read."""

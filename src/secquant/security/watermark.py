@@ -346,9 +346,13 @@ def _float_reference(float_model: Any, manifest: Any, in_process: nn.Module | No
         raise WatermarkError("verification needs the owner's float model (the mark is measured against it): pass "
                              "float_model= (CLI: --float MODEL)")
     spec = manifest.model.spec
-    try:
-        from ..models import load_model
+    from ..models import BUILTINS, load_model
 
+    if spec not in BUILTINS:  # nothing a manifest names is imported, called or opened (SECURITY.md)
+        raise WatermarkError(f"the reference artifact was quantized from {spec[:120]!r}, which is not a built-in: "
+                             "secquant never imports or opens what a manifest names, so pass the owner's float "
+                             "model yourself: --float MODEL (and --weights FILE for a factory; API: float_model=)")
+    try:
         h = load_model(spec)
     except SecquantError as e:
         raise WatermarkError(f"cannot rebuild the float model {spec!r} named by the reference artifact ({e}): "

@@ -60,6 +60,8 @@ class ServedModel:
         rb = qm.manifest.model.rebuild
         shape = getattr(qm.handle.adapter, "sample_shape", None) or rb.get("sample_shape")
         self.sample_shape: tuple[int, ...] | None = tuple(shape) if shape else None
+        self.sample_dtype: str = getattr(qm.handle.adapter, "sample_dtype", "float32")  # int64: token ids
+        self.id_high: int | None = getattr(qm.handle.adapter, "id_high", None)
         # secret canaries, drawn from a per-process secret seed: never logged, never stored
         self.canaries = draw_canaries(qm.handle, qm.module)
         if self.canaries is None and self.ort is not None:

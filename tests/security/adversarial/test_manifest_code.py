@@ -166,6 +166,7 @@ def test_audits_refuse_a_float_model_that_is_not_the_source(tmp_path, cli, asser
     secquant.quantize("tiny_factory:tiny", "w8a16", weights=str(tmp_path / "a.safetensors"), out=art)
     common = ["--float", "tiny_factory:tiny", "--weights", tmp_path / "b.safetensors", "--quantized", art,
               "--factory", "tiny_factory:tiny"]
-    for cmd in (["audit", "robustness", *common, "--data", tmp_path / "none.safetensors"],
+    save_file({"inputs": torch.rand(4, 6), "labels": torch.zeros(4, dtype=torch.long)}, str(tmp_path / "d.safetensors"))
+    for cmd in (["audit", "robustness", *common, "--data", tmp_path / "d.safetensors"],
                 ["audit", "divergence", *common]):
         assert_user_error(cli(*cmd), contains=("not the float model",))

@@ -131,6 +131,23 @@ def _loaded(artifact, model=None, factory=None):
     raise SecquantError(f"export_onnx takes an artifact directory or a loaded artifact, not {type(artifact).__name__}")
 
 
+def _with_input(adapter, sample_shape, sample_dtype):
+    """A copy of a tensor model's adapter with the given input shape and/or dtype."""
+    import copy
+
+    from ...models.inputs import check_sample_shape, dtype_name
+
+    if not hasattr(adapter, "sample_shape"):
+        raise SecquantError(f"a {adapter.kind} makes its own inputs: sample_shape and sample_dtype (--sample-shape, "
+                            "--sample-dtype) are for tensor models")
+    adapter = copy.copy(adapter)
+    if sample_shape is not None:
+        adapter.sample_shape = check_sample_shape(sample_shape)
+    if sample_dtype is not None:
+        adapter.sample_dtype = dtype_name(sample_dtype)
+    return adapter
+
+
 def _inside(p: Path, d: Path) -> bool:
     try:
         p.resolve().relative_to(d.resolve())
@@ -161,7 +178,7 @@ def _staging_dir(out: Path, art_dir: Path | None) -> Path:
 def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external_data_threshold: int = 2**31 - 1,
                 opset: int = DEFAULT_OPSET, strict: bool = False, accuracy_level: int = 0, validate: bool = True,
                 register: bool = True, sample_input=None, model: nn.Module | None = None,
-                factory: str | None = None) -> Path:
+                factory: str | None = None, sample_shape=None, sample_dtype=None) -> Path:
     """Write the artifact as ONNX (default `<artifact>/model.onnx`) and return the path.
 
     `artifact` is an artifact directory, a ``LoadedArtifact`` or a ``secquant.load`` /
@@ -179,9 +196,11 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
     model's evaluation data and compared with the PyTorch quantized model (see :func:`agrees`);
     a mismatch raises and nothing is written. A file written inside the artifact directory is
     added, with its sha256, to the manifest (``register``), so the artifact still verifies and
-    Session can check the ONNX file before running it. `sample_input` (a batch) is needed only
-    for classifiers that do not record their input shape; `model` / `factory` as for
-    ``secquant.load``.
+    Session can check the ONNX file before running it. The graph is traced on a made-up batch of the
+    input shape and dtype the manifest records (integer token ids for models whose first layer is an
+    nn.Embedding); a classifier that records no shape needs `sample_shape` (one sample, no batch
+    dimension; `sample_dtype` float32, int64 or int32 overrides the recorded dtype) or `sample_input`
+    (a batch). `model` / `factory` as for ``secquant.load``.
     """
     require_onnx()
     la = _loaded(artifact, model, factory)
@@ -196,6 +215,8 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
     if out.suffix != ".onnx":
         raise SecquantError(f"{out}: the ONNX file name must end in .onnx")
     adapter = la.handle.adapter
+    if sample_shape is not None or sample_dtype is not None:
+        adapter = _with_input(adapter, sample_shape, sample_dtype)
     sample = sample_input if sample_input is not None else adapter.sample_batch()
     module = la.module
     proto, info = build_onnx(module, adapter, sample, opset=opset, strict=strict, accuracy_level=accuracy_level)

@@ -20,10 +20,12 @@ from ..schemas import EmbedRequest, GenerateRequest, PredictRequest
 router = APIRouter()
 
 
-def _as_batch(inputs: list[Any], shape: tuple[int, ...] | None) -> torch.Tensor:
-    """The request's examples as one finite float batch of the model's sample shape (422 otherwise)."""
+def _as_batch(inputs: list[Any], shape: tuple[int, ...] | None, dtype: str = "float32",
+              id_high: int | None = None) -> torch.Tensor:
+    """The request's examples as one finite batch of the model's sample shape and dtype (422 otherwise):
+    floats, or integer ids (0 <= id < id_high, the smallest embedding table) for token-id models."""
     try:
-        x = torch.tensor(inputs, dtype=torch.float32)
+        x = torch.tensor(inputs, dtype=torch.float32 if dtype == "float32" else torch.float64)
     except (TypeError, ValueError, RuntimeError):
         raise HTTPException(422, "inputs must be a list of examples, each a (nested) list of numbers of "
                                  "one shape") from None
@@ -38,6 +40,11 @@ def _as_batch(inputs: list[Any], shape: tuple[int, ...] | None) -> torch.Tensor:
             x = x.reshape(x.shape[0], *shape)
     if not bool(torch.isfinite(x).all()):
         raise HTTPException(422, "inputs must be finite numbers")
+    if dtype != "float32":
+        top = (id_high or 2**31) - 1
+        if not bool(((x == x.round()) & (x >= 0) & (x <= top)).all()):
+            raise HTTPException(422, f"this model takes integer ids: inputs must be whole numbers in 0..{top}")
+        x = x.to(getattr(torch, dtype))
     return x
 
 
@@ -60,7 +67,7 @@ async def healthz(request: Request):
 async def predict(body: PredictRequest, request: Request, p: Authenticated):
     gate = gate_of(request)
     _serving_task(gate, request, "predict")
-    x = _as_batch(body.inputs, gate.model.sample_shape)
+    x = _as_batch(body.inputs, gate.model.sample_shape, gate.model.sample_dtype, gate.model.id_high)
     await gate.charge(request, p, int(x.shape[0]))
     logits = await run_in_threadpool(gate.model.logits, x)
     probs = torch.softmax(logits.float(), dim=-1)
