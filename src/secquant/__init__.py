@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from .recipes import PRESETS, QuantArgs, Recipe
     from .tuning import TuneResult, tune
 
-_EXPORTS = {"quantize": "api", "qat": "api", "load": "api", "evaluate": "api", "generate": "api", "QuantizedModel": "api",
+_EXPORTS = {"quantize": "api", "qat": "api", "load": "api", "evaluate": "api", "generate": "api",
+            "QuantizedModel": "api",
             "Recipe": "recipes", "QuantArgs": "recipes", "PRESETS": "recipes", "tune": "tuning", "TuneResult": "tuning"}
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = ["__version__", "SecquantError", *_EXPORTS]

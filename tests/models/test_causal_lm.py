@@ -52,7 +52,8 @@ def test_loaded_as_causal_lm_with_lm_head_and_saved_weights(style):
         assert torch.equal(sd[k], v), k
     batch = h.adapter.encode(["Lightning struck the old oak tree."])
     logits = h.run(h.module, batch)
-    assert logits.shape == (*batch["input_ids"].shape, len(h.adapter.tokenizer))  # next-token logits, not a pooled vector
+    # next-token logits, not a pooled sentence vector
+    assert logits.shape == (*batch["input_ids"].shape, len(h.adapter.tokenizer))
     assert set(h.arch_files) >= {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
 

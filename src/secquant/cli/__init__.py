@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, export, generate, integrity, mask, membership, private, quantize, robustness, sealing, server, watermark
+from . import (evaluate, export, generate, integrity, mask, membership, private, quantize, robustness, sealing, server,
+               watermark)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize PyTorch models securely and privately.")

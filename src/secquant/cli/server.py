@@ -64,6 +64,8 @@ def serve(
     round_digits: Optional[int] = typer.Option(None, "--round", min=0, max=8, help="hardening: round scores "
                                                "and embeddings to this many decimals"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="most examples in one request"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=4096, help="most tokens one "
+                                       "/v1/generate request may ask for (causal LMs)"),
     integrity_interval: float = typer.Option(30.0, "--integrity-interval", help="seconds between integrity "
                                              "checks of the weights in memory (0: only at start)"),
     auth_failure_limit: int = typer.Option(20, "--auth-failure-limit", min=0, help="bad keys per minute an "
@@ -99,7 +101,7 @@ def serve(
     store = _store(db, secret_file)
     model = open_served(sealed, identity, verify_key, passphrase=read_passphrase(passphrase), backend=backend,
                         threads=threads, factory=factory, min_release=min_release)
-    cfg = ServerConfig(top_k=top_k, round_digits=round_digits, max_batch=max_batch,
+    cfg = ServerConfig(top_k=top_k, round_digits=round_digits, max_batch=max_batch, max_new_tokens=max_new_tokens,
                        integrity_interval=integrity_interval, auth_failures_per_minute=auth_failure_limit or None,
                        auth_refusal_delay_s=auth_refusal_delay)
     web = create_app(model, store, cfg)

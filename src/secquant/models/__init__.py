@@ -88,5 +88,6 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, factory: str
 
 
 __all__ = ["load_artifact", "Adapter", "GraphIO", "ModelHandle", "ADAPTERS", "BUILTINS", "DigitsCNN", "TensorClassifierAdapter",
-           "EncoderAdapter", "CausalLMAdapter", "adapter_class", "adapter_for_artifact", "load_model", "load_state_dict", "load_builtin_digits",
-           "load_builtin_minilm", "load_encoder_dir", "load_causal_lm_dir", "rebuild_float", "splits"]
+           "EncoderAdapter", "CausalLMAdapter", "adapter_class", "adapter_for_artifact", "load_model",
+           "load_state_dict", "load_builtin_digits", "load_builtin_minilm", "load_encoder_dir", "load_causal_lm_dir",
+           "rebuild_float", "splits"]

@@ -30,7 +30,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Files that describe the architecture and tokenizer: copied into an artifact verbatim.
 ARCH_FILES = [
-    "config.json", "generation_config.json", *hf.TOKENIZER_FILES, *hf.TOKENIZER_SIDE_FILES, "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+    "config.json", "generation_config.json", *hf.TOKENIZER_FILES, *hf.TOKENIZER_SIDE_FILES, "modules.json",
+    "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
 ]
 EVAL_SENTENCES = 256
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a traced encoder graph takes
@@ -282,7 +283,8 @@ def arch_files_of(model_dir: Path) -> dict[str, Path]:
     return {name: p for name in ARCH_FILES if (p := model_file(model_dir, name)) is not None}
 
 
-def load_encoder_dir(model_dir: str | Path, spec: str | None = None, tokenizer: str | Path | None = None) -> ModelHandle:
+def load_encoder_dir(model_dir: str | Path, spec: str | None = None,
+                     tokenizer: str | Path | None = None) -> ModelHandle:
     """A Hugging Face encoder directory (safetensors weights, its own tokenizer or the one of `tokenizer`)."""
     d = Path(model_dir)
     files = arch_files_of(d)  # every file secquant will read or copy, checked before any is read
