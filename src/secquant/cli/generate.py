@@ -32,7 +32,9 @@ def generate(
 ) -> None:
     """Continue a prompt with a quantized causal LM; print one JSON object (the new text in "text")."""
     from ..api import generate as _generate, load
+    from ..models.causal_lm import check_generation
 
+    check_generation(prompt, max_new_tokens, temperature, top_k, seed)  # before the model loads
     # a directory is opened like `eval` opens it (naming it is the opt-in), a file like `serve` opens one
     qm = load(artifact, identity=identity, verify_key=verify_key, passphrase=read_passphrase(passphrase),
               allow_unsealed=True, min_release=min_release)

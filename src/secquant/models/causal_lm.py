@@ -131,18 +131,7 @@ class CausalLMAdapter(EncoderAdapter):
         is given (then sampled, reproducibly with `seed`). One prompt at a time, so no padding is involved."""
         from transformers import GenerationConfig
 
-        if not isinstance(prompt, str) or not prompt:
-            raise SecquantError("the prompt must be a non-empty text")
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise SecquantError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}")
-        if temperature is not None and not (temperature >= 0 and math.isfinite(temperature)):
-            raise SecquantError("--temperature must be 0 (greedy) or a positive number")
-        if top_k is not None and top_k < 1:
-            raise SecquantError("--top-k must be at least 1")
-        sample = bool(temperature) or top_k is not None
-        if seed is not None and not sample:
-            raise SecquantError("--seed is for sampling: greedy decoding is deterministic; pass --temperature T or "
-                                "--top-k K to sample")
+        sample = check_generation(prompt, max_new_tokens, temperature, top_k, seed)
         tok = self.tokenizer
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         limit = _max_positions(module)
@@ -177,6 +166,24 @@ class CausalLMAdapter(EncoderAdapter):
         hf.check_causal_lm_type(hf.read_config(d), d)
         max_bytes = MAX_FLOAT_BYTES_PER_WEIGHT_BYTE * (d / "model.safetensors").stat().st_size
         return hf.from_config(AutoModelForCausalLM, d, max_bytes), cls(d, _max_length(rebuild))
+
+
+def check_generation(prompt: str, max_new_tokens: int, temperature: float | None, top_k: int | None,
+                     seed: int | None) -> bool:
+    """Generation options checked (before any model loads, for the CLI); whether they ask for sampling."""
+    if not isinstance(prompt, str) or not prompt:
+        raise SecquantError("the prompt must be a non-empty text")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise SecquantError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}")
+    if temperature is not None and not (temperature >= 0 and math.isfinite(temperature)):
+        raise SecquantError("--temperature must be 0 (greedy) or a positive number")
+    if top_k is not None and top_k < 1:
+        raise SecquantError("--top-k must be at least 1")
+    sample = bool(temperature) or top_k is not None
+    if seed is not None and not sample:
+        raise SecquantError("--seed is for sampling: greedy decoding is deterministic; pass --temperature T or "
+                            "--top-k K to sample")
+    return sample
 
 
 def _max_positions(module: nn.Module) -> int | None:
