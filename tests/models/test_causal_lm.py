@@ -258,3 +258,18 @@ def test_gptq_runs_decoder_layer_by_decoder_layer(monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # 2 decoder layers of 4 stages each + lm_head: the whole-model pass runs the embeddings ~9 times per batch
     assert block_embeds < 0.5 * calls["embed"]
+
+
+@pytest.mark.parametrize("style,preset", [("gpt2", "w4a16-gptq"), ("qwen2", "w3a16-gptq")])
+def test_greedy_generation_is_the_argmax_of_the_quantized_model(artifacts, style, preset):
+    """transformers' generate (with its KV cache) on the quantized module picks, token after token, the argmax of
+    the quantized model's own next-token logits recomputed from scratch."""
+    qm = secquant.load(artifacts(style, preset), allow_unsealed=True)
+    out = secquant.generate(qm, "The city council", max_new_tokens=6)
+    tok = qm.handle.adapter.tokenizer
+    ids = tok("The city council", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(out["generated_tokens"]):
+            logits = qm.handle.run(qm.module, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tok.decode(ids[0, out["prompt_tokens"]:], skip_special_tokens=True) == out["text"]
