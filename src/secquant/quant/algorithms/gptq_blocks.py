@@ -65,8 +65,9 @@ def batch_mask(batch: Any) -> torch.Tensor | None:
 def chained_blocks(model: nn.Module, stages: list[list[str]], batch: Any,
                    run_batch: Callable[[nn.Module, Any], Any]) -> tuple[str, nn.ModuleList] | None:
     """(name, blocks) of the module list holding the most GPTQ layers, if the model runs its blocks as a chain
-    (each once, block i+1 reading the very tensor block i returned) and every stage outside the blocks comes
-    after them in forward order; else None (the caller then runs stage by stage over the whole model)."""
+    (each once, block i+1 reading the very tensor block i returned and otherwise the very arguments block 0 read)
+    and every stage outside the blocks comes after them in forward order; else None (the caller then runs stage
+    by stage over the whole model)."""
     names = [n for s in stages for n in s]
     best, count = None, 0
     for name, mod in model.named_modules():
@@ -84,10 +85,16 @@ def chained_blocks(model: nn.Module, stages: list[list[str]], batch: Any,
         return None  # a GPTQ layer before (or between) the blocks
     ins: list[list[torch.Tensor | None]] = [[] for _ in blocks]
     outs: list[list[torch.Tensor | None]] = [[] for _ in blocks]
+    others: list[tuple[tuple, dict]] = []  # what else each block reads besides the hidden state
+
+    def pre(i: int, args: tuple, kwargs: dict) -> None:
+        hidden, rest, kw = _hidden_of(args, kwargs)
+        ins[i].append(hidden)
+        others.append((rest, kw))
+
     hooks = []
     for i, b in enumerate(blocks):
-        hooks.append(b.register_forward_pre_hook(lambda m, a, kw, i=i: ins[i].append(_hidden_of(a, kw)[0]),
-                                                 with_kwargs=True))
+        hooks.append(b.register_forward_pre_hook(lambda m, a, kw, i=i: pre(i, a, kw), with_kwargs=True))
         hooks.append(b.register_forward_hook(lambda m, a, o, i=i: outs[i].append(_output_hidden(o))))
     try:
         run_batch(model, batch)
@@ -98,7 +105,23 @@ def chained_blocks(model: nn.Module, stages: list[list[str]], batch: Any,
         return None
     if any(ins[i + 1][0] is not outs[i][0] for i in range(len(blocks) - 1)):
         return None
+    if not all(_same(o, others[0]) for o in others[1:]):
+        return None  # a block reads something an earlier block made (T5's position bias): no cached replay
     return prefix, blocks
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The very same arguments: tensors by identity, containers element by element, other values by equality."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
 
 
 @torch.no_grad()
