@@ -38,6 +38,17 @@ class LayerEntry(Strict):
     activation: QuantArgs | None
     bias: bool
     config: dict[str, Any]
+    algorithm: str | None = Field(None, max_length=32, description="the weight algorithm that actually ran on this "
+                                  "layer (rtn, gptq, lsq, ...); null: weights kept in float, or an older artifact")
+
+
+class FloatLayerEntry(Strict):
+    """A module that stayed in float after quantization, and why (quant.algorithms.coverage)."""
+
+    name: str
+    type: str
+    parameters: int = Field(ge=0, description="float elements it holds (parameters and floating buffers)")
+    reason: str
 
 
 class ModelEntry(Strict):
@@ -96,6 +107,8 @@ class Manifest(Strict):
     model: ModelEntry
     recipe: Recipe
     layers: dict[str, LayerEntry]
+    float_layers: list[FloatLayerEntry] | None = Field(None, description="modules left in float, with the reason "
+                                                       "(null: not recorded by the secquant that wrote it)")
     source: SourceEntry
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)

@@ -79,7 +79,8 @@ def embed(
     m = qm.manifest
     layers = {n: e.model_dump() for n, e in m.layers.items()}
     save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
-                  tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record())
+                  tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record(),
+                  float_layers=None if m.float_layers is None else [e.model_dump() for e in m.float_layers])
     check = verify_watermark(out, k, float_model=source)  # from the written files, as a verifier would
     res = {"artifact": str(out), "recipe": m.recipe.name, **rep.to_dict(),
            "verify": {k_: getattr(check, k_) for k_ in ("detected", "n", "z", "p_value", "log10_p_value")}}

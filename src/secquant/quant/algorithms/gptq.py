@@ -315,6 +315,7 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)
             entry["config"]["gptq"] = {**info, "float_targets": C is not None}
+            entry["algorithm"] = "gptq"
             layers[name] = entry
         tick(1)
     return {n: layers[n] for n in todo}, samples

@@ -1,5 +1,5 @@
-"""One entry point that runs a recipe on a float model: scale search, the recipe's weight algorithm (looked up
-by its config type, see base.py), static activation calibration, in that order."""
+"""One entry point that runs a recipe on a float model: BatchNorm folding (fold.py), scale search, the recipe's
+weight algorithm (looked up by its config type, see base.py), static activation calibration, in that order."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..schema import Recipe
 from ..modules import rotation_block_for
 from ..primitives import rotate, rotation_signs
 from .base import CountedBatches, Tick, WeightPass, handler_for
+from .fold import fold_batchnorm
 from .rtn import calibrate, plan
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
@@ -30,6 +31,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
                                "scale search): pass --calib FILE")
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    folded = fold_batchnorm(model, set(plan(model, recipe)))
     smooth = None
     used = 0
     if recipe.smoothing is not None:
@@ -56,6 +58,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
     run = handler_for(recipe.algorithm)
     layers, n = run(model, recipe, WeightPass(batches, run_batch, progress, n_total, smooth or {}))
     used = max(used, n)
+    for bn_name, layer_name in folded.items():
+        layers[layer_name]["config"]["folded_batchnorm"] = bn_name
     if any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values()):
         seen = CountedBatches(batches())
         calibrate(model, seen, run_batch, progress("calibrating", n_total))

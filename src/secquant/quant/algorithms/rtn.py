@@ -70,7 +70,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
     for name, (t, w, a) in todo.items():
         q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name), recipe.rotation)
         set_submodule(model, name, q)
-        infos[name] = q.layer_info(t)
+        infos[name] = {**q.layer_info(t), "algorithm": "rtn" if w is not None else None}
     return infos
 
 
