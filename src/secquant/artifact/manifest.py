@@ -32,8 +32,10 @@ class WeightEntry(Strict):
 
 
 class LayerEntry(Strict):
-    type: Literal["Linear", "Conv1d", "Conv2d", "Embedding"]
-    source_type: Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+    type: Literal["Linear", "Conv1d", "Conv2d", "Embedding",
+                  "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
+    source_type: Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                         "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
     weight: WeightEntry
     activation: QuantArgs | None
     bias: bool

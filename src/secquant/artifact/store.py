@@ -116,18 +116,16 @@ def _check_fits(name: str, entry, layer: nn.Module) -> None:
     """The manifest's entry must describe the float layer it replaces: its kind, weight shape, bias, and the
     sizes that shape the quantized layer's buffers. Every allocation is then bounded by the architecture,
     not by what a manifest asks for."""
-    from ..quant.modules import float_layer_type
+    from ..quant.modules import float_layer_type, stored_weight_shape
 
     kind = float_layer_type(layer)
     if kind is None or kind != entry.source_type or entry.type != ("Linear" if kind == "Conv1D" else kind):
         raise ArtifactError(f"manifest layer {name!r} says {entry.source_type} -> {entry.type}, but the architecture "
                             f"has a {type(layer).__name__} there")
-    w = layer.weight
-    shape = [int(w.shape[1]), int(w.shape[0])] if kind == "Conv1D" else [int(n) for n in w.shape]
-    sizes = {"in_features": shape[1], "out_features": shape[0]} if entry.type == "Linear" else \
-        {"num_embeddings": shape[0], "embedding_dim": shape[1]} if entry.type == "Embedding" else {}
+    shape, sizes = stored_weight_shape(layer, kind)
     # a BatchNorm folded into the layer (quant.algorithms.fold) gives it a bias the float layer may lack
-    has_bias = getattr(layer, "bias", None) is not None or bool(entry.config.get("folded_batchnorm"))
+    b = getattr(layer, "bias", None)  # a tensor or None; a flag on LSTM / GRU
+    has_bias = (b if isinstance(b, bool) else b is not None) or bool(entry.config.get("folded_batchnorm"))
     if entry.weight.shape != shape or entry.bias != has_bias or any(entry.config.get(k) != v for k, v in sizes.items()):
         raise ArtifactError(f"manifest layer {name!r} does not match the architecture (weight {shape}, bias "
                             f"{has_bias}): the manifest and the model differ")

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 
 from .primitives import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
-LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
-ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                    "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
+ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                              "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
 
 
 class Strict(BaseModel):

@@ -15,7 +15,7 @@ from ..modules import rotation_block_for
 from ..primitives import rotate, rotation_signs
 from .base import CountedBatches, Tick, WeightPass, handler_for
 from .fold import fold_batchnorm
-from .rtn import calibrate, plan
+from .rtn import calibrate, check_finite, plan
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 
@@ -31,6 +31,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
                                "scale search): pass --calib FILE")
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    check_finite(model)  # before folding spreads a bad BatchNorm statistic into the layer before it
     folded = fold_batchnorm(model, set(plan(model, recipe)))
     smooth = None
     used = 0

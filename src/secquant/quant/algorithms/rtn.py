@@ -36,8 +36,8 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
         w, a = resolved
         if t == "Embedding":
             a = None  # inputs are indices
-            if w is None:
-                continue
+        if t in ("Embedding", "LSTM", "GRU") and w is None:
+            continue  # no quantized form with float weights
         if w is None and a is None:
             continue
         out[name] = (t, w, a)
