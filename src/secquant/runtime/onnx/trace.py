@@ -59,8 +59,12 @@ class _Stub(nn.Module):
 
 
 def _quant_layers(root: nn.Module) -> dict[str, nn.Module]:
-    from ...quant.modules import QuantizedWeightMixin
+    from ...quant.modules import QuantGRU, QuantizedWeightMixin, QuantLSTM
 
+    for n, m in root.named_modules():  # h16-layers: their QuantMatrix children are no layers of their own
+        if isinstance(m, (QuantLSTM, QuantGRU)):
+            raise SecquantError(f"layer {n!r} is a quantized {m.layer_type}: secquant has no ONNX export for quantized "
+                                "recurrent layers; evaluate and serve it with the PyTorch runtime (the default)")
     return {n: m for n, m in root.named_modules() if n and isinstance(m, QuantizedWeightMixin)}
 
 
@@ -152,7 +156,11 @@ def rewrite_layers(model, layers: dict[str, nn.Module], ranks: dict[str, int], s
              accuracy_level: int) -> list[LayerExport]:
     from onnx import helper
 
-    from ...quant.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+    from ...quant.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear
+    from ...quant.modules.conv import TRANSPOSED
+    from .layers_conv import rewrite_conv_transpose
+
+    TRANSPOSED_TYPES = tuple(TRANSPOSED.values())
 
     graph = model.graph
     em = Emitter(graph)
@@ -169,8 +177,10 @@ def rewrite_layers(model, layers: dict[str, nn.Module], ranks: dict[str, int], s
         x, y = node.input[0], node.output[0]
         if isinstance(mod, QuantLinear):
             rec = rewrite_linear(ctx, name, mod, x, y)
-        elif isinstance(mod, (QuantConv2d, QuantConv1d)):
+        elif isinstance(mod, (QuantConv2d, QuantConv1d, QuantConv3d)):
             rec = rewrite_conv(ctx, name, mod, x, y)
+        elif isinstance(mod, TRANSPOSED_TYPES):  # h16-layers
+            rec = rewrite_conv_transpose(ctx, name, mod, x, y)
         elif isinstance(mod, QuantEmbedding):
             rec = rewrite_embedding(ctx, name, mod, x, y)
         else:  # pragma: no cover - every quantized layer class is handled above
