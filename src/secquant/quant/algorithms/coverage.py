@@ -47,6 +47,8 @@ def _reason(name: str, mod: nn.Module, recipe: Recipe, folded: dict[str, str]) -
         return "weights left in float by the recipe"
     if isinstance(mod, NORMALIZATION):
         return "normalization kept in float"
+    if recipe.resolve(name) is None:  # listed in `ignore` (or skipped): the user's decision
+        return "ignored by recipe"
     return UNSUPPORTED
 
 
