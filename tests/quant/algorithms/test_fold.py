@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 import secquant
+from secquant.models.digits import splits
 from secquant.quant.algorithms.fold import fold_batchnorm, producer_pairs
 
 
 @pytest.fixture(scope="module")
-def resnet_digits(digits):
+def resnet_digits():
     from layers_models import resnet, train
 
-    d = digits.adapter.builtin
+    d = splits()
     torch.manual_seed(0)
     return train(resnet(), d["train_x"], d["train_y"], epochs=4)
 
@@ -26,8 +27,8 @@ def _accuracy(module, x, y) -> float:
         return float((module(x).argmax(1) == y).float().mean())
 
 
-def test_folding_keeps_the_float_outputs(resnet_digits, digits):
-    x = digits.adapter.builtin["test_x"][:128]
+def test_folding_keeps_the_float_outputs(resnet_digits):
+    x = splits()["test_x"][:128]
     m = copy.deepcopy(resnet_digits)
     pairs = fold_batchnorm(m, {n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)})
     assert pairs == {"bn1": "conv1", "layer1.bn1": "layer1.conv1", "layer1.bn2": "layer1.conv2",
@@ -59,10 +60,10 @@ def test_only_provable_eval_mode_pairs_are_folded():
 
 
 @pytest.mark.parametrize("preset", ["w8a16", "w8a8"])
-def test_quantized_resnet_keeps_its_accuracy_and_reloads(resnet_digits, digits, tmp_path, preset):
+def test_quantized_resnet_keeps_its_accuracy_and_reloads(resnet_digits, tmp_path, preset):
     from layers_models import resnet
 
-    d = digits.adapter.builtin
+    d = splits()
     calib = tmp_path / "calib.safetensors"
     from safetensors.torch import save_file
 

@@ -99,15 +99,15 @@ class _QuantRecurrent(nn.Module):
             raise TypeError(f"quantized {self.layer_type} does not take packed sequences: pad the batch "
                             "(nn.utils.rnn.pad_packed_sequence) before the layer")
         unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(1)
+        if unbatched:  # computed as a batch of one; every tensor inside is [batch, ...] (canaries read it so)
+            x = x.unsqueeze(0)
             hx = None if hx is None else tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) \
                 else hx.unsqueeze(1)
-        elif self.batch_first:
+        elif not self.batch_first:
             x = x.transpose(0, 1)
-        states = self._initial(hx, x.shape[1], x)
+        states = self._initial(hx, x.shape[0], x)
         finals = []
-        layer_in = x
+        layer_in = x  # [batch, time, features]
         for layer in range(self.num_layers):
             xq = self._q(self.input_quants, layer, layer_in)
             outs = []
@@ -118,14 +118,14 @@ class _QuantRecurrent(nn.Module):
                 w_hh, b_hh = getattr(self, f"weight_hh{sfx}"), getattr(self, f"bias_hh{sfx}")
                 state = states[idx]
                 ys = []
-                for t in (range(x.shape[0] - 1, -1, -1) if d else range(x.shape[0])):
+                for t in (range(x.shape[1] - 1, -1, -1) if d else range(x.shape[1])):
                     gh = w_hh(self._q(self.hidden_quants, idx, state[0]), b_hh)
-                    h, state = self._step(xp[t], gh, state)
+                    h, state = self._step(xp[:, t], gh, state)
                     ys.append(h)
-                outs.append(torch.stack(ys[::-1] if d else ys))
+                outs.append(torch.stack(ys[::-1] if d else ys, 1))
                 finals.append(state)
             layer_in = torch.cat(outs, -1)
-        out = layer_in.squeeze(1) if unbatched else layer_in.transpose(0, 1) if self.batch_first else layer_in
+        out = layer_in.squeeze(0) if unbatched else layer_in if self.batch_first else layer_in.transpose(0, 1)
         return out, self._final(finals, unbatched)
 
     def _final(self, finals, unbatched: bool):
