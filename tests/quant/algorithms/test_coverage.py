@@ -75,14 +75,3 @@ def test_strict_accepts_a_fully_quantized_model_with_folded_batchnorm(tmp_path):
     reasons = {n: r for n, (_, _, r) in _rows(qm).items()}
     assert reasons["bn1"] == "folded into conv1" and reasons["layer2.downsample.1"] == "folded into layer2.downsample.0"
     assert all(r.startswith("folded into") for r in reasons.values()), reasons
-
-
-def test_gptq_records_which_algorithm_ran_per_layer(digits):
-    x = digits.adapter.builtin["train_x"][:64]
-    recipe = Recipe(name="g", weights=QuantArgs(bits=4, granularity="group", group_size=16, symmetric=False),
-                    algorithm="gptq", calibration={"num_samples": 64, "batch_size": 32}, targets=["Linear", "Embedding"])
-    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Embedding(5, 16)).eval()
-    from secquant.quant.algorithms import quantize_model
-
-    layers, _ = quantize_model(m, recipe, lambda: [x.reshape(64, -1)], lambda mod, b: mod[2](mod[1](mod[0](b))))
-    assert {n: e["algorithm"] for n, e in layers.items()} == {"0": "gptq", "2": "gptq", "3": "rtn"}

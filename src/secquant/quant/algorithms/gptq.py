@@ -22,6 +22,7 @@ from ..modules.weight import mse_range
 from ..modules import quantize_module
 from ..primitives import PerChannel, PerGroup, PerTensor, choose_qparams, qrange, reduce_range
 from .base import CountedBatches, WeightPass, handles
+from .gptq_conv import gptq_applies, grouped_gptq, layer_input_rows, n_groups
 from .rtn import apply_recipe, plan, set_submodule
 
 
@@ -236,10 +237,10 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
     """
     batches, run_batch, smooth = wp.batches, wp.run_batch, wp.prep
     todo = plan(model, recipe)
-    gptq_names = [n for n, (t, w, _) in todo.items() if t in ("Linear", "Conv1D") and w is not None]
+    gptq_names = [n for n, (t, w, _) in todo.items() if gptq_applies(t, model.get_submodule(n), w)]
     others = set(todo) - set(gptq_names)
     reference = copy.deepcopy(model) if recipe.algorithm.float_targets else None  # the float model, untouched
-    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
+    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, LSTM, ...: RTN
     cfg = recipe.algorithm
     first = next(iter(batches()), None)
     if first is None:
@@ -248,7 +249,7 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
     samples = 0
     tick = wp.progress("GPTQ blocks", len(stages))
     for stage in stages:
-        acc = {n: HessianAccumulator() for n in stage}
+        acc = {n: [HessianAccumulator() for _ in range(n_groups(model.get_submodule(n)))] for n in stage}
         seen: set[str] = set()
         float_inputs: dict[str, torch.Tensor] = {}
         mask: list[torch.Tensor | None] = [None]
@@ -259,7 +260,11 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
             return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
 
         def hook(mod, inp, name):
-            acc[name].add(real_rows(inp[0].detach()), float_inputs.get(name))
+            xf = float_inputs.get(name)
+            fchunks = layer_input_rows(mod, xf) if xf is not None else None
+            for i, chunk in enumerate(layer_input_rows(mod, real_rows(inp[0].detach()))):  # conv: im2col rows
+                for j, (a, x) in enumerate(zip(acc[name], chunk)):
+                    a.add(x, fchunks[i][j] if fchunks is not None else None)
             seen.add(name)
             if len(seen) == len(stage):
                 raise _StageDone
@@ -297,20 +302,25 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
         for name in stage:
             t, wargs, aargs = todo[name]
             mod = model.get_submodule(name)
-            if acc[name].n == 0:
+            if acc[name][0].n == 0:
                 raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
             w = mod.weight.detach().float()
-            w = w.t() if t == "Conv1D" else w
+            w = w.t() if t == "Conv1D" else w.reshape(w.shape[0], -1)  # a conv kernel as [out, in/g * k]
             # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
             # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
             qmod = quantize_module(mod, t, wargs, aargs, smooth.get(name), recipe.rotation)
             w = qmod.weight_space(w)
-            H = qmod.input_gram(acc[name].H)
-            C = qmod.input_gram(acc[name].C) if acc[name].C is not None else None
-            if C is not None:
-                w = float_target(w, H, C, cfg.float_targets_ridge)
-            q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
-                                               block_size=cfg.block_size)
+            gram = getattr(qmod, "input_gram", lambda G: G)  # convolutions: no smoothing or rotation
+            C = acc[name][0].C
+
+            def target(wi, a, gram=gram):
+                return wi if a.C is None else float_target(wi, gram(a.H), gram(a.C), cfg.float_targets_ridge)
+
+            def run(wi, H, gram=gram, wargs=wargs):
+                return gptq_quantize(wi, gram(H), wargs, damp=cfg.damp, act_order=cfg.act_order,
+                                     block_size=cfg.block_size)
+
+            q, scale, zp, info = grouped_gptq(w, acc[name], wargs, cfg, run, target)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)
