@@ -173,6 +173,7 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
             "w_symmetric": w.symmetric if w else None,
             "w_range": w.observer if w else None,
             "w_transform": _transform(e.config),
+            "w_algorithm": e.algorithm,
             "a_bits": a.bits if a else None,
             "a_mode": ("dynamic/" + a.granularity if a.dynamic else f"static/{a.observer}") if a else "float",
         })

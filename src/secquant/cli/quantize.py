@@ -169,16 +169,22 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps({"model": m.model.spec, "recipe": m.recipe.name, "layers": rows,
                                      "source": m.source.model_dump(), "calibration": m.calibration.model_dump(),
-                                     "tuning": m.tuning}) + "\n")
+                                     "tuning": m.tuning,
+                                     "float_layers": None if m.float_layers is None else
+                                     [e.model_dump() for e in m.float_layers]}) + "\n")
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
     t.add_column("layer", overflow="fold", min_width=12)
-    cols = ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "w_transform", "a_bits", "a_mode"]
+    cols = ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "w_transform", "w_algorithm", "a_bits",
+            "a_mode"]
     for c in cols:
         t.add_column(c)
     for r in rows:
         t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in ["layer", *cols]))
     out.print(t)
+    if m.float_layers:
+        left = ", ".join(f"{e.name or '(model)'} ({e.type}, {e.reason})" for e in m.float_layers)
+        out.print(f"left in float: {left}", highlight=False, markup=False, soft_wrap=True)
     if m.tuning:
         out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)
 
