@@ -79,3 +79,22 @@ def test_strict_accepts_a_fully_quantized_model_with_folded_batchnorm(tmp_path):
     reasons = {n: r for n, (_, _, r) in _rows(qm).items()}
     assert reasons["bn1"] == "folded into conv1" and reasons["layer2.downsample.1"] == "folded into layer2.downsample.0"
     assert all(r.startswith("folded into") for r in reasons.values()), reasons
+
+
+def test_a_conv_transpose_decoder_is_quantized_whole_under_w8a8(tmp_path):
+    """The issue's case: a large ConvTranspose2d stayed float (0.99x the float size under w8a8-dynamic, and
+    w8a8 refused a model without Linear layers to smooth)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 256, 1), nn.ReLU(), nn.ConvTranspose2d(256, 128, 4, stride=2, padding=1),
+                      nn.ReLU(), nn.Conv2d(128, 3, 3, padding=1)).eval()
+    save_file({"inputs": torch.randn(64, 16, 4, 4)}, str(tmp_path / "c.safetensors"))
+    for preset in ("w8a8", "w8a8-dynamic"):
+        qm = secquant.quantize(m, preset, out=tmp_path / preset, calib=str(tmp_path / "c.safetensors"), strict=True)
+        assert qm.manifest.layers["2"].type == "ConvTranspose2d" and qm.manifest.float_layers == []
+        ratio = (tmp_path / preset / "model.safetensors").stat().st_size / qm.manifest.source.float_size_bytes
+        assert ratio < 0.27, ratio
+        x = torch.randn(4, 16, 4, 4)
+        with torch.no_grad():
+            assert float((qm(x) - m(x)).abs().max() / m(x).abs().max()) < 0.05

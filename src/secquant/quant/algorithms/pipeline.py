@@ -35,8 +35,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
     folded = fold_batchnorm(model, set(plan(model, recipe)))
     smooth = None
     used = 0
-    if recipe.smoothing is not None:
-        todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}
+    todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}
+    if recipe.smoothing is not None and todo:  # smoothing scales Linear inputs: a conv-only model has none
         seen = CountedBatches(batches())
         stats = collect_input_stats(model, list(todo), seen, run_batch, recipe.smoothing.max_rows,
                                     recipe.calibration.seed, progress("collecting activations", n_total))
