@@ -47,10 +47,10 @@ class LayerEntry(Strict):
 class FloatLayerEntry(Strict):
     """A module that stayed in float after quantization, and why (quant.algorithms.coverage)."""
 
-    name: str
-    type: str
+    name: str = Field(max_length=1024)
+    type: str = Field(max_length=128)
     parameters: int = Field(ge=0, description="float elements it holds (parameters and floating buffers)")
-    reason: str
+    reason: str = Field(max_length=1200)
 
 
 class ModelEntry(Strict):

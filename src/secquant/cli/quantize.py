@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import SecquantError
-from .common import RichProgress, err, out, parse_size, print_privacy, read_passphrase, user_errors
+from .common import RichProgress, err, one_line, out, parse_size, print_privacy, read_passphrase, user_errors
 
 app = typer.Typer()
 
@@ -184,7 +184,7 @@ def inspect(
     out.print(t)
     if m.float_layers:
         left = ", ".join(f"{e.name or '(model)'} ({e.type}, {e.reason})" for e in m.float_layers)
-        out.print(f"left in float: {left}", highlight=False, markup=False, soft_wrap=True)
+        out.print(one_line(f"left in float: {left}", 4000), highlight=False, markup=False, soft_wrap=True)
     if m.tuning:
         out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)
 
