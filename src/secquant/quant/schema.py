@@ -228,6 +228,8 @@ class Recipe(Strict):
     overrides: list[Override] = Field(default_factory=list)
     smoothing: Smoothing | None = None
     rotation: Rotation | None = None
+    fold_batchnorm: bool = Field(True, description="fold each eval-mode BatchNorm into the conv (or Linear) before "
+                                 "it, when that layer is quantized (quant.algorithms.fold)")
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="before")

@@ -81,3 +81,19 @@ def test_quantized_resnet_keeps_its_accuracy_and_reloads(resnet_digits, tmp_path
     assert not qm.manifest.float_layers or all(e.reason.startswith("folded into") for e in qm.manifest.float_layers)
     back = secquant.load(out, model=resnet().eval(), allow_unsealed=True)
     assert torch.equal(back(x[:16]), qm(x[:16]))
+
+
+def test_audits_compare_a_folded_layer_with_the_folded_float_weight(resnet_digits):
+    """The divergence audit builds copies 'float weight + rounding-sized noise' of each quantized layer: for a
+    layer with a folded BatchNorm that float weight must be the folded one (else the copies are another model)."""
+    from secquant.audits.divergence import noisy_copy, predictions
+
+    x = splits()["test_x"][:256]
+    qm = secquant.quantize(resnet_digits, "w8a16")
+    assert qm.module.get_submodule("conv1").folded_batchnorm == "bn1"
+    agree = float((predictions(noisy_copy(qm.module, resnet_digits, seed=0), x)
+                   == predictions(resnet_digits, x)).float().mean())
+    assert agree > 0.97, agree
+    unfolded = secquant.quantize(resnet_digits, secquant.PRESETS["w8a16"].model_copy(update={"fold_batchnorm": False}))
+    assert "folded_batchnorm" not in unfolded.manifest.layers["conv1"].config
+    assert {e.name: e.reason for e in unfolded.manifest.float_layers}["bn1"] == "normalization kept in float"

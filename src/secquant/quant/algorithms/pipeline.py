@@ -32,7 +32,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
                                "scale search): pass --calib FILE")
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
     check_finite(model)  # before folding spreads a bad BatchNorm statistic into the layer before it
-    folded = fold_batchnorm(model, set(plan(model, recipe)))
+    folded = fold_batchnorm(model, set(plan(model, recipe))) if recipe.fold_batchnorm else {}
     smooth = None
     used = 0
     todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}
@@ -61,6 +61,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
     used = max(used, n)
     for bn_name, layer_name in folded.items():
         layers[layer_name]["config"]["folded_batchnorm"] = bn_name
+        model.get_submodule(layer_name).folded_batchnorm = bn_name  # what audits comparing with the float model read
     if any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values()):
         seen = CountedBatches(batches())
         calibrate(model, seen, run_batch, progress("calibrating", n_total))

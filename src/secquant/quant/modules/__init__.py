@@ -71,6 +71,13 @@ def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, a
 
 def build_empty(info: dict) -> nn.Module:
     """A quantized layer with zeroed buffers of the right shapes, from its manifest entry."""
+    q = _build_empty(info)
+    if info["config"].get("folded_batchnorm"):  # h16-layers: the BatchNorm folded into it (quant.algorithms.fold)
+        q.folded_batchnorm = str(info["config"]["folded_batchnorm"])
+    return q
+
+
+def _build_empty(info: dict) -> nn.Module:
     t = info["type"]
     w = info["weight"]
     wargs = QuantArgs.model_validate(w["args"]) if w["args"] is not None else None
