@@ -63,11 +63,31 @@ def test_transposed_3d_and_depthwise_convs_export_with_integer_weights(tmp_path,
     assert np.abs(y - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_quantized_recurrent_layers_refuse_onnx_export(tmp_path):
-    from layers_models import lstm_digits
+@pytest.mark.parametrize("factory", ["lstm_digits", "gru_digits"])
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-rtn", "w8a8-dynamic"])
+def test_weight_only_recurrent_layers_export_and_activation_quantized_ones_refuse(tmp_path, factory, preset):
+    import layers_models
 
+    make = getattr(layers_models, factory)
+    torch.manual_seed(0)
     out = tmp_path / "q"
-    secquant.quantize(lstm_digits().eval(), "w8a16", out=out)
-    with pytest.raises(SecquantError, match="layer 'rnn' is a quantized LSTM: secquant has no ONNX export"):
-        export_onnx(out, model=lstm_digits().eval())
-    assert not (out / "model.onnx").exists()
+    qm = secquant.quantize(make().eval(), preset, out=out)
+    kind = "LSTM" if factory == "lstm_digits" else "GRU"
+    if preset.endswith("dynamic"):
+        with pytest.raises(SecquantError, match=f"layer 'rnn': a quantized {kind} with quantized activations"):
+            export_onnx(out, model=make().eval())
+        assert not (out / "model.onnx").exists()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_onnx(out, model=make().eval())
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count(kind) == 2 and ops.count("DequantizeLinear") == 8  # 2 layers x 2 directions x (W, R)
+    codes = [i for i in graph.initializer if i.name.startswith("rnn.") and "qweight" in i.name]
+    assert len(codes) == 8 and all(i.data_type != onnx.TensorProto.FLOAT for i in codes)
+    x = torch.rand(5, 8, 8)
+    s = ort.InferenceSession(str(path))
+    y = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(y - qm(x).numpy()).max() < 1e-5
