@@ -114,7 +114,7 @@ def test_recurrent_layers_run_torch_s_recurrence_on_quantized_weights(name, make
     assert torch.equal(empty(x)[0], dyn)
 
 
-def test_recurrent_static_activations_calibrate_and_packed_sequences_are_refused():
+def test_recurrent_static_activations_calibrate():
     from secquant.quant.algorithms import calibrate
 
     torch.manual_seed(0)
@@ -124,9 +124,28 @@ def test_recurrent_static_activations_calibrate_and_packed_sequences_are_refused
     x = torch.randn(6, 4, 5)
     assert calibrate(m, [x], lambda mod, b: mod(b)) == 1
     assert _rel(m[0](x)[0], f(x)[0]) < 0.05
-    packed = nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 2])
-    with pytest.raises(TypeError, match="packed sequences"):
-        m[0](packed)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_packed_sequences_stop_at_their_own_length(cell, sorted_):
+    torch.manual_seed(0)
+    f = cell(5, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
+    q = quantize_module(f, cell.__name__, W8, None)
+    g = _float_copy(f, q)
+    x = torch.randn(4, 7, 5)
+    lengths = [7, 5, 3, 2] if sorted_ else [3, 7, 2, 5]
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=sorted_)
+    with torch.no_grad():
+        out, h = q(packed)
+        ref, href = g(packed)
+    assert isinstance(out, nn.utils.rnn.PackedSequence) and torch.equal(out.batch_sizes, ref.batch_sizes)
+    assert torch.allclose(out.data, ref.data, atol=1e-5)
+    for a, b in zip(h if isinstance(h, tuple) else (h,), href if isinstance(href, tuple) else (href,)):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():  # the lengths matter: a plain run over the padded batch reads the padding
+        padded_run = q(x)[0]
+    assert not torch.allclose(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0], padded_run, atol=1e-3)
 
 
 def test_the_integrity_guard_covers_every_recurrent_tensor():

@@ -5,7 +5,7 @@ biases stay float under torch's names, so a state dict reads like nn.LSTM's. Wit
 input of every layer (the sequence, once per layer) and the hidden state fed back at every step are
 fake-quantized as an integer kernel would see them (dynamic per token, or static ranges per layer and
 direction), as torch's dynamic quantized LSTM does. Supports num_layers, bidirectional, batch_first, unbatched
-input and initial states; packed sequences and proj_size are refused.
+input, initial states and packed sequences (each sequence stops at its own length); proj_size is refused.
 """
 
 from __future__ import annotations
@@ -94,16 +94,23 @@ class _QuantRecurrent(nn.Module):
         """One time step from the input and hidden projections: (h, state)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, hx=None):
-        if isinstance(x, nn.utils.rnn.PackedSequence):
-            raise TypeError(f"quantized {self.layer_type} does not take packed sequences: pad the batch "
-                            "(nn.utils.rnn.pad_packed_sequence) before the layer")
+    def forward(self, x: torch.Tensor | nn.utils.rnn.PackedSequence, hx=None):
+        if isinstance(x, nn.utils.rnn.PackedSequence):  # run padded, each sequence stopping at its own length
+            padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=True)  # the original batch order
+            out, h = self._run(padded, hx, True, lengths)
+            return _repack(out, x), h
+        return self._run(x, hx, self.batch_first, None)
+
+    def _run(self, x: torch.Tensor, hx, batch_first: bool, lengths: torch.Tensor | None):
+        """The recurrence; with `lengths` (x padded), steps past a sequence's length keep its state."""
+        if lengths is not None:
+            valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # [batch, time]
         unbatched = x.dim() == 2
         if unbatched:  # computed as a batch of one; every tensor inside is [batch, ...] (canaries read it so)
             x = x.unsqueeze(0)
             hx = None if hx is None else tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) \
                 else hx.unsqueeze(1)
-        elif not self.batch_first:
+        elif not batch_first:
             x = x.transpose(0, 1)
         states = self._initial(hx, x.shape[0], x)
         finals = []
@@ -120,12 +127,16 @@ class _QuantRecurrent(nn.Module):
                 ys = []
                 for t in (range(x.shape[1] - 1, -1, -1) if d else range(x.shape[1])):
                     gh = w_hh(self._q(self.hidden_quants, idx, state[0]), b_hh)
-                    h, state = self._step(xp[:, t], gh, state)
+                    h, new = self._step(xp[:, t], gh, state)
+                    if lengths is not None:
+                        m = valid[:, t, None]
+                        h, new = h * m, tuple(torch.where(m, n, o) for n, o in zip(new, state))
+                    state = new
                     ys.append(h)
                 outs.append(torch.stack(ys[::-1] if d else ys, 1))
                 finals.append(state)
             layer_in = torch.cat(outs, -1)
-        out = layer_in.squeeze(0) if unbatched else layer_in if self.batch_first else layer_in.transpose(0, 1)
+        out = layer_in.squeeze(0) if unbatched else layer_in if batch_first else layer_in.transpose(0, 1)
         return out, self._final(finals, unbatched)
 
     def _final(self, finals, unbatched: bool):
@@ -178,6 +189,13 @@ class QuantGRU(_QuantRecurrent):
 
 
 RECURRENT = {"LSTM": QuantLSTM, "GRU": QuantGRU}
+
+
+def _repack(out: torch.Tensor, like: nn.utils.rnn.PackedSequence) -> nn.utils.rnn.PackedSequence:
+    """A padded output [batch, time, ...] (original batch order) packed in the layout of `like`."""
+    o = out if like.sorted_indices is None else out.index_select(0, like.sorted_indices)
+    data = torch.cat([o[:int(n), t] for t, n in enumerate(like.batch_sizes)])
+    return nn.utils.rnn.PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 def build_recurrent(t: str, info: dict, wargs: QuantArgs, aargs: QuantArgs | None) -> nn.Module:
