@@ -97,7 +97,8 @@ def with_bilinear() -> nn.Module:
     return WithBilinear()
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 3e-3,
+          seed: int = 0) -> nn.Module:
     """A few epochs of Adam on (x, y) in batches of 64, seeded; returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

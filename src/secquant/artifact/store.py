@@ -38,8 +38,8 @@ def build_manifest(handle: Any, recipe, layers: dict[str, dict], source: SourceE
         secquant_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
-        recipe=recipe, layers=layers, float_layers=float_layers, source=source, calibration=calibration, files=files, tuning=tuning,
-        training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
+        recipe=recipe, layers=layers, float_layers=float_layers, source=source, calibration=calibration, files=files,
+        tuning=tuning, training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
     )
 
 

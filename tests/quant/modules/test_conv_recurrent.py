@@ -78,7 +78,8 @@ def _float_copy(f: nn.RNNBase, q) -> nn.RNNBase:
 
 
 RNNS = [
-    ("lstm-2layer-bi-batchfirst", lambda: nn.LSTM(5, 12, num_layers=2, batch_first=True, bidirectional=True), (3, 7, 5)),
+    ("lstm-2layer-bi-batchfirst", lambda: nn.LSTM(5, 12, num_layers=2, batch_first=True, bidirectional=True),
+     (3, 7, 5)),
     ("gru-2layer-bi", lambda: nn.GRU(5, 12, num_layers=2, bidirectional=True), (7, 3, 5)),
     ("lstm-nobias-unbatched", lambda: nn.LSTM(5, 12, bias=False), (7, 5)),
     ("gru-batchfirst", lambda: nn.GRU(5, 12, batch_first=True), (3, 7, 5)),

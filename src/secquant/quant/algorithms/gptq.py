@@ -320,7 +320,7 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
                 return gptq_quantize(wi, gram(H), wargs, damp=cfg.damp, act_order=cfg.act_order,
                                      block_size=cfg.block_size)
 
-            q, scale, zp, info = grouped_gptq(w, acc[name], wargs, cfg, run, target)
+            q, scale, zp, info = grouped_gptq(w, acc[name], run, target)
             qmod.set_quantized(q, scale, zp)
             set_submodule(model, name, qmod)
             entry = qmod.layer_info(t)

@@ -77,7 +77,7 @@ def layer_input_rows(mod: nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]
     return [conv_input_rows(mod, x[i:i + step]) for i in range(0, x.shape[0], step)]
 
 
-def grouped_gptq(w: torch.Tensor, accs: list, wargs: QuantArgs, cfg, quantize, target):
+def grouped_gptq(w: torch.Tensor, accs: list, quantize, target):
     """GPTQ of each group's rows of w [out, cols] under its own Hessian; results concatenated along the rows.
     `quantize(w, H)` runs GPTQ, `target(w, acc)` the float-model target of one group."""
     g = len(accs)
