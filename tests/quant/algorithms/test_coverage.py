@@ -31,6 +31,8 @@ def test_float_layers_name_every_module_left_in_float_with_its_reason():
     two = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     r = Recipe(name="r", weights=QuantArgs(bits=8, granularity="channel"), ignore=["2"])
     assert _rows(secquant.quantize(two, r)) == {"2": ("Linear", 21, "ignored by recipe")}
+    proj = secquant.quantize(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 8, proj_size=2)), "w8a16")
+    assert _rows(proj)["1"][2] == "type not supported"  # an LSTM with projections has no quantized form
     t = Recipe(name="t", weights=QuantArgs(bits=8, granularity="channel"), targets=["Linear"])
     assert _rows(secquant.quantize(nn.Sequential(nn.Linear(6, 6), nn.Conv1d(1, 2, 3)), t))["1"] == \
         ("Conv1d", 8, "type not in recipe targets")

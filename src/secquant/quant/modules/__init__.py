@@ -35,7 +35,7 @@ def float_layer_type(mod: nn.Module) -> str | None:
         return "Conv1D"
     for cls, name in _MORE_FLOAT_TYPES.items():  # h16-layers
         if isinstance(mod, cls):
-            return name
+            return None if getattr(mod, "proj_size", 0) else name  # LSTM projections: no quantized form
     return None
 
 
