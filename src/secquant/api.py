@@ -20,12 +20,13 @@ from torch import nn
 from .artifact import CalibrationEntry, LoadedArtifact, Manifest, SourceEntry, save_artifact, state_dict_sha256
 from .artifact.fsutil import atomic_file, private_dir, refuse_existing
 from .artifact.store import build_manifest, describe
-from .errors import CalibrationError, ModelError, SecquantError
+from .errors import CalibrationError, ModelError, SecquantError, StrictError
 from .fidelity import compare, float_size_bytes
 from .models import BUILTINS, ModelHandle, load_artifact, load_model
 from .models.classifier import module_handle
 from .models.factory import is_factory_spec
 from .quant.algorithms import quantize_model
+from .quant.algorithms.coverage import float_layers, strict_violations
 from .recipes import Recipe, get_preset, load_recipe
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -173,11 +174,16 @@ def quantize(
     tokenizer: str | Path | None = None,
     sample_shape: Any = None,
     sample_dtype: Any = None,
+    strict: bool = False,
 ) -> QuantizedModel:
     """Quantize a model by preset name, recipe file or Recipe; save the artifact if `out` is given.
 
     `tokenizer`: a directory holding the tokenizer of a Hugging Face model directory that has none (such a
     directory is refused otherwise: every word would be an unknown token).
+
+    The manifest's `float_layers` lists every module left in float, with the reason. `strict=True` refuses
+    (`StrictError`, nothing written) when a module holding a weight matrix or kernel stays in float without the
+    recipe asking for it (see quant.algorithms.coverage).
 
     `calib`: a data file (an `.age` file is decrypted in memory with `identity`), or "synthetic"
     for data-free calibration (random vocabulary sentences / ZeroQ inputs). `dp_epsilon` (with
@@ -198,10 +204,24 @@ def quantize(
     with plaintext_path(calib, identity, passphrase) as data:
         qmodule, layers, calibration, privacy, key = _quantize(handle, recipe, calib, data, progress, dp_epsilon,
                                                                dp_delta, record_source_name)
+    leftovers = float_layers(qmodule, recipe, layers)
+    if strict:
+        check_strict(qmodule, leftovers)
     qm = _finish(qmodule, handle, recipe, layers, source_entry(handle.module), calibration, out, overwrite,
-                 tuning=tuning, privacy=privacy)
+                 tuning=tuning, privacy=privacy, float_layers=leftovers)
     qm.source_commitment_key = key
     return qm
+
+
+def check_strict(qmodule: nn.Module, leftovers: list[dict]) -> None:
+    """Raise StrictError naming the modules with weights that stayed in float (strict mode)."""
+    bad = strict_violations(qmodule, leftovers)
+    if bad:
+        shown = ", ".join(f"{e['name'] or '(model)'} ({e['type']}, {e['parameters']} parameters: {e['reason']})"
+                          for e in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise StrictError(f"strict: {len(bad)} module(s) with weights would stay in float: {shown}{more}; nothing "
+                          "was written. Leave them out on purpose (recipe `ignore`) or drop --strict")
 
 
 def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dict, source: SourceEntry,

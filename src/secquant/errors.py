@@ -27,3 +27,7 @@ class UnsafeInputError(SecquantError):
 
 class OutputExistsError(SecquantError):
     """The output path exists and overwriting was not asked for."""
+
+
+class StrictError(SecquantError):
+    """Strict quantization refused: a module holding weights would stay in float."""

@@ -144,7 +144,7 @@ def test_recipe_must_quantize_something():
 
 @pytest.mark.parametrize("field,value", [
     ("algorithm", "awq-v9"),
-    ("targets", ["Linear", "LSTM"]),
+    ("targets", ["Linear", "Bilinear"]),  # LSTM became a target (issue 16)
 ])
 def test_literal_fields_rejected(field, value):
     with pytest.raises(RecipeError) as ei:

@@ -32,12 +32,25 @@ class WeightEntry(Strict):
 
 
 class LayerEntry(Strict):
-    type: Literal["Linear", "Conv1d", "Conv2d", "Embedding"]
-    source_type: Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+    type: Literal["Linear", "Conv1d", "Conv2d", "Embedding",
+                  "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
+    source_type: Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                         "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
     weight: WeightEntry
     activation: QuantArgs | None
     bias: bool
     config: dict[str, Any]
+    algorithm: str | None = Field(None, max_length=32, description="the weight algorithm that actually ran on this "
+                                  "layer (rtn, gptq, lsq, ...); null: weights kept in float, or an older artifact")
+
+
+class FloatLayerEntry(Strict):
+    """A module that stayed in float after quantization, and why (quant.algorithms.coverage)."""
+
+    name: str = Field(max_length=1024)
+    type: str = Field(max_length=128)
+    parameters: int = Field(ge=0, description="float elements it holds (parameters and floating buffers)")
+    reason: str = Field(max_length=1200)
 
 
 class ModelEntry(Strict):
@@ -96,6 +109,8 @@ class Manifest(Strict):
     model: ModelEntry
     recipe: Recipe
     layers: dict[str, LayerEntry]
+    float_layers: list[FloatLayerEntry] | None = Field(None, description="modules left in float, with the reason "
+                                                       "(null: not recorded by the secquant that wrote it)")
     source: SourceEntry
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)

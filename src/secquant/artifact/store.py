@@ -33,13 +33,13 @@ from .manifest import (
 def build_manifest(handle: Any, recipe, layers: dict[str, dict], source: SourceEntry,
                    calibration: CalibrationEntry, files: dict[str, str], tuning: dict | None = None,
                    training: dict | None = None, privacy: list[dict] | None = None,
-                   watermark: dict | None = None) -> Manifest:
+                   watermark: dict | None = None, float_layers: list[dict] | None = None) -> Manifest:
     return Manifest(
         secquant_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
-        recipe=recipe, layers=layers, source=source, calibration=calibration, files=files, tuning=tuning,
-        training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
+        recipe=recipe, layers=layers, float_layers=float_layers, source=source, calibration=calibration, files=files,
+        tuning=tuning, training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
     )
 
 
@@ -47,7 +47,7 @@ def save_artifact(out: Path, module: nn.Module, handle: Any, recipe, layers: dic
                   source: SourceEntry, calibration: CalibrationEntry, overwrite: bool = False,
                   extra_files: dict[str, bytes] | None = None, tuning: dict | None = None,
                   training: dict | None = None, privacy: list[dict] | None = None,
-                  watermark: dict | None = None) -> Manifest:
+                  watermark: dict | None = None, float_layers: list[dict] | None = None) -> Manifest:
     """Write the artifact directory atomically and return its manifest."""
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors_for_save(module), str(tmp / WEIGHTS_NAME),
@@ -60,7 +60,7 @@ def save_artifact(out: Path, module: nn.Module, handle: Any, recipe, layers: dic
             (tmp / rel).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = build_manifest(handle, recipe, layers, source, calibration, files, tuning, training, privacy,
-                                  watermark)
+                                  watermark, float_layers)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
 
@@ -116,17 +116,16 @@ def _check_fits(name: str, entry, layer: nn.Module) -> None:
     """The manifest's entry must describe the float layer it replaces: its kind, weight shape, bias, and the
     sizes that shape the quantized layer's buffers. Every allocation is then bounded by the architecture,
     not by what a manifest asks for."""
-    from ..quant.modules import float_layer_type
+    from ..quant.modules import float_layer_type, stored_weight_shape
 
     kind = float_layer_type(layer)
     if kind is None or kind != entry.source_type or entry.type != ("Linear" if kind == "Conv1D" else kind):
         raise ArtifactError(f"manifest layer {name!r} says {entry.source_type} -> {entry.type}, but the architecture "
                             f"has a {type(layer).__name__} there")
-    w = layer.weight
-    shape = [int(w.shape[1]), int(w.shape[0])] if kind == "Conv1D" else [int(n) for n in w.shape]
-    sizes = {"in_features": shape[1], "out_features": shape[0]} if entry.type == "Linear" else \
-        {"num_embeddings": shape[0], "embedding_dim": shape[1]} if entry.type == "Embedding" else {}
-    has_bias = getattr(layer, "bias", None) is not None
+    shape, sizes = stored_weight_shape(layer, kind)
+    # a BatchNorm folded into the layer (quant.algorithms.fold) gives it a bias the float layer may lack
+    b = getattr(layer, "bias", None)  # a tensor or None; a flag on LSTM / GRU
+    has_bias = (b if isinstance(b, bool) else b is not None) or bool(entry.config.get("folded_batchnorm"))
     if entry.weight.shape != shape or entry.bias != has_bias or any(entry.config.get(k) != v for k, v in sizes.items()):
         raise ArtifactError(f"manifest layer {name!r} does not match the architecture (weight {shape}, bias "
                             f"{has_bias}): the manifest and the model differ")
@@ -174,6 +173,7 @@ def describe(manifest: Manifest) -> list[dict[str, Any]]:
             "w_symmetric": w.symmetric if w else None,
             "w_range": w.observer if w else None,
             "w_transform": _transform(e.config),
+            "w_algorithm": e.algorithm,
             "a_bits": a.bits if a else None,
             "a_mode": ("dynamic/" + a.granularity if a.dynamic else f"static/{a.observer}") if a else "float",
         })

@@ -47,7 +47,7 @@ from .bitflip import element_scale, quantized_layers
 # digits CNN; see bench/results_robustness.md.)
 PLANT_RECIPE = Recipe(name="w4a16-channel-rtn",
                       description="4-bit symmetric per-channel min-max weights, round-to-nearest; float activations",
-                      weights=QuantArgs(bits=4, granularity="channel"))
+                      weights=QuantArgs(bits=4, granularity="channel"), fold_batchnorm=False)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -65,7 +65,13 @@ def _float_weight_2d(float_model: nn.Module, name: str, m: QuantizedWeightMixin)
     if tuple(w.shape) != tuple(m.weight_shape):
         raise SecquantError(f"layer {name!r}: float weight {tuple(w.shape)} does not match the quantized "
                             f"{tuple(m.weight_shape)}: pass the float model this artifact was quantized from")
-    return m.weight_space(w.reshape(m.rows, m.cols))  # the layer stores Q(W s R) and reads (x / s) R
+    w = w.reshape(m.rows, m.cols)
+    bn_name = getattr(m, "folded_batchnorm", None)
+    if bn_name:  # the BatchNorm after it was folded into its weight before quantization (quant.algorithms.fold)
+        bn = float_model.get_submodule(bn_name)
+        scale = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+        w = w * (scale if bn.weight is None else bn.weight.detach().float() * scale)[:, None]
+    return m.weight_space(w)  # the layer stores Q(W s R) and reads (x / s) R
 
 
 def _keyed_generator(key: bytes, label: str) -> torch.Generator:
@@ -252,9 +258,16 @@ def plant_quantization_backdoor(float_model: nn.Module, recipe, x: torch.Tensor,
                     project()
 
     mal = copy.deepcopy(float_model).eval()  # BN in eval mode: running statistics stay shared
-    for p in mal.parameters():
+    frozen: set[int] = set()
+    if recipe.fold_batchnorm:  # the recipe folds BatchNorm before rounding: plant against the folded weights,
+        from ..quant.algorithms.fold import FOLDABLE, fold_batchnorm  # the identity BatchNorm left frozen
+
+        done = fold_batchnorm(mal, {n for n, m in mal.named_modules() if isinstance(m, FOLDABLE)})
+        frozen = {id(p) for bn in done for p in mal.get_submodule(bn).parameters()}
+    params = [p for p in mal.parameters() if id(p) not in frozen]
+    for p in params:
         p.requires_grad_(True)
-    train(mal, y_mal, malicious_epochs, list(mal.parameters()))
+    train(mal, y_mal, malicious_epochs, params)
 
     qmal = copy.deepcopy(mal).eval()
     calib = lambda: (x[i:i + 64] for i in range(0, min(len(x), 256), 64))  # noqa: E731

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import SecquantError
-from .common import (RichProgress, err, existing, out, parse_sample_dtype, parse_sample_shape, parse_size,
+from .common import (RichProgress, err, existing, one_line, out, parse_sample_dtype, parse_sample_shape, parse_size,
                      print_privacy, read_passphrase, sample_dtype_option, sample_shape_option, user_errors,
                      weights_option)
 
@@ -42,6 +43,8 @@ def quantize(
     ask_passphrase: bool = typer.Option(False, "--passphrase", help="prompt for the identity's passphrase"),
     record_source_name: bool = typer.Option(False, "--record-source-name", help="record --calib's file name in the "
                                             "manifest (by default only its hash)"),
+    strict: bool = typer.Option(False, "--strict", help="refuse (write nothing) when a module holding a weight matrix "
+                                "or kernel would stay in float without the recipe asking for it"),
 ) -> None:
     """Quantize MODEL with a preset or recipe and write an artifact directory."""
     from ..api import quantize as _quantize
@@ -54,11 +57,40 @@ def quantize(
                        weights=existing(weights, "--weights"), overwrite=overwrite, progress=prog,
                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, identity=identity,
                        passphrase=read_passphrase(ask_passphrase), record_source_name=record_source_name,
-                       sample_shape=shape, sample_dtype=dtype, tokenizer=tokenizer)
-    n = len(qm.manifest.layers)
-    err.print(f"wrote {out} ({n} layers quantized with {qm.manifest.recipe.name}; calibration data: "
-              f"{qm.manifest.calibration.data})")
+                       sample_shape=shape, sample_dtype=dtype, tokenizer=tokenizer, strict=strict)
+    print_float_layers(qm.manifest.float_layers or [])
+    err.print(f"wrote {out} ({quantized_summary(qm.manifest)} with {qm.manifest.recipe.name}; calibration data: "
+              f"{qm.manifest.calibration.data})", highlight=False, soft_wrap=True)
     print_privacy(qm)
+
+
+def quantized_summary(m) -> str:
+    """'N layers quantized (K with float weights, activations only); M modules left in float (P parameters)'."""
+    w_only = sum(1 for e in m.layers.values() if e.weight.args is None)
+    left = [e for e in (m.float_layers or []) if e.name not in m.layers]
+    text = f"{len(m.layers) - w_only} layers with quantized weights"
+    if w_only:
+        text += f", {w_only} with only their activations quantized"
+    if left:
+        text += f"; {len(left)} modules left in float ({sum(e.parameters for e in left):,} float values, listed above)"
+    return text
+
+
+def print_float_layers(rows) -> None:
+    """The modules left in float: a table on a terminal, one plain line each otherwise."""
+    if not rows:
+        return
+    if err.is_terminal:
+        t = Table(title="left in float")
+        for c in ("module", "type", "parameters", "reason"):
+            t.add_column(c, overflow="fold")
+        for e in rows:
+            t.add_row(*(escape(v) for v in (e.name or "(model)", e.type, f"{e.parameters:,}", e.reason)))
+        err.print(t)
+        return
+    for e in rows:
+        err.print(f"float: {e.name or '(model)'} {e.type} {e.parameters} parameters: {e.reason}", highlight=False,
+                  markup=False, soft_wrap=True)
 
 @app.command()
 @user_errors
@@ -153,16 +185,22 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps({"model": m.model.spec, "recipe": m.recipe.name, "layers": rows,
                                      "source": m.source.model_dump(), "calibration": m.calibration.model_dump(),
-                                     "tuning": m.tuning}) + "\n")
+                                     "tuning": m.tuning,
+                                     "float_layers": None if m.float_layers is None else
+                                     [e.model_dump() for e in m.float_layers]}) + "\n")
         return
     t = Table(title=f"{artifact}: {m.model.spec}, recipe {m.recipe.name}, calibration: {m.calibration.data}")
     t.add_column("layer", overflow="fold", min_width=12)
-    cols = ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "w_transform", "a_bits", "a_mode"]
+    cols = ["type", "shape", "w_bits", "w_format", "w_granularity", "w_range", "w_transform", "w_algorithm", "a_bits",
+            "a_mode"]
     for c in cols:
         t.add_column(c)
     for r in rows:
         t.add_row(*(str(r[c]) if r[c] is not None else "-" for c in ["layer", *cols]))
     out.print(t)
+    if m.float_layers:
+        left = ", ".join(f"{e.name or '(model)'} ({e.type}, {e.reason})" for e in m.float_layers)
+        out.print(one_line(f"left in float: {left}", 4000), highlight=False, markup=False, soft_wrap=True)
     if m.tuning:
         out.print(f"tuned: {m.tuning.get('statement', '')}", highlight=False, soft_wrap=True)
 

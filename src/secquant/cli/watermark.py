@@ -86,7 +86,8 @@ def embed(
     m = qm.manifest
     layers = {n: e.model_dump() for n, e in m.layers.items()}
     save_artifact(out, qm.module, qm.handle, m.recipe, layers, m.source, m.calibration, overwrite,
-                  tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record())
+                  tuning=m.tuning, privacy=m.privacy.entries, watermark=rep.record(),
+                  float_layers=None if m.float_layers is None else [e.model_dump() for e in m.float_layers])
     written: object = out
     if m.model.rebuild.get("loader") == "factory":  # rebuilt with the factory the user just named
         from ..api import load

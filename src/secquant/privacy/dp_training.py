@@ -63,6 +63,7 @@ from ..errors import CalibrationError, ModelError
 from ..quant.algorithms import convert_qat, init_activation_ranges, prepare_qat
 from ..quant.algorithms.qat import QATLayer
 from ..quant.algorithms.rtn import set_submodule
+from ..quant.algorithms.fold import identity_batchnorm, producer_pairs
 from ..quant.algorithms.training import fit
 from .ledger import ledger_entry
 from .budget import NEIGHBOURS, PrivacyError, check_delta, check_epsilon, dp_count, resolve_delta
@@ -159,25 +160,13 @@ def secure_generator() -> torch.Generator:
 
 
 def _producer_pairs(model: nn.Module) -> dict[str, str]:
-    """BatchNorm name -> the Conv/Linear whose output it alone normalizes (found with torch.fx)."""
-    from torch.fx import symbolic_trace
-
+    """BatchNorm name -> the Conv/Linear whose output it alone normalizes (torch.fx, quant.algorithms.fold)."""
     try:
-        gm = symbolic_trace(model)
+        return producer_pairs(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means we cannot prove the pairing
         raise ModelError(f"cannot trace {type(model).__name__} with torch.fx to fold its BatchNorm layers for "
                          f"DP-SGD ({str(e).splitlines()[0] if str(e) else type(e).__name__}): remove or fold "
                          "BatchNorm before DP training") from None
-    mods = dict(model.named_modules())
-    pairs: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
-            continue
-        src = node.args[0] if node.args else None
-        if getattr(src, "op", None) == "call_module" and len(src.users) == 1 \
-                and isinstance(mods.get(src.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            pairs[node.target] = src.target
-    return pairs
 
 
 @torch.no_grad()
@@ -207,21 +196,6 @@ def fold_batchnorm(model: nn.Module) -> dict[str, str]:
         set_submodule(model, layer_name, fused)
         set_submodule(model, bn_name, identity_batchnorm(bn))
     return pairs
-
-
-@torch.no_grad()
-def identity_batchnorm(bn: _BN) -> _BN:
-    """A frozen BatchNorm of the same kind and size that computes x (up to float rounding): mean 0,
-    var 1 - eps, weight 1, bias 0. Keeps the float architecture's layout (and state dict keys)."""
-    new = copy.deepcopy(bn).eval()
-    new.running_mean.zero_()
-    new.running_var.fill_(1.0 - bn.eps)
-    if new.affine:
-        new.weight.fill_(1.0)
-        new.bias.zero_()
-        new.weight.requires_grad_(False)
-        new.bias.requires_grad_(False)
-    return new
 
 
 class _NoBatchNorm(nn.Module):

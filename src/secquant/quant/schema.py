@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 
 from .primitives import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
-LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
-ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]
+LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                    "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
+ALL_LAYER_TYPES: list[str] = ["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D",
+                              "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LSTM", "GRU"]
 
 
 class Strict(BaseModel):
@@ -226,6 +228,8 @@ class Recipe(Strict):
     overrides: list[Override] = Field(default_factory=list)
     smoothing: Smoothing | None = None
     rotation: Rotation | None = None
+    fold_batchnorm: bool = Field(True, description="fold each eval-mode BatchNorm into the conv (or Linear) before "
+                                 "it, when that layer is quantized (quant.algorithms.fold)")
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="before")

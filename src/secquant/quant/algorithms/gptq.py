@@ -23,6 +23,7 @@ from ..modules import quantize_module
 from ..primitives import PerChannel, PerGroup, PerTensor, choose_qparams, qrange, reduce_range
 from .base import CountedBatches, WeightPass, handles
 from .gptq_blocks import StageDone, batch_mask, chained_blocks, gptq_by_block
+from .gptq_conv import gptq_applies, grouped_gptq, layer_input_rows, n_groups
 from .rtn import apply_recipe, plan, set_submodule
 
 
@@ -234,12 +235,12 @@ class _StageInputs:
 
     def __init__(self, model: nn.Module, reference: nn.Module | None, stage: list[str]) -> None:
         self.stage = stage
-        self.acc = {n: HessianAccumulator() for n in stage}
+        self.acc = {n: [HessianAccumulator() for _ in range(n_groups(model.get_submodule(n)))] for n in stage}
         self.seen: set[str] = set()
         self.float_inputs: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
         self.n_batches = 0
-        self.handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: self._hook(i, n))
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: self._hook(m, i, n))
                         for n in stage]
         if reference is not None:
             self.handles += [reference.get_submodule(n).register_forward_pre_hook(
@@ -249,8 +250,12 @@ class _StageInputs:
         m = self.mask
         return x[m] if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) else x
 
-    def _hook(self, inp, name: str) -> None:
-        self.acc[name].add(self._real_rows(inp[0].detach()), self.float_inputs.get(name))
+    def _hook(self, mod: nn.Module, inp, name: str) -> None:
+        xf = self.float_inputs.get(name)
+        fchunks = layer_input_rows(mod, xf) if xf is not None else None
+        for i, chunk in enumerate(layer_input_rows(mod, self._real_rows(inp[0].detach()))):  # conv: im2col rows
+            for j, (a, x) in enumerate(zip(self.acc[name], chunk)):
+                a.add(x, fchunks[i][j] if fchunks is not None else None)
         self.seen.add(name)
         if len(self.seen) == len(self.stage):
             raise _StageDone
@@ -283,10 +288,10 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
     """
     batches, run_batch, smooth = wp.batches, wp.run_batch, wp.prep
     todo = plan(model, recipe)
-    gptq_names = [n for n, (t, w, _) in todo.items() if t in ("Linear", "Conv1D") and w is not None]
+    gptq_names = [n for n, (t, w, _) in todo.items() if gptq_applies(t, model.get_submodule(n), w)]
     others = set(todo) - set(gptq_names)
     reference = copy.deepcopy(model) if recipe.algorithm.float_targets else None  # the float model, untouched
-    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, convs: RTN
+    layers = apply_recipe(model, recipe, only=others) if others else {}  # embeddings, LSTM, ...: RTN
     cfg = recipe.algorithm
     first = next(iter(batches()), None)
     if first is None:
@@ -335,27 +340,33 @@ def run_gptq(model: nn.Module, recipe: Recipe, wp: WeightPass) -> tuple[dict[str
     return {n: layers[n] for n in todo}, samples
 
 
-def _quantize_layer(model: nn.Module, name: str, todo_entry, acc: HessianAccumulator, prep, recipe: Recipe) -> dict:
-    """GPTQ on one layer from its accumulated Gram matrices; the layer is replaced in `model`. Its manifest entry."""
+def _quantize_layer(model: nn.Module, name: str, todo_entry, accs: list[HessianAccumulator], prep,
+                    recipe: Recipe) -> dict:
+    """GPTQ on one layer from its accumulated Gram matrices (one per group of a grouped convolution); the layer
+    is replaced in `model`. Its manifest entry."""
     t, wargs, aargs = todo_entry
     cfg = recipe.algorithm
     mod = model.get_submodule(name)
-    if acc.n == 0:
+    if accs[0].n == 0:
         raise CalibrationError(f"GPTQ: layer {name!r} is not reached by the model's forward pass")
     w = mod.weight.detach().float()
-    w = w.t() if t == "Conv1D" else w
+    w = w.t() if t == "Conv1D" else w.reshape(w.shape[0], -1)  # a conv kernel as [out, in/g * k]
     # the layer holds its smoothing scale s and rotation R; GPTQ quantizes W s R under the Gram
     # matrices of (x / s) R, and the codes replace the layer's round-to-nearest ones below
     qmod = quantize_module(mod, t, wargs, aargs, prep, recipe.rotation)
     w = qmod.weight_space(w)
-    H = qmod.input_gram(acc.H)
-    C = qmod.input_gram(acc.C) if acc.C is not None else None
-    if C is not None:
-        w = float_target(w, H, C, cfg.float_targets_ridge)
-    q, scale, zp, info = gptq_quantize(w, H, wargs, damp=cfg.damp, act_order=cfg.act_order,
-                                       block_size=cfg.block_size)
+    gram = getattr(qmod, "input_gram", lambda G: G)  # convolutions: no smoothing or rotation
+
+    def target(wi, a):
+        return wi if a.C is None else float_target(wi, gram(a.H), gram(a.C), cfg.float_targets_ridge)
+
+    def run(wi, H):
+        return gptq_quantize(wi, gram(H), wargs, damp=cfg.damp, act_order=cfg.act_order, block_size=cfg.block_size)
+
+    q, scale, zp, info = grouped_gptq(w, accs, run, target)
     qmod.set_quantized(q, scale, zp)
     set_submodule(model, name, qmod)
     entry = qmod.layer_info(t)
-    entry["config"]["gptq"] = {**info, "float_targets": C is not None}
+    entry["config"]["gptq"] = {**info, "float_targets": accs[0].C is not None}
+    entry["algorithm"] = "gptq"
     return entry

@@ -1,5 +1,5 @@
-"""One entry point that runs a recipe on a float model: scale search, the recipe's weight algorithm (looked up
-by its config type, see base.py), static activation calibration, in that order."""
+"""One entry point that runs a recipe on a float model: BatchNorm folding (fold.py), scale search, the recipe's
+weight algorithm (looked up by its config type, see base.py), static activation calibration, in that order."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from ..schema import Recipe
 from ..modules import rotation_block_for
 from ..primitives import rotate, rotation_signs
 from .base import CountedBatches, Tick, WeightPass, handler_for
-from .rtn import calibrate, plan
+from .fold import fold_batchnorm
+from .rtn import calibrate, check_finite, plan
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 
@@ -30,10 +31,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
                                "scale search): pass --calib FILE")
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    check_finite(model)  # before folding spreads a bad BatchNorm statistic into the layer before it
+    folded = fold_batchnorm(model, set(plan(model, recipe))) if recipe.fold_batchnorm else {}
     smooth = None
     used = 0
-    if recipe.smoothing is not None:
-        todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}
+    todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}
+    if recipe.smoothing is not None and todo:  # smoothing scales Linear inputs: a conv-only model has none
         seen = CountedBatches(batches())
         stats = collect_input_stats(model, list(todo), seen, run_batch, recipe.smoothing.max_rows,
                                     recipe.calibration.seed, progress("collecting activations", n_total))
@@ -56,6 +59,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
     run = handler_for(recipe.algorithm)
     layers, n = run(model, recipe, WeightPass(batches, run_batch, progress, n_total, smooth or {}))
     used = max(used, n)
+    for bn_name, layer_name in folded.items():
+        layers[layer_name]["config"]["folded_batchnorm"] = bn_name
+        model.get_submodule(layer_name).folded_batchnorm = bn_name  # what audits comparing with the float model read
     if any(e["activation"] is not None and not e["activation"]["dynamic"] for e in layers.values()):
         seen = CountedBatches(batches())
         calibrate(model, seen, run_batch, progress("calibrating", n_total))

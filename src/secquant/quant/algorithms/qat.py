@@ -245,7 +245,7 @@ def convert_qat(model: nn.Module) -> dict[str, dict]:
             q.input_quant.observer = None
             q.input_quant.calibrated = True
         set_submodule(model, name, q)
-        infos[name] = q.layer_info(m.source_type)
+        infos[name] = {**q.layer_info(m.source_type), "algorithm": "lsq" if q.weight_args is not None else None}
     return infos
 
 

@@ -36,8 +36,8 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
         w, a = resolved
         if t == "Embedding":
             a = None  # inputs are indices
-            if w is None:
-                continue
+        if t in ("Embedding", "LSTM", "GRU") and w is None:
+            continue  # no quantized form with float weights
         if w is None and a is None:
             continue
         out[name] = (t, w, a)
@@ -70,7 +70,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
     for name, (t, w, a) in todo.items():
         q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name), recipe.rotation)
         set_submodule(model, name, q)
-        infos[name] = q.layer_info(t)
+        infos[name] = {**q.layer_info(t), "algorithm": "rtn" if w is not None else None}
     return infos
 
 

@@ -8,10 +8,17 @@ from ..schema import QuantArgs
 from .activation import ActQuant, make_observer
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, rotation_block_for
 from .state import serialized_size, tensors_for_save
+from .conv import TRANSPOSED, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d, build_conv
+from .conv import to_conv_layout
+from .recurrent import RECURRENT, QuantGRU, QuantLSTM, QuantMatrix, build_recurrent, recurrent_sizes
 from .weight import QuantizedWeightMixin, qparam_shape
 
 QUANT_CLASSES = {"Linear": QuantLinear, "Conv1d": QuantConv1d, "Conv2d": QuantConv2d,
                  "Embedding": QuantEmbedding}
+# -- h16-layers: Conv3d, transposed convolutions, LSTM / GRU
+QUANT_CLASSES.update({"Conv3d": QuantConv3d, **TRANSPOSED, **RECURRENT})
+_MORE_FLOAT_TYPES = {nn.Conv3d: "Conv3d", nn.ConvTranspose1d: "ConvTranspose1d", nn.ConvTranspose2d: "ConvTranspose2d",
+                     nn.ConvTranspose3d: "ConvTranspose3d", nn.LSTM: "LSTM", nn.GRU: "GRU"}
 
 
 def float_layer_type(mod: nn.Module) -> str | None:
@@ -26,7 +33,26 @@ def float_layer_type(mod: nn.Module) -> str | None:
         return "Embedding"
     if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers"):
         return "Conv1D"
+    for cls, name in _MORE_FLOAT_TYPES.items():  # h16-layers
+        if isinstance(mod, cls):
+            return None if getattr(mod, "proj_size", 0) else name  # LSTM projections: no quantized form
     return None
+
+
+def stored_weight_shape(mod: nn.Module, source_type: str) -> tuple[list[int], dict]:
+    """The weight shape a quantized replacement of float `mod` stores, and the config sizes its manifest entry
+    must match (artifact loading checks a manifest against the float architecture with it)."""
+    if source_type in RECURRENT:
+        return recurrent_sizes(mod)
+    w = mod.weight
+    if source_type == "Conv1D":
+        return [int(w.shape[1]), int(w.shape[0])], {"in_features": int(w.shape[0]), "out_features": int(w.shape[1])}
+    if source_type in TRANSPOSED:
+        return [int(n) for n in to_conv_layout(w.detach(), mod.groups).shape], {"groups": mod.groups}
+    shape = [int(n) for n in w.shape]
+    sizes = {"in_features": shape[1], "out_features": shape[0]} if source_type == "Linear" else \
+        {"num_embeddings": shape[0], "embedding_dim": shape[1]} if source_type == "Embedding" else {}
+    return shape, sizes
 
 
 def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, aargs: QuantArgs | None,
@@ -36,6 +62,8 @@ def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, a
     cls = QuantLinear if source_type == "Conv1D" else QUANT_CLASSES[source_type]
     if cls is QuantEmbedding:
         return cls.from_float(mod, wargs)
+    if source_type in RECURRENT:  # h16-layers
+        return cls.from_float(mod, wargs, aargs)
     if cls is QuantLinear:
         return cls.from_float(mod, wargs, aargs, prep, rotation)
     return cls.from_float(mod, wargs, aargs)
@@ -43,6 +71,13 @@ def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, a
 
 def build_empty(info: dict) -> nn.Module:
     """A quantized layer with zeroed buffers of the right shapes, from its manifest entry."""
+    q = _build_empty(info)
+    if info["config"].get("folded_batchnorm"):  # h16-layers: the BatchNorm folded into it (quant.algorithms.fold)
+        q.folded_batchnorm = str(info["config"]["folded_batchnorm"])
+    return q
+
+
+def _build_empty(info: dict) -> nn.Module:
     t = info["type"]
     w = info["weight"]
     wargs = QuantArgs.model_validate(w["args"]) if w["args"] is not None else None
@@ -60,9 +95,17 @@ def build_empty(info: dict) -> nn.Module:
         return cls(shape, info["bias"], wargs, aargs, cfg["stride"], pad, cfg["dilation"], cfg["groups"])
     if t == "Embedding":
         return QuantEmbedding(cfg["num_embeddings"], cfg["embedding_dim"], wargs, cfg["padding_idx"])
+    if t == "Conv3d" or t in TRANSPOSED:  # h16-layers
+        return build_conv(t, shape, info, wargs, aargs)
+    if t in RECURRENT:
+        if wargs is None:
+            raise ValueError(f"a quantized {t} needs quantized weights")
+        return build_recurrent(t, info, wargs, aargs)
     raise ValueError(f"unknown quantized layer type {t!r}")
 
 
 __all__ = ["ActQuant", "make_observer", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding",
            "QuantizedWeightMixin", "qparam_shape", "QUANT_CLASSES", "float_layer_type",
-           "quantize_module", "build_empty", "rotation_block_for", "tensors_for_save", "serialized_size"]
+           "quantize_module", "build_empty", "rotation_block_for", "tensors_for_save", "serialized_size",
+           "QuantConv3d", "QuantConvTranspose1d", "QuantConvTranspose2d", "QuantConvTranspose3d", "QuantLSTM",
+           "QuantGRU", "QuantMatrix", "stored_weight_shape"]

@@ -58,10 +58,52 @@ class _Stub(nn.Module):
         return _Placeholder.apply(x, self.layer_name)
 
 
-def _quant_layers(root: nn.Module) -> dict[str, nn.Module]:
-    from ...quant.modules import QuantizedWeightMixin
+class _RecurrentPlaceholder(torch.autograd.Function):
+    """A quantized LSTM / GRU run eagerly; exports as one secquant::QuantLayer node with its 2 or 3 outputs."""
 
-    return {n: m for n, m in root.named_modules() if n and isinstance(m, QuantizedWeightMixin)}
+    @staticmethod
+    def forward(ctx, x, name):
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                out, h = _ACTIVE[name](x)
+        finally:
+            torch._C._set_tracing_state(state)
+        return (out, *h) if isinstance(h, tuple) else (out, h)
+
+    @staticmethod
+    def symbolic(g, x, name):
+        n = 3 if _ACTIVE[name].layer_type == "LSTM" else 2
+        outs = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER}", x, layer_s=name, outputs=n)
+        for o in outs:
+            try:
+                o.setType(x.type().with_dtype(torch.float32).with_sizes([None] * 3))
+            except Exception:  # pragma: no cover - type hints only help the exporter's shape inference
+                pass
+        return outs
+
+
+class _RecurrentStub(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+
+    def forward(self, x, hx=None):
+        if hx is not None or x.dim() != 3:
+            raise SecquantError(f"layer {self.layer_name!r}: ONNX export of a quantized recurrent layer takes a "
+                                "batch of sequences and no initial state")
+        out, *h = _RecurrentPlaceholder.apply(x, self.layer_name)
+        return out, (tuple(h) if len(h) == 2 else h[0])
+
+
+def _quant_layers(root: nn.Module) -> dict[str, nn.Module]:
+    from ...quant.modules import QuantGRU, QuantizedWeightMixin, QuantLSTM
+
+    recurrent = {n: m for n, m in root.named_modules() if isinstance(m, (QuantLSTM, QuantGRU))}  # h16-layers
+    inside = tuple(f"{n}." for n in recurrent)  # their QuantMatrix children are no layers of their own
+    return {**recurrent, **{n: m for n, m in root.named_modules()
+                            if n and isinstance(m, QuantizedWeightMixin) and not n.startswith(inside)}}
 
 
 def _set_sub(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -79,8 +121,8 @@ def trace_model(module: nn.Module, adapter, sample, opset: int, path: Path,
     attn_before = getattr(cfg, "_attn_implementation", None)
     was_training = module.training
     try:
-        for n in layers:
-            _set_sub(module, n, _Stub(n))
+        for n, m in layers.items():
+            _set_sub(module, n, _RecurrentStub(n) if hasattr(m, "hidden_quants") else _Stub(n))
         _ACTIVE.clear()
         _ACTIVE.update(layers)
         _OUT_RANK.clear()
@@ -152,7 +194,13 @@ def rewrite_layers(model, layers: dict[str, nn.Module], ranks: dict[str, int], s
              accuracy_level: int) -> list[LayerExport]:
     from onnx import helper
 
-    from ...quant.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+    from ...quant.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear
+    from ...quant.modules.conv import TRANSPOSED
+    from ...quant.modules import QuantGRU, QuantLSTM
+    from .layers_conv import rewrite_conv_transpose
+    from .layers_recurrent import rewrite_recurrent
+
+    TRANSPOSED_TYPES = tuple(TRANSPOSED.values())
 
     graph = model.graph
     em = Emitter(graph)
@@ -169,8 +217,12 @@ def rewrite_layers(model, layers: dict[str, nn.Module], ranks: dict[str, int], s
         x, y = node.input[0], node.output[0]
         if isinstance(mod, QuantLinear):
             rec = rewrite_linear(ctx, name, mod, x, y)
-        elif isinstance(mod, (QuantConv2d, QuantConv1d)):
+        elif isinstance(mod, (QuantConv2d, QuantConv1d, QuantConv3d)):
             rec = rewrite_conv(ctx, name, mod, x, y)
+        elif isinstance(mod, TRANSPOSED_TYPES):  # h16-layers
+            rec = rewrite_conv_transpose(ctx, name, mod, x, y)
+        elif isinstance(mod, (QuantLSTM, QuantGRU)):
+            rec = rewrite_recurrent(ctx, name, mod, x, list(node.output))
         elif isinstance(mod, QuantEmbedding):
             rec = rewrite_embedding(ctx, name, mod, x, y)
         else:  # pragma: no cover - every quantized layer class is handled above
