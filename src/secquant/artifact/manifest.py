@@ -40,6 +40,15 @@ class LayerEntry(Strict):
     config: dict[str, Any]
 
 
+class ModuleEntry(Strict):
+    """A float module replaced, before quantizing, by an equivalent one whose layers can be quantized (see
+    quant.modules.attention): PyTorch attention split into projections, transformer encoder layers and stacks
+    on their unfused path. Loading replays it on the rebuilt float model."""
+
+    type: Literal["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
+    config: dict[str, Any]
+
+
 class ModelEntry(Strict):
     spec: str
     kind: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", description="the model kind (models.ADAPTERS) that "
@@ -96,6 +105,8 @@ class Manifest(Strict):
     model: ModelEntry
     recipe: Recipe
     layers: dict[str, LayerEntry]
+    modules: dict[str, ModuleEntry] = Field(default_factory=dict, description="float modules replaced by "
+                                            "equivalent unfused ones before quantizing (attention projections)")
     source: SourceEntry
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)

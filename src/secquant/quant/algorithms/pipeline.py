@@ -14,7 +14,7 @@ from ..schema import Recipe
 from ..modules import rotation_block_for
 from ..primitives import rotate, rotation_signs
 from .base import CountedBatches, Tick, WeightPass, handler_for
-from .rtn import calibrate, plan
+from .rtn import calibrate, plan, unfuse_attention
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 
@@ -30,6 +30,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data (static activation ranges or "
                                "scale search): pass --calib FILE")
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    unfuse_attention(model, recipe)
     smooth = None
     used = 0
     if recipe.smoothing is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import CalibrationError, ModelError
 from ..schema import RTN, Recipe
-from ..modules import ActQuant, float_layer_type, quantize_module
+from ..modules import ActQuant, float_layer_type, quantize_module, unfuse
 from .base import WeightPass, handles
 
 
@@ -20,15 +20,24 @@ def check_finite(model: nn.Module) -> None:
             raise ModelError(f"tensor {name!r} contains NaN or Inf: fix or retrain the model before quantizing")
 
 
+def unfuse_attention(model: nn.Module, recipe: Recipe) -> dict[str, dict]:
+    """Split PyTorch attention modules into projection layers and move transformer encoder layers off their
+    fused path (quant.modules.attention), in place, before anything is planned; an attention module the
+    recipe ignores stays whole (and in float)."""
+    return unfuse(model, keep=lambda name: recipe.resolve(name) is not None)
+
+
 def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
     """name -> (source_type, weight args, activation args) for every module the recipe quantizes."""
     out: dict[str, tuple[str, Any, Any]] = {}
     if float_layer_type(model) is not None:
         raise ModelError(f"the model is a bare {type(model).__name__} layer, which cannot be replaced in place: "
                          "wrap it in a container (e.g. nn.Sequential(layer)) before quantizing")
+    # a PyTorch attention module reads its out_proj.weight itself: its layers are quantized only once split
+    whole = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, mod in model.named_modules():
         t = float_layer_type(mod)
-        if t is None or t not in recipe.targets:
+        if t is None or t not in recipe.targets or any(name.startswith(p) for p in whole):
             continue
         resolved = recipe.resolve(name)
         if resolved is None:
