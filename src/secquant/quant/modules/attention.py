@@ -108,25 +108,25 @@ class QuantMultiheadAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         batched = query.dim() == 3
+        # the projections see the caller's layout (batch first when the module is): per-sample hooks read them
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if not batched:  # (L, E): one sequence
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # (N, L, E) -> (L, N, E), the layout the rest follows (PyTorch's)
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        tgt_len, bsz = query.shape[0], query.shape[1]
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        tgt_len, bsz = q.shape[0], q.shape[1]
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                              target_type=query.dtype)
         if is_causal and attn_mask is None:
-            n = key.shape[0]
-            attn_mask = torch.triu(torch.full((tgt_len, n), float("-inf"), dtype=query.dtype, device=query.device),
-                                   diagonal=1)
+            attn_mask = torch.triu(torch.full((tgt_len, k.shape[0]), float("-inf"), dtype=query.dtype,
+                                              device=query.device), diagonal=1)
         attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                       target_type=query.dtype, check_other=False)
         if attn_mask is not None and attn_mask.dim() == 2:
             attn_mask = attn_mask.unsqueeze(0)
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, bsz, -1)])
             v = torch.cat([v, self.bias_v.expand(1, bsz, -1)])
@@ -152,11 +152,11 @@ class QuantMultiheadAttention(nn.Module):
         if self.training and self.dropout > 0.0:
             weights = F.dropout(weights, p=self.dropout)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len, bsz, self.embed_dim)
-        out = self.out_proj(out)
         if not batched:
             out = out.squeeze(1)
         elif self.batch_first:
             out = out.transpose(0, 1)
+        out = self.out_proj(out)
         if not need_weights:
             return out, None
         weights = weights.reshape(bsz, H, tgt_len, src_len)
