@@ -81,7 +81,8 @@ def _quantize_layers(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_float(m, QuantArgs(bits=8, granularity="channel"), None))
+            q = QuantLinear.from_float(m, QuantArgs(bits=8, granularity="channel"), None)
+            setattr(model.get_submodule(parent), child, q)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -91,8 +92,9 @@ def test_unfused_encoder_never_calls_the_fused_kernel(norm_first, activation, mo
     model = copy.deepcopy(ref)
     rec = unfuse(model)
     assert {n: e["type"] for n, e in rec.items()} == {
-        "0": "TransformerEncoder", "0.layers.0": "TransformerEncoderLayer", "0.layers.0.self_attn": "MultiheadAttention",
-        "0.layers.1": "TransformerEncoderLayer", "0.layers.1.self_attn": "MultiheadAttention"}
+        "0": "TransformerEncoder", "0.layers.0": "TransformerEncoderLayer",
+        "0.layers.0.self_attn": "MultiheadAttention", "0.layers.1": "TransformerEncoderLayer",
+        "0.layers.1.self_attn": "MultiheadAttention"}
     assert rec["0.layers.0"]["config"] == {"norm_first": norm_first, "activation": activation}
     x = torch.randn(3, 7, 16)
     kpm = torch.zeros(3, 7, dtype=torch.bool)
