@@ -111,14 +111,29 @@ def test_decoder_classifier_quantize_eval_export(files, tmp_path):
     from secquant.runtime import export_onnx
 
     _, weights = files["models"][DEC]
-    for preset, bits in (("w8a8", 8), ("w4a16", 4)):
+    for preset, bits in (("w8a8", 8), ("w4a16-gptq", 4)):
         art = tmp_path / preset
         qm = secquant.quantize(DEC, preset, weights=weights, calib=files["calib"], out=art)
         for i in (0, 1):
             _check_manifest(qm, f"decoder.layers.{i}", ["self_attn", "multihead_attn"], bits)
+        if preset == "w4a16-gptq":  # GPTQ ran on the projections (the cross-attention's k/v read the memory)
+            assert all("gptq" in e.config for n, e in qm.manifest.layers.items() if "_proj" in n)
         loaded = secquant.load(art, allow_unsealed=True, factory=DEC)
         r = secquant.evaluate(loaded, against=DEC, weights=weights, data=files["test"])
         assert r["mean_cosine_to_float"] > 0.99 and abs(r["value"] - r["float_value"]) <= 0.04
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(art, factory=DEC)
+
+
+def test_tune_chooses_bits_per_attention_projection(files, tmp_path):
+    from secquant.models import load_model
+
+    ref, weights = files["models"][DEC]
+    res = secquant.tune(load_model(DEC, weights), max_drop=2.0, data=files["test"], log=None, out=tmp_path / "t")
+    manifest = secquant.load(tmp_path / "t", allow_unsealed=True, factory=DEC).manifest
+    projections = {f"decoder.layers.{i}.{a}.{p}" for i in (0, 1) for a in ("self_attn", "multihead_attn")
+                   for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert projections <= set(manifest.layers)
+    assert projections <= set(manifest.tuning["bits_per_layer"])  # searched one by one, like any Linear layer
+    assert res.summary["goal_met"]
