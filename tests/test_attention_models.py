@@ -137,3 +137,25 @@ def test_tune_chooses_bits_per_attention_projection(files, tmp_path):
     assert projections <= set(manifest.layers)
     assert projections <= set(manifest.tuning["bits_per_layer"])  # searched one by one, like any Linear layer
     assert res.summary["goal_met"]
+
+
+def test_manifest_modules_must_fit_the_rebuilt_model(files, tmp_path):
+    import json
+    import shutil
+
+    from secquant.errors import ArtifactError
+
+    _, weights = files["models"][ENC]
+    art = tmp_path / "a"
+    secquant.quantize(ENC, "w8a16", weights=weights, out=art)
+    for edit in ({"num_heads": 2}, None):
+        bad = tmp_path / f"bad{edit is None}"
+        shutil.copytree(art, bad)
+        m = json.loads((bad / "secquant.json").read_text())
+        if edit is None:  # the split recorded on a module that is no attention
+            m["modules"]["head"] = m["modules"].pop("encoder.layers.0.self_attn")
+        else:
+            m["modules"]["encoder.layers.0.self_attn"]["config"].update(edit)
+        (bad / "secquant.json").write_text(json.dumps(m))
+        with pytest.raises(ArtifactError, match="modules do not fit"):
+            secquant.load(bad, allow_unsealed=True, factory=ENC)

@@ -148,3 +148,19 @@ def test_plan_leaves_an_ignored_attention_whole():
     assert "0.layers.1.self_attn.q_proj" in layers and not any(n.startswith("0.layers.0.self_attn") for n in layers)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 5, 16))).all()
+
+
+def test_full_transformer_runs_split_and_quantized():
+    torch.manual_seed(0)
+    ref = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True).eval()
+    model = copy.deepcopy(ref)
+    unfuse(model)
+    src, tgt = torch.randn(2, 6, 16), torch.randn(2, 3, 16)
+    mask = nn.Transformer.generate_square_subsequent_mask(3)
+    with torch.no_grad():
+        want = ref(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+        torch.testing.assert_close(model(src, tgt, tgt_mask=mask, tgt_is_causal=True), want, atol=1e-5, rtol=1e-4)
+        _quantize_layers(model)
+        got = model(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.99
