@@ -90,6 +90,9 @@ def test_encoder_classifier_quantize_eval_export_seal_serve(files, preset, bits,
     want = "int8" if bits == 8 else "nbits"
     assert all(kernels[f"encoder.layers.{i}.self_attn.{p}"] == want for i in (0, 1)
                for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    loaded = secquant.load(art, allow_unsealed=True, factory=ENC)
+    ort = secquant.evaluate(loaded, against=ENC, weights=weights, data=files["test"], runtime="onnx")
+    assert ort["runtime"].startswith("onnxruntime") and ort["mean_cosine_to_float"] > 0.995
 
     owner = keygen(tmp_path / "owner")
     sealed = seal(art, [owner.recipient.read_text().strip()], owner.sign_key, tmp_path / "enc.age")
