@@ -17,7 +17,8 @@ Models:
       W3 g128: RTN (w3a16), MSE range search / HQQ-style (w3a16-hqq), GPTQ (w3a16-gptq);
       W2 g64:  RTN (bits=2 group 64 min-max recipe), GPTQ (w2a16-gptq).
     secquant variants go through quantize(out=dir) -> load(dir) -> evaluate(qm, against=float).
-    secquant presets also quantize the embedding tables (RTN at the same bits/format); the RTN and
+    secquant presets also quantize the embedding tables (RTN at the same bits/format, except tables under
+    1% of the parameters, which the sub-8-bit presets keep at 8 bits per row: `small_tables`); the RTN and
     GPTQ rows are repeated with targets=['Linear'] ("Linear only") to compare like for like with
     the peers, which quantize nn.Linear only.
   * builtin:digits -- held-out accuracy of PTQ (secquant.quantize) vs QAT (secquant.qat, 15 epochs)

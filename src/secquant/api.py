@@ -228,7 +228,8 @@ def _finish(qmodule: nn.Module, handle: ModelHandle, recipe: Recipe, layers: dic
             calibration: CalibrationEntry, out, overwrite: bool, **manifest_fields) -> QuantizedModel:
     """The QuantizedModel, saved as an artifact directory when `out` is given (else manifest only)."""
     if out is None:
-        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, **manifest_fields)
+        manifest = build_manifest(handle, recipe, layers, source, calibration, files={}, module=qmodule,
+                                  **manifest_fields)
         return QuantizedModel(qmodule, manifest, handle)
     manifest = save_artifact(Path(out), qmodule, handle, recipe, layers, source, calibration, overwrite,
                              **manifest_fields)

@@ -53,6 +53,15 @@ class FloatLayerEntry(Strict):
     reason: str = Field(max_length=1200)
 
 
+class ModuleEntry(Strict):
+    """A float module replaced, before quantizing, by an equivalent one whose layers can be quantized (see
+    quant.modules.attention): PyTorch attention split into projections, transformer encoder layers and stacks
+    on their unfused path. Loading replays it on the rebuilt float model."""
+
+    type: Literal["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
+    config: dict[str, Any]
+
+
 class ModelEntry(Strict):
     spec: str
     kind: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", description="the model kind (models.ADAPTERS) that "
@@ -111,6 +120,8 @@ class Manifest(Strict):
     layers: dict[str, LayerEntry]
     float_layers: list[FloatLayerEntry] | None = Field(None, description="modules left in float, with the reason "
                                                        "(null: not recorded by the secquant that wrote it)")
+    modules: dict[str, ModuleEntry] = Field(default_factory=dict, description="float modules replaced by "
+                                            "equivalent unfused ones before quantizing (attention projections)")
     source: SourceEntry
     calibration: CalibrationEntry
     privacy: PrivacyLedger = Field(default_factory=PrivacyLedger)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import ArtifactError
-from ..quant.modules import build_empty, tensors_for_save
+from ..quant.modules import build_empty, restore_unfused, tensors_for_save, unfused_modules
 from .checks import check_files
 from .fsutil import atomic_dir
 from .hashing import file_sha256
@@ -33,13 +33,17 @@ from .manifest import (
 def build_manifest(handle: Any, recipe, layers: dict[str, dict], source: SourceEntry,
                    calibration: CalibrationEntry, files: dict[str, str], tuning: dict | None = None,
                    training: dict | None = None, privacy: list[dict] | None = None,
-                   watermark: dict | None = None, float_layers: list[dict] | None = None) -> Manifest:
+                   watermark: dict | None = None, float_layers: list[dict] | None = None,
+                   module: nn.Module | None = None) -> Manifest:
+    """The manifest of a quantized `module` (its unfused attention modules are listed from it)."""
     return Manifest(
         secquant_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(spec=handle.spec, kind=handle.kind, rebuild=handle.rebuild),
-        recipe=recipe, layers=layers, float_layers=float_layers, source=source, calibration=calibration, files=files,
-        tuning=tuning, training=training, privacy=PrivacyLedger(entries=list(privacy or [])), watermark=watermark,
+        recipe=recipe, layers=layers, float_layers=float_layers,
+        modules=unfused_modules(module) if module is not None else {}, source=source, calibration=calibration,
+        files=files, tuning=tuning, training=training, privacy=PrivacyLedger(entries=list(privacy or [])),
+        watermark=watermark,
     )
 
 
@@ -60,7 +64,7 @@ def save_artifact(out: Path, module: nn.Module, handle: Any, recipe, layers: dic
             (tmp / rel).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = build_manifest(handle, recipe, layers, source, calibration, files, tuning, training, privacy,
-                                  watermark, float_layers)
+                                  watermark, float_layers, module)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
 
@@ -90,6 +94,10 @@ def read_artifact(path: str | Path, rebuild: Callable[[Path, Manifest], Any]) ->
     check_files(d, manifest)
     handle = rebuild(d, manifest)
     root = handle.module
+    try:
+        restore_unfused(root, {n: e.model_dump() for n, e in manifest.modules.items()})
+    except ValueError as e:
+        raise ArtifactError(f"the manifest's modules do not fit the rebuilt architecture: {str(e)[:200]}") from None
     for name, entry in manifest.layers.items():
         try:
             float_layer = root.get_submodule(name)

@@ -202,6 +202,16 @@ class Rotation(Strict):
         return self
 
 
+class SmallTables(Strict):
+    """Embedding tables holding under `max_share` of the model's parameters (position and token-type tables, say)
+    keep `weights` (8-bit per row by default) where the recipe's weights are narrower: they cost almost nothing
+    in size, and every token reads them. An override naming the table still wins."""
+
+    max_share: float = Field(0.01, gt=0.0, le=1.0, description="a table's parameters over the model's, below which "
+                             "it counts as small")
+    weights: QuantArgs = Field(default_factory=lambda: QuantArgs(bits=8, granularity="channel", axis=0))
+
+
 class Calibration(Strict):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -230,6 +240,7 @@ class Recipe(Strict):
     rotation: Rotation | None = None
     fold_batchnorm: bool = Field(True, description="fold each eval-mode BatchNorm into the conv (or Linear) before "
                                  "it, when that layer is quantized (quant.algorithms.fold)")
+    small_tables: SmallTables | None = Field(None, description="keep small embedding tables at higher precision")
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="before")
@@ -280,11 +291,14 @@ class Recipe(Strict):
                     raise ValueError(f"bad regex {pat!r}: {e}") from None
         return self
 
-    def resolve(self, name: str) -> tuple[QuantArgs | None, QuantArgs | None] | None:
-        """(weights, activations) for a module name, or None when it stays in float."""
+    def resolve(self, name: str, table_share: float | None = None) -> tuple[QuantArgs | None, QuantArgs | None] | None:
+        """(weights, activations) for a module name, or None when it stays in float. `table_share`: for an
+        embedding table, its share of the model's parameters (see `small_tables`)."""
         if any(name_matches(p, name) for p in self.ignore):
             return None
         w, a = self.weights, self.activations
+        if self.keeps_small_table(table_share):
+            w = self.small_tables.weights
         for o in self.overrides:
             if name_matches(o.pattern, name):
                 if o.skip:
@@ -294,6 +308,12 @@ class Recipe(Strict):
                 if "activations" in o.model_fields_set:
                     a = o.activations
         return w, a
+
+    def keeps_small_table(self, table_share: float | None) -> bool:
+        """True when an embedding table with this share of the model's parameters gets `small_tables.weights`."""
+        st = self.small_tables
+        return (table_share is not None and st is not None and self.weights is not None
+                and table_share < st.max_share and self.weights.bits < st.weights.bits)
 
     @property
     def needs_calibration(self) -> bool:

@@ -32,7 +32,7 @@ from ...errors import CalibrationError, ModelError, RecipeError
 from ..modules import quantize_module, serialized_size
 from ..schema import Override, QuantArgs, Recipe
 from .base import handles
-from .rtn import plan, set_submodule
+from .rtn import plan, set_submodule, unfuse_attention
 
 METRICS = ("accuracy", "cosine")
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
@@ -240,6 +240,8 @@ class _Search:
         self.t0 = time.perf_counter()
         self.deadline = None if config.time_budget is None else self.t0 + float(config.time_budget)
         base = Recipe(name="tune-base", weights=candidate_args(config.candidates[0]))
+        float_module = copy.deepcopy(float_module).eval()
+        unfuse_attention(float_module, base)  # attention projections are layers too (named as quantizing names them)
         layers = {n: t for n, (t, _, _) in plan(float_module, base).items()}
         if not layers:
             raise ModelError("the model has no quantizable layer (Linear, Conv1d/2d, Embedding): nothing to tune")

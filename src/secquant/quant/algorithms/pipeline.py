@@ -15,7 +15,7 @@ from ..modules import rotation_block_for
 from ..primitives import rotate, rotation_signs
 from .base import CountedBatches, Tick, WeightPass, handler_for
 from .fold import fold_batchnorm
-from .rtn import calibrate, check_finite, plan
+from .rtn import calibrate, check_finite, plan, unfuse_attention
 from .smooth import LayerPrep, collect_input_stats, search_clip, search_scale
 
 
@@ -33,6 +33,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Callable[[], Itera
     n_total = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
     check_finite(model)  # before folding spreads a bad BatchNorm statistic into the layer before it
     folded = fold_batchnorm(model, set(plan(model, recipe))) if recipe.fold_batchnorm else {}
+    unfuse_attention(model, recipe)  # after folding: torch.fx traces PyTorch attention as a leaf module
     smooth = None
     used = 0
     todo = {n: v for n, v in plan(model, recipe).items() if v[0] in ("Linear", "Conv1D")}

@@ -26,7 +26,7 @@ from ..primitives import (
 )
 from ..primitives.affine import expand_qparam
 from .training import fit, gradient_step, shuffled
-from .rtn import check_finite, plan, set_submodule
+from .rtn import check_finite, plan, set_submodule, unfuse_attention
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,7 @@ def prepare_qat(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, A
         raise RecipeError("quantization-aware retraining does not train rotated layers: remove `rotation` "
                           "from the recipe (or quantize with it after training)")
     check_finite(model)
+    unfuse_attention(model, recipe)
     todo = plan(model, recipe)
     for name, (t, w, a) in todo.items():
         set_submodule(model, name, QATLayer(model.get_submodule(name), t, w, a))

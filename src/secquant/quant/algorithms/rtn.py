@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import CalibrationError, ModelError
 from ..schema import RTN, Recipe
-from ..modules import ActQuant, float_layer_type, quantize_module
+from ..modules import ActQuant, QuantizedWeightMixin, float_layer_type, quantize_module, unfuse
 from .base import WeightPass, handles
 
 
@@ -20,17 +20,27 @@ def check_finite(model: nn.Module) -> None:
             raise ModelError(f"tensor {name!r} contains NaN or Inf: fix or retrain the model before quantizing")
 
 
+def unfuse_attention(model: nn.Module, recipe: Recipe) -> dict[str, dict]:
+    """Split PyTorch attention modules into projection layers and move transformer encoder layers off their
+    fused path (quant.modules.attention), in place, before anything is planned; an attention module the
+    recipe ignores stays whole (and in float)."""
+    return unfuse(model, keep=lambda name: recipe.resolve(name) is not None)
+
+
 def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
     """name -> (source_type, weight args, activation args) for every module the recipe quantizes."""
     out: dict[str, tuple[str, Any, Any]] = {}
     if float_layer_type(model) is not None:
         raise ModelError(f"the model is a bare {type(model).__name__} layer, which cannot be replaced in place: "
                          "wrap it in a container (e.g. nn.Sequential(layer)) before quantizing")
+    # a PyTorch attention module reads its out_proj.weight itself: its layers are quantized only once split
+    whole = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    total = _num_weights(model)
     for name, mod in model.named_modules():
         t = float_layer_type(mod)
-        if t is None or t not in recipe.targets:
+        if t is None or t not in recipe.targets or any(name.startswith(p) for p in whole):
             continue
-        resolved = recipe.resolve(name)
+        resolved = recipe.resolve(name, mod.weight.numel() / total if t == "Embedding" else None)
         if resolved is None:
             continue
         w, a = resolved
@@ -42,6 +52,12 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[str, Any, Any]]:
             continue
         out[name] = (t, w, a)
     return out
+
+
+def _num_weights(model: nn.Module) -> int:
+    """The model's parameter count, whichever of its layers are already quantized (their weights are buffers)."""
+    quantized = sum(m.rows * m.cols for m in model.modules() if isinstance(m, QuantizedWeightMixin))
+    return max(1, sum(p.numel() for p in model.parameters()) + quantized)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,10 +83,15 @@ def apply_recipe(model: nn.Module, recipe: Recipe,
             "check the model or the recipe's targets/ignore"
         )
     infos = {}
+    total = _num_weights(model)
     for name, (t, w, a) in todo.items():
         q = quantize_module(model.get_submodule(name), t, w, a, (prep or {}).get(name), recipe.rotation)
+        share = q.rows * q.cols / total if t == "Embedding" else None
         set_submodule(model, name, q)
         infos[name] = {**q.layer_info(t), "algorithm": "rtn" if w is not None else None}
+        if recipe.keeps_small_table(share) and w == recipe.small_tables.weights:  # why it is wider than the recipe's
+            infos[name]["config"]["small_table"] = {"share": round(share, 6),
+                                                    "max_share": recipe.small_tables.max_share}
     return infos
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..schema import QuantArgs
 from .activation import ActQuant, make_observer
+from .attention import QuantMultiheadAttention, restore_unfused, unfuse, unfused_modules
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, rotation_block_for
 from .state import serialized_size, tensors_for_save
 from .conv import TRANSPOSED, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d, build_conv
@@ -108,4 +109,5 @@ __all__ = ["ActQuant", "make_observer", "QuantLinear", "QuantConv1d", "QuantConv
            "QuantizedWeightMixin", "qparam_shape", "QUANT_CLASSES", "float_layer_type",
            "quantize_module", "build_empty", "rotation_block_for", "tensors_for_save", "serialized_size",
            "QuantConv3d", "QuantConvTranspose1d", "QuantConvTranspose2d", "QuantConvTranspose3d", "QuantLSTM",
-           "QuantGRU", "QuantMatrix", "stored_weight_shape"]
+           "QuantGRU", "QuantMatrix", "stored_weight_shape", "QuantMultiheadAttention", "unfuse", "unfused_modules",
+           "restore_unfused"]
