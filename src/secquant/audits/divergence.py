@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SecquantError
+from ..quant.algorithms.fold import fold_into_rows
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import dequantize, qrange, reduce_range
 from ..recipes import QuantArgs, Recipe
@@ -66,11 +67,8 @@ def _float_weight_2d(float_model: nn.Module, name: str, m: QuantizedWeightMixin)
         raise SecquantError(f"layer {name!r}: float weight {tuple(w.shape)} does not match the quantized "
                             f"{tuple(m.weight_shape)}: pass the float model this artifact was quantized from")
     w = w.reshape(m.rows, m.cols)
-    bn_name = getattr(m, "folded_batchnorm", None)
-    if bn_name:  # the BatchNorm after it was folded into its weight before quantization (quant.algorithms.fold)
-        bn = float_model.get_submodule(bn_name)
-        scale = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
-        w = w * (scale if bn.weight is None else bn.weight.detach().float() * scale)[:, None]
+    # the BatchNorm after it was folded into its weight before quantization (quant.algorithms.fold)
+    w = fold_into_rows(float_model, getattr(m, "folded_batchnorm", None), w)
     return m.weight_space(w)  # the layer stores Q(W s R) and reads (x / s) R
 
 

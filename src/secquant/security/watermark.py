@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import nn
 
 from ..errors import SecquantError
+from ..quant.algorithms.fold import fold_into_rows
 from ..quant.modules import QuantizedWeightMixin
 from ..quant.primitives import dequantize, qrange
 from .keys import _write_new
@@ -160,6 +161,11 @@ def _layer_weight(model: nn.Module, m: QuantizedWeightMixin, name: str) -> torch
     except AttributeError:
         raise WatermarkError(f"the model has no layer {name!r}: pass the model this one was quantized from") from None
     w = _float_weight(mod, name)
+    if not isinstance(mod, QuantizedWeightMixin):  # a float layer: fold its BatchNorm as quantizing did
+        try:
+            w = fold_into_rows(model, getattr(m, "folded_batchnorm", None), w)
+        except ValueError as e:
+            raise WatermarkError(f"{e}: pass the model this one was quantized from") from None
     if w.numel() != m.rows * m.cols:
         raise WatermarkError(f"the model's {name!r} has shape {tuple(w.shape)}, the quantized layer "
                              f"{m.weight_shape}: pass the model this one was quantized from")
@@ -499,6 +505,14 @@ def dequantized_float(float_module: nn.Module, qmodule: nn.Module) -> nn.Module:
     import copy
 
     out = copy.deepcopy(float_module)
+    # every other tensor as the quantized model holds it: biases, and a BatchNorm folded into the layer before it
+    # (quant.algorithms.fold), which the quantized model keeps as an exact identity
+    held = qmodule.state_dict()
+    with torch.no_grad():
+        for key, t in out.state_dict().items():
+            src = held.get(key)
+            if src is not None and src.shape == t.shape and src.dtype == t.dtype:
+                t.copy_(src)
     for name, m in qmodule.named_modules():
         if not isinstance(m, QuantizedWeightMixin) or m.weight_args is None:
             continue

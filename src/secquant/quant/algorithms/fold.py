@@ -54,6 +54,23 @@ def identity_batchnorm(bn: _BN) -> _BN:
     return new
 
 
+@torch.no_grad()
+def fold_into_rows(model: nn.Module, bn_name: str | None, w: torch.Tensor) -> torch.Tensor:
+    """A float weight [out, ...] of the layer before BatchNorm `bn_name` of `model`, scaled as folding scales it
+    (gamma / sqrt(var + eps) per output row); `w` unchanged when `bn_name` is None. Readers that compare a float
+    model with its quantized layers (watermark, divergence audit) see the weight the codes round this way."""
+    if not bn_name:
+        return w
+    try:
+        bn = model.get_submodule(bn_name)
+    except AttributeError:
+        raise ValueError(f"the model has no BatchNorm {bn_name!r} (folded into the layer before it)") from None
+    scale = torch.rsqrt(bn.running_var.detach().to(w.dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.detach().to(w.dtype) * scale
+    return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+
+
 def foldable(bn: nn.Module) -> bool:
     """A BatchNorm that normalizes with its running statistics (eval mode), so it is a fixed affine map."""
     return isinstance(bn, _BN) and not bn.training and bn.track_running_stats and bn.running_mean is not None
