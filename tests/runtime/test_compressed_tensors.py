@@ -99,3 +99,16 @@ def test_refuses_what_the_format_cannot_express(tmp_path):
     with pytest.raises(SecquantError, match="Conv1D"):
         export_compressed_tensors(gpt2, None, tmp_path / "d")
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_compressed_tensors_bad_input(cli, assert_user_error, digits_artifact, tmp_path):
+    art = digits_artifact("w8a16")
+    assert_user_error(cli("export", art, "--format", "compressed-tensors"), contains=("--out",))
+    assert_user_error(cli("export", art, "--format", "gguf"), contains=("compressed-tensors",))
+    # a model that is not a Hugging Face transformers model has no config for the format
+    assert_user_error(cli("export", art, "--format", "compressed-tensors", "--out", tmp_path / "ct"),
+                      contains=("Hugging Face config",))
+    assert not (tmp_path / "ct").exists()
+    (tmp_path / "taken").mkdir()
+    assert_user_error(cli("export", art, "--format", "compressed-tensors", "--out", tmp_path / "taken"),
+                      contains=("already exists",))
