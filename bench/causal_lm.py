@@ -6,7 +6,7 @@ Run from the repository root:
     .venv/bin/python bench/causal_lm.py [--steps N] [--eval-tokens N]
 
 Everything is local (no downloads): a byte-level BPE tokenizer (tokenizers, vocabulary 2048) and a
-Llama-style causal LM (transformers LlamaConfig: 4 layers, hidden 256, MLP 512, 4 heads, untied head; ~3.7M
+Llama-style causal LM (transformers LlamaConfig: 4 layers, hidden 128, MLP 512, 4 heads, untied head; ~1.6M
 parameters) are trained in the script, for --steps AdamW steps of 8 x 128 tokens, on secquant's built-in
 sentences plus the docstrings of Python's own standard library and scikit-learn's dataset descriptions
 (DESCR). Documents are split by a hash of their name: ~8% held out for perplexity, the rest for training and
@@ -37,6 +37,7 @@ import copy
 import hashlib
 import inspect
 import io
+import itertools
 import logging
 import math
 import os
@@ -148,7 +149,7 @@ def build_model(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
                       tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
@@ -240,6 +241,7 @@ def secquant_rows(float_model, calib: torch.Tensor, tmp: Path, sample: torch.Ten
             yield dict(method=f"secquant {preset}", bits=bits, error=short_error(e), note=desc)
             continue
         qs = time.time() - t
+        log(f"secquant {preset}: quantized in {qs:.0f} s")
         yield dict(method=f"secquant {preset}", bits=bits, fn=torch_fn(m), size=state_size(m),
                    note=f"{desc}; quantized in {qs:.0f} s")
         if preset == "w4a16":
@@ -366,7 +368,8 @@ def main() -> None:
     rows = []
     first = [dict(method="float (fp32 PyTorch)", bits=32, fn=torch_fn(model), size=state_size(model), note="")]
     with tempfile.TemporaryDirectory() as td:
-        for row in [*first, *secquant_rows(model, calib, Path(td), sample), *peer_rows(model, Path(td), sample)]:
+        for row in itertools.chain(first, secquant_rows(model, calib, Path(td), sample),
+                                   peer_rows(model, Path(td), sample)):
             if "fn" in row:
                 t = time.time()
                 try:
@@ -397,7 +400,7 @@ def main() -> None:
     section = (
         "## Causal LM\n\n"
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {total_s:.0f} s in all).\n\n"
-        f"Model: Llama-style (transformers LlamaConfig: 4 layers, hidden 256, MLP 512, 4 heads, untied head, "
+        f"Model: Llama-style (transformers LlamaConfig: 4 layers, hidden 128, MLP 512, 4 heads, untied head, "
         f"{n_params / 1e6:.1f}M parameters) with a byte-level BPE tokenizer (vocabulary {tok.get_vocab_size()}), "
         f"both trained in the script ({args.steps} AdamW steps of 8 x {SEQ} tokens, {train_s:.0f} s, final training "
         f"loss {final_loss:.2f}) on the built-in sentences, Python's standard-library docstrings and scikit-learn's "
