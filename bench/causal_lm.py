@@ -13,7 +13,9 @@ sentences plus the docstrings of Python's own standard library and scikit-learn'
 calibration (GPTQ / AWQ-style presets read 32 training windows).
 
 Perplexity: exp(mean next-token NLL) over non-overlapping 128-token windows of the held-out token stream
-(--eval-tokens tokens in all), every method on the same windows of the same trained model:
+(--eval-tokens tokens in all), every method on the same windows of the same trained model; also the mean
+KL(float || method) of the next-token distributions and the top-1 next-token agreement with the float model
+(more sensitive than perplexity on a model this small):
 
   * float (fp32);
   * secquant presets w8a16, w8a8-dynamic, w4a16, w4a16-gptq, w3a16-gptq (secquant.quant.algorithms.pipeline.
@@ -178,20 +180,29 @@ def train(model, train_windows: torch.Tensor, steps: int, batch: int = 8) -> flo
 
 # --------------------------------------------------------------------------- evaluation
 
-def nll_from_logits(logits: torch.Tensor, x: torch.Tensor) -> tuple[float, int]:
-    lp = torch.log_softmax(logits[:, :-1].float(), -1)
-    nll = -lp.gather(-1, x[:, 1:, None]).squeeze(-1)
-    return float(nll.sum()), nll.numel()
-
-
 @torch.no_grad()
-def perplexity(fn, eval_windows: torch.Tensor, batch: int = 8) -> float:
-    total, n = 0.0, 0
-    for i in range(0, len(eval_windows), batch):
+def evaluate(fn, eval_windows: torch.Tensor, ref: list[torch.Tensor] | None, batch: int = 8) -> dict:
+    """Perplexity of `fn` on the windows; with `ref` (the float model's log-probabilities per batch) also the mean
+    KL(float || method) per predicted token and the top-1 next-token agreement with float. Keeps the log-probs
+    in `ref` when it is an empty list (the float row)."""
+    total = kl = agree = 0.0
+    n = 0
+    keep = ref is not None and not ref
+    for j, i in enumerate(range(0, len(eval_windows), batch)):
         x = eval_windows[i:i + batch]
-        s, k = nll_from_logits(torch.as_tensor(fn(x)), x)
-        total, n = total + s, n + k
-    return math.exp(total / n)
+        lp = torch.log_softmax(torch.as_tensor(fn(x))[:, :-1].float(), -1)
+        total += float(-lp.gather(-1, x[:, 1:, None]).sum())
+        n += x[:, 1:].numel()
+        if keep:
+            ref.append(lp)
+        elif ref is not None:
+            r = ref[j]
+            kl += float((r.exp() * (r - lp)).sum())
+            agree += float((r.argmax(-1) == lp.argmax(-1)).sum())
+    out = {"ppl": math.exp(total / n)}
+    if ref is not None and not keep:
+        out.update(kl=kl / n, top1=agree / n)
+    return out
 
 
 def torch_fn(model):
@@ -367,31 +378,35 @@ def main() -> None:
     sample = eval_w[:2, :16]
     rows = []
     first = [dict(method="float (fp32 PyTorch)", bits=32, fn=torch_fn(model), size=state_size(model), note="")]
+    ref: list[torch.Tensor] = []  # the float model's log-probabilities, filled by the first row
     with tempfile.TemporaryDirectory() as td:
         for row in itertools.chain(first, secquant_rows(model, calib, Path(td), sample),
                                    peer_rows(model, Path(td), sample)):
             if "fn" in row:
                 t = time.time()
                 try:
-                    row["ppl"] = perplexity(row.pop("fn"), eval_w)
+                    row.update(evaluate(row.pop("fn"), eval_w, ref))
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc(file=sys.stderr)
                     row["error"] = short_error(e)
                 row["eval_s"] = time.time() - t
             rows.append(row)
-            log(f"{row['method']}: {row.get('ppl', row.get('error'))}")
+            log(f"{row['method']}: " + (f"ppl {row['ppl']:.3f} KL {row.get('kl', 0):.5f} top-1 {row.get('top1', 1):.4f}"
+                                         if "ppl" in row else row["error"]))
     total_s = time.time() - T0
     fppl, fsize = rows[0]["ppl"], rows[0]["size"]
-    lines = ["| method | bits | perplexity | ratio to float | size (bytes) | size vs float | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | perplexity | ratio to float | KL to float | top-1 vs float | size (bytes) | size vs float "
+             "| note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ppl" in r:
             size = r["size"]
             sv = f"{size / fsize:.2f}x" if isinstance(size, int) else "-"
-            lines.append(f"| {r['method']} | {r['bits']} | {r['ppl']:.3f} | {r['ppl'] / fppl:.4f} | {size} | {sv} | "
-                         f"{r.get('note', '')} |")
+            kl = f"{r['kl']:.5f}" if "kl" in r else "-"
+            top1 = f"{r['top1']:.4f}" if "top1" in r else "-"
+            lines.append(f"| {r['method']} | {r['bits']} | {r['ppl']:.3f} | {r['ppl'] / fppl:.4f} | {kl} | {top1} | "
+                         f"{size} | {sv} | {r.get('note', '')} |")
         else:
-            lines.append(f"| {r['method']} | {r['bits']} | FAILED | - | - | - | {r['error']}"
+            lines.append(f"| {r['method']} | {r['bits']} | FAILED | - | - | - | - | - | {r['error']}"
                          f"{'; ' + r['note'] if r.get('note') else ''} |")
     table = "\n".join(lines)
     print(table)
@@ -406,6 +421,8 @@ def main() -> None:
         f"loss {final_loss:.2f}) on the built-in sentences, Python's standard-library docstrings and scikit-learn's "
         f"dataset descriptions; no downloads. Perplexity: exp(mean next-token NLL) over {len(eval_w)} non-overlapping "
         f"{SEQ}-token windows of held-out documents (split by document), the same windows for every method. "
+        "KL to float: mean KL(float || method) of the next-token distributions per predicted token; top-1 vs float: "
+        "the fraction of positions whose most likely next token is the float model's. "
         "Calibrated presets (w4a16, w4a16-gptq, w3a16-gptq) read 32 training windows. secquant presets also quantize "
         "the token embedding table; the peers quantize nn.Linear layers only (lm_head included). Sizes: "
         "torch.save(state_dict), or the .onnx file.\n\n"
