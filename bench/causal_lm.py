@@ -3,11 +3,11 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/causal_lm.py [--steps N] [--eval-tokens N]
+    .venv/bin/python bench/causal_lm.py [--steps N] [--max-train-s S] [--eval-tokens N]
 
 Everything is local (no downloads): a byte-level BPE tokenizer (tokenizers, vocabulary 2048) and a
 Llama-style causal LM (transformers LlamaConfig: 4 layers, hidden 128, MLP 512, 4 heads, untied head; ~1.6M
-parameters) are trained in the script, for --steps AdamW steps of 8 x 128 tokens, on secquant's built-in
+parameters) are trained in the script, for --steps AdamW steps of 8 x 128 tokens (fewer if --max-train-s runs out), on secquant's built-in
 sentences plus the docstrings of Python's own standard library and scikit-learn's dataset descriptions
 (DESCR). Documents are split by a hash of their name: ~8% held out for perplexity, the rest for training and
 calibration (GPTQ / AWQ-style presets read 32 training windows).
@@ -157,13 +157,20 @@ def build_model(vocab: int):
     return LlamaForCausalLM(cfg)
 
 
-def train(model, train_windows: torch.Tensor, steps: int, batch: int = 8) -> float:
+def train(model, train_windows: torch.Tensor, steps: int, max_s: float, batch: int = 8) -> tuple[float, int]:
+    """AdamW with a one-cycle schedule for `steps` steps, or fewer when `max_s` seconds run out (the schedule is
+    then cut short: on a busy machine the model is trained less, and the section says how many steps ran)."""
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     loss = float("nan")
+    start = time.time()
+    done = 0
     for step in range(steps):
+        if time.time() - start > max_s:
+            log(f"training stopped at step {step}: --max-train-s {max_s:.0f} reached")
+            break
         idx = torch.randint(0, len(train_windows), (batch,), generator=g)
         x = train_windows[idx]
         out = model(input_ids=x, labels=x)
@@ -173,9 +180,10 @@ def train(model, train_windows: torch.Tensor, steps: int, batch: int = 8) -> flo
         opt.step()
         sched.step()
         loss = float(out.loss)
-        if step % 25 == 0 or step == steps - 1:
+        done = step + 1
+        if step % 100 == 0 or step == steps - 1:
             log(f"train step {step}/{steps} loss {loss:.3f}")
-    return loss
+    return loss, done
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -357,7 +365,8 @@ def peer_rows(float_model, tmp: Path, sample: torch.Tensor):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--max-train-s", type=float, default=240.0, help="stop training early after this many seconds")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
@@ -371,7 +380,7 @@ def main() -> None:
     model = build_model(tok.get_vocab_size())
     n_params = sum(p.numel() for p in model.parameters())
     t = time.time()
-    final_loss = train(model, train_w, args.steps)
+    final_loss, steps_done = train(model, train_w, args.steps, args.max_train_s)
     train_s = time.time() - t
     model.eval()
     calib = train_w[torch.randperm(len(train_w), generator=torch.Generator().manual_seed(1))[:32]]
@@ -411,13 +420,13 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     cmd = "PYTHONPATH=src .venv/bin/python bench/causal_lm.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in [("steps", args.steps), ("eval_tokens", args.eval_tokens)])
+        f" --{k.replace('_', '-')} {v}" for k, v in [("steps", args.steps), ("max_train_s", f"{args.max_train_s:g}"), ("eval_tokens", args.eval_tokens)])
     section = (
         "## Causal LM\n\n"
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {total_s:.0f} s in all).\n\n"
         f"Model: Llama-style (transformers LlamaConfig: 4 layers, hidden 128, MLP 512, 4 heads, untied head, "
         f"{n_params / 1e6:.1f}M parameters) with a byte-level BPE tokenizer (vocabulary {tok.get_vocab_size()}), "
-        f"both trained in the script ({args.steps} AdamW steps of 8 x {SEQ} tokens, {train_s:.0f} s, final training "
+        f"both trained in the script ({steps_done} of {args.steps} AdamW steps of 8 x {SEQ} tokens, {train_s:.0f} s, final training "
         f"loss {final_loss:.2f}) on the built-in sentences, Python's standard-library docstrings and scikit-learn's "
         f"dataset descriptions; no downloads. Perplexity: exp(mean next-token NLL) over {len(eval_w)} non-overlapping "
         f"{SEQ}-token windows of held-out documents (split by document), the same windows for every method. "

@@ -226,21 +226,22 @@ def _tied_pair_quantized(module: nn.Module) -> bool:
     return any(isinstance(m, QuantizedWeightMixin) for m in (emb, head) if m is not None)
 
 
-def export_compressed_tensors(module: nn.Module, hf_config=None, out_dir: str | os.PathLike = "", *,
-                              tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
+def export_compressed_tensors(module: nn.Module, hf_config, out_dir: str | os.PathLike,
+                              tokenizer_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
                               pack_asymmetric: bool = False) -> Path:
     """Write a secquant-quantized transformers causal LM (`module`, e.g. an artifact's `handle.module`) as a
     compressed-tensors Hugging Face directory `out_dir` (written whole or not at all) and return it.
 
-    `hf_config` is the model's transformers config (default: `module.config`); `tokenizer_dir` a directory whose
-    tokenizer and generation files (see TOKENIZER_FILES) are copied. Raises SecquantError for layers the format
-    cannot express (see the module docstring)."""
+    `hf_config` is the model's transformers config (a PretrainedConfig, a config.json or its directory; None:
+    `module.config`); `tokenizer_dir` a directory whose tokenizer and generation files (see TOKENIZER_FILES) are
+    copied. Asymmetric weights are written `naive-quantized` (one code per int8), which transformers loads;
+    `pack_asymmetric=True` packs them into int32 (`pack-quantized` with packed zero points, the layout vLLM
+    reads, which transformers 5 with compressed-tensors 0.20 refuses to load). Raises SecquantError for layers
+    the format cannot express (see the module docstring)."""
     _require()
     from compressed_tensors.compressors import ModelCompressor
     from safetensors.torch import save_file
 
-    if not str(out_dir):
-        raise SecquantError("give the output directory (out_dir)")
     out = Path(out_dir)
     cfg = _config_of(module, hf_config)
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
