@@ -7,7 +7,8 @@ Run from the repository root:
 
 Everything is local (no downloads): a byte-level BPE tokenizer (tokenizers, vocabulary 2048) and a
 Llama-style causal LM (transformers LlamaConfig: 4 layers, hidden 128, MLP 512, 4 heads, untied head; ~1.6M
-parameters) are trained in the script, for --steps AdamW steps of 8 x 128 tokens (fewer if --max-train-s runs out), on secquant's built-in
+parameters) are trained in the script, for --steps AdamW steps of 8 x 128 tokens (fewer if --max-train-s runs out; the
+learning rate anneals to zero either way), on secquant's built-in
 sentences plus the docstrings of Python's own standard library and scikit-learn's dataset descriptions
 (DESCR). Documents are split by a hash of their name: ~8% held out for perplexity, the rest for training and
 calibration (GPTQ / AWQ-style presets read 32 training windows).
@@ -157,20 +158,25 @@ def build_model(vocab: int):
     return LlamaForCausalLM(cfg)
 
 
-def train(model, train_windows: torch.Tensor, steps: int, max_s: float, batch: int = 8) -> tuple[float, int]:
-    """AdamW with a one-cycle schedule for `steps` steps, or fewer when `max_s` seconds run out (the schedule is
-    then cut short: on a busy machine the model is trained less, and the section says how many steps ran)."""
+def train(model, train_windows: torch.Tensor, steps: int, max_s: float, batch: int = 8,
+          max_lr: float = 3e-3) -> tuple[float, int]:
+    """AdamW, linear warm-up then cosine decay to zero over the run's progress = max(step / steps, elapsed /
+    max_s): `steps` steps, or fewer when `max_s` seconds run out first (a busy machine trains fewer steps, but the
+    learning rate still anneals to zero; the section says how many steps ran)."""
     g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=0.01)
     model.train()
     loss = float("nan")
     start = time.time()
     done = 0
     for step in range(steps):
-        if time.time() - start > max_s:
+        progress = max(step / steps, (time.time() - start) / max_s)
+        if progress >= 1.0:
             log(f"training stopped at step {step}: --max-train-s {max_s:.0f} reached")
             break
+        lr = max_lr * (progress / 0.05 if progress < 0.05 else 0.5 * (1 + math.cos(math.pi * (progress - 0.05) / 0.95)))
+        for group in opt.param_groups:
+            group["lr"] = lr
         idx = torch.randint(0, len(train_windows), (batch,), generator=g)
         x = train_windows[idx]
         out = model(input_ids=x, labels=x)
@@ -178,11 +184,10 @@ def train(model, train_windows: torch.Tensor, steps: int, max_s: float, batch: i
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         loss = float(out.loss)
         done = step + 1
         if step % 100 == 0 or step == steps - 1:
-            log(f"train step {step}/{steps} loss {loss:.3f}")
+            log(f"train step {step}/{steps} loss {loss:.3f} lr {lr:.2e}")
     return loss, done
 
 

@@ -1,11 +1,14 @@
 """Export a quantized Hugging Face model in the compressed-tensors format (vLLM, transformers, SGLang load it).
 
 The output is a Hugging Face model directory: `config.json` with a `quantization_config` in the
-compressed-tensors schema, `model.safetensors` with each quantized layer's integer codes packed as
-the format expects (`pack-quantized`: codes packed densely into int32, the default compressed-tensors
-picks for integer weight-only schemes of 1..8 bits, so w8a16 and w4a16 alike), plus the tokenizer and
-generation files when given. `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it
-with the `compressed-tensors` package installed.
+compressed-tensors schema, `model.safetensors` with each quantized layer's integer codes as the format
+stores them, plus the tokenizer and generation files when given. Symmetric Linear weights (w8a16) are
+`pack-quantized` (codes packed densely into int32, the format compressed-tensors picks for integer
+weight-only schemes of 1..8 bits); asymmetric ones (secquant's 4- and 3-bit presets) and embedding tables
+are `naive-quantized` (one code per int8, with int8 zero points), because transformers 5 with
+compressed-tensors 0.20 cannot load packed zero points or packed embeddings (`pack_asymmetric=True`
+packs them anyway, for vLLM). `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
+default output with the `compressed-tensors` package installed.
 
 The format, the schemes and the packing are compressed-tensors' own (`QuantizationArgs`,
 `QuantizationScheme`, `QuantizationConfig`, its registered compressors and `ModelCompressor.update_config`),
