@@ -21,7 +21,7 @@ KL(float || method) of the next-token distributions and the top-1 next-token agr
   * float (fp32);
   * secquant presets w8a16, w8a8-dynamic, w4a16, w4a16-gptq, w3a16-gptq (secquant.quant.algorithms.pipeline.
     quantize_model on the transformers model; presets quantize every Linear, lm_head included, and the token
-    embedding table);
+    embedding table), and w4a16 / w4a16-gptq again on the Linear layers only (like the peers);
   * secquant w4a16 exported by secquant.runtime.export_causal_onnx and run by ONNX Runtime (MatMulNBits);
   * torchao int8 / int4 weight-only (Int8WeightOnlyConfig, Int4WeightOnlyConfig g128, IntxWeightOnlyConfig int4
     g128 asymmetric), optimum-quanto (qint8, qint4 weights), hqq (HQQLinear 4-bit g128), ONNX Runtime's
@@ -255,23 +255,25 @@ def short_error(e: BaseException) -> str:
 
 def secquant_rows(float_model, calib: torch.Tensor, tmp: Path, sample: torch.Tensor):
     batches = [{"input_ids": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    for preset in ["w8a16", "w8a8-dynamic", "w4a16", "w4a16-gptq", "w3a16-gptq"]:
-        r = PRESETS[preset]
+    runs = [(p, PRESETS[p], "") for p in ["w8a16", "w8a8-dynamic", "w4a16", "w4a16-gptq", "w3a16-gptq"]]
+    # like for like with the peers, which leave the embedding table in float
+    runs += [(p, PRESETS[p].model_copy(update={"targets": ["Linear"]}), " (Linear only)") for p in ["w4a16", "w4a16-gptq"]]
+    for preset, r, scope in runs:
         bits = r.weights.bits
-        desc = f"{r.description} (+ embedding table)"
+        desc = r.description + (" (Linear layers only, embedding in float)" if scope else " (+ embedding table)")
         m = copy.deepcopy(float_model).eval()
         t = time.time()
         try:
             quantize_model(m, r, lambda: iter(batches), lambda mod, b: mod(**b).logits)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
-            yield dict(method=f"secquant {preset}", bits=bits, error=short_error(e), note=desc)
+            yield dict(method=f"secquant {preset}{scope}", bits=bits, error=short_error(e), note=desc)
             continue
         qs = time.time() - t
-        log(f"secquant {preset}: quantized in {qs:.0f} s")
-        yield dict(method=f"secquant {preset}", bits=bits, fn=torch_fn(m), size=state_size(m),
+        log(f"secquant {preset}{scope}: quantized in {qs:.0f} s")
+        yield dict(method=f"secquant {preset}{scope}", bits=bits, fn=torch_fn(m), size=state_size(m),
                    note=f"{desc}; quantized in {qs:.0f} s")
-        if preset == "w4a16":
+        if preset == "w4a16" and not scope:
             try:
                 from secquant.runtime.onnx import export_causal_onnx
 
@@ -418,7 +420,7 @@ def main() -> None:
         if "ppl" in r:
             size = r["size"]
             sv = f"{size / fsize:.2f}x" if isinstance(size, int) else "-"
-            kl = f"{r['kl']:.5f}" if "kl" in r else "-"
+            kl = f"{max(r['kl'], 0.0):.5f}" if "kl" in r else "-"
             top1 = f"{r['top1']:.4f}" if "top1" in r else "-"
             lines.append(f"| {r['method']} | {r['bits']} | {r['ppl']:.3f} | {r['ppl'] / fppl:.4f} | {kl} | {top1} | "
                          f"{size} | {sv} | {r.get('note', '')} |")
@@ -441,7 +443,8 @@ def main() -> None:
         "KL to float: mean KL(float || method) of the next-token distributions per predicted token; top-1 vs float: "
         "the fraction of positions whose most likely next token is the float model's. "
         "Calibrated presets (w4a16, w4a16-gptq, w3a16-gptq) read 32 training windows. secquant presets also quantize "
-        "the token embedding table; the peers quantize nn.Linear layers only (lm_head included). Sizes: "
+        "the token embedding table (at the preset's bits); the peers quantize nn.Linear layers only (lm_head included), "
+        "as do the secquant rows marked (Linear only). Sizes: "
         "torch.save(state_dict), or the .onnx file.\n\n"
         f"{table}\n\n"
         f"Machine: {machine_line(THREADS)}. {other_load(cpu0, total_s)}. Source: {source_fingerprint()}.\n")
