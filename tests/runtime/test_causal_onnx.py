@@ -81,3 +81,30 @@ def test_bad_sample_refused(tmp_path):
     with pytest.raises(SecquantError, match="vocabulary"):
         export_causal_onnx(model, {"input_ids": torch.full((1, 4), 999)}, tmp_path / "x.onnx")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kv_cache_decoding_matches_full_sequence(tmp_path, family):
+    """Prefill with an empty past, then one token per step feeding the presents back: the logits of every step
+    are those of the whole sequence run at once by PyTorch."""
+    model = _quantized(family, "w4a16-rtn")
+    path = export_causal_onnx(model, None, tmp_path / "kv.onnx", kv_cache=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    past_names = [i.name for i in sess.get_inputs()][2:]
+    assert past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"] and len(past_names) == 4
+    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "present.0.key"]
+    full = byte_batch(sentences()[3:5], length=20)["input_ids"]  # two rows, no padding in the first 20 bytes
+    with torch.no_grad():
+        ref = model(input_ids=full).logits.numpy()
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    past = {n: np.zeros((2, shapes[n][1], 0, shapes[n][3]), np.float32) for n in past_names}
+    got, seen = [], 0
+    for chunk in [full[:, :12]] + [full[:, i:i + 1] for i in range(12, 20)]:
+        seen += chunk.shape[1]
+        res = sess.run(None, {"input_ids": chunk.numpy(), "attention_mask": np.ones((2, seen), np.int64), **past})
+        got.append(res[0])
+        past = dict(zip(past_names, res[1:]))
+    assert past[past_names[0]].shape[2] == 20
+    assert np.abs(np.concatenate(got, 1) - ref).max() <= ATOL
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(path)).graph.node) == sum(
+        isinstance(m, QuantLinear) for m in model.modules())
