@@ -19,7 +19,7 @@ app = typer.Typer()
 def export(
     artifact: Path = typer.Argument(..., help="artifact directory (model.onnx is added to it)"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (model.onnx added to the artifact) or compressed-tensors "
-                                                     "(a Hugging Face directory at --out that transformers and vLLM load)"),
+                                                     "(a Hugging Face directory at --out that transformers loads)"),
     out_dir: Path | None = typer.Option(None, "--out", help="compressed-tensors: the output directory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="compressed-tensors: replace an existing --out"),
     strict: bool = typer.Option(False, "--strict", help="fail, naming the layer, instead of falling back to "
@@ -75,4 +75,4 @@ def _export_compressed(artifact: Path, out_dir: Path | None, overwrite: bool) ->
     path = export_compressed_tensors(la.module, cfg if cfg.is_file() else None, out_dir, tokenizer_dir=artifact,
                                      overwrite=overwrite)
     err.print(f"wrote {path} (compressed-tensors; load it with transformers' AutoModelForCausalLM.from_pretrained "
-              "and the compressed-tensors package, or vLLM)")
+              "and the compressed-tensors package installed)")

@@ -1,4 +1,5 @@
-"""Export a quantized Hugging Face model in the compressed-tensors format (vLLM, transformers, SGLang load it).
+"""Export a quantized Hugging Face causal LM in the compressed-tensors format (the format of llm-compressor's
+checkpoints, which transformers, vLLM and SGLang read; tested here: transformers on CPU).
 
 The output is a Hugging Face model directory: `config.json` with a `quantization_config` in the
 compressed-tensors schema, `model.safetensors` with each quantized layer's integer codes as the format
@@ -7,7 +8,7 @@ stores them, plus the tokenizer and generation files when given. Symmetric Linea
 weight-only schemes of 1..8 bits); asymmetric ones (secquant's 4- and 3-bit presets) and embedding tables
 are `naive-quantized` (one code per int8, with int8 zero points), because transformers 5 with
 compressed-tensors 0.20 cannot load packed zero points or packed embeddings (`pack_asymmetric=True`
-packs them anyway, for vLLM). `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
+packs them anyway: the layout vLLM's packed kernels read, not tested here). `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
 default output with the `compressed-tensors` package installed.
 
 The format, the schemes and the packing are compressed-tensors' own (`QuantizationArgs`,
@@ -238,8 +239,8 @@ def export_compressed_tensors(module: nn.Module, hf_config, out_dir: str | os.Pa
     `hf_config` is the model's transformers config (a PretrainedConfig, a config.json or its directory; None:
     `module.config`); `tokenizer_dir` a directory whose tokenizer and generation files (see TOKENIZER_FILES) are
     copied. Asymmetric weights are written `naive-quantized` (one code per int8), which transformers loads;
-    `pack_asymmetric=True` packs them into int32 (`pack-quantized` with packed zero points, the layout vLLM
-    reads, which transformers 5 with compressed-tensors 0.20 refuses to load). Raises SecquantError for layers
+    `pack_asymmetric=True` packs them into int32 (`pack-quantized` with packed zero points, the layout vLLM's
+    packed kernels read -- not tested here -- which transformers 5 with compressed-tensors 0.20 refuses to load). Raises SecquantError for layers
     the format cannot express (see the module docstring)."""
     _require()
     from compressed_tensors.compressors import ModelCompressor
