@@ -20,7 +20,10 @@ app = typer.Typer()
 @user_errors
 def export(
     artifact: Path = typer.Argument(..., help="artifact directory (model.onnx is added to it)"),
-    fmt: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (model.onnx added to the artifact) or compressed-tensors "
+                                                     "(a Hugging Face directory at --out that transformers loads)"),
+    out_dir: Path | None = typer.Option(None, "--out", help="compressed-tensors: the output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="compressed-tensors: replace an existing --out"),
     strict: bool = typer.Option(False, "--strict", help="fail, naming the layer, instead of falling back to "
                                                          "dequantized float weights for layers ORT cannot run"),
     external_data_threshold: int = typer.Option(2**31 - 1, "--external-data-threshold", min=1,
@@ -33,14 +36,20 @@ def export(
     sample_dtype: Optional[str] = sample_dtype_option("the input dtype to trace with: float32, int64 or int32 "
                                                       "(default: the one the manifest records)"),
 ) -> None:
-    """Export an artifact to ONNX (integer kernels for ONNX Runtime) and register it in the manifest."""
+    """Export an artifact to ONNX (integer kernels for ONNX Runtime) and register it in the manifest, or write a
+    quantized Hugging Face causal LM in the compressed-tensors format (--format compressed-tensors --out DIR)."""
     from ..errors import SecquantError
     from ..runtime import ExportFallbackWarning, export_info, export_onnx
 
-    if fmt != "onnx":
-        raise SecquantError(f"unknown --format {fmt!r}: the supported format is onnx")
+    if fmt not in ("onnx", "compressed-tensors"):
+        raise SecquantError(f"unknown --format {fmt!r}: choose onnx or compressed-tensors")
     if not artifact.is_dir():
         raise SecquantError(f"{artifact} is not an artifact directory")
+    if fmt == "compressed-tensors":
+        _export_compressed(artifact, out_dir, overwrite)
+        return
+    if out_dir is not None:
+        raise SecquantError("--out is for --format compressed-tensors (ONNX goes into the artifact as model.onnx)")
     shape, dtype = parse_sample_shape(sample_shape), parse_sample_dtype(sample_dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportFallbackWarning)
@@ -58,3 +67,20 @@ def export(
             err.print(f"[yellow]warning:[/] {escape(str(w.message))}")
     err.print(f"wrote {path} ({path.stat().st_size} bytes); verified against the PyTorch model and "
               "registered in secquant.json")
+
+
+def _export_compressed(artifact: Path, out_dir: Path | None, overwrite: bool) -> None:
+    from ..artifact.fsutil import refuse_existing
+    from ..errors import SecquantError
+    from ..models import load_artifact
+    from ..runtime import export_compressed_tensors
+
+    if out_dir is None:
+        raise SecquantError("--format compressed-tensors writes a Hugging Face directory: pass --out DIR")
+    refuse_existing(out_dir, overwrite)
+    la = load_artifact(artifact)
+    cfg = artifact / "config.json"
+    path = export_compressed_tensors(la.module, cfg if cfg.is_file() else None, out_dir, tokenizer_dir=artifact,
+                                     overwrite=overwrite)
+    err.print(f"wrote {path} (compressed-tensors; load it with transformers' AutoModelForCausalLM.from_pretrained "
+              "and the compressed-tensors package installed)")

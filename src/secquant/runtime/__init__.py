@@ -18,7 +18,8 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["Backend", "BACKENDS", "TorchBackend", "OnnxBackend", "backend_class"], "backend"),
     **dict.fromkeys(["DEFAULT_OPSET", "ONNX_NAME", "ExportFallbackWarning", "ExportInfo", "LayerExport", "Session",
-                     "export_float_onnx", "export_info", "export_onnx"], "onnx"),
+                     "export_float_onnx", "export_info", "export_onnx", "export_causal_onnx"], "onnx"),
+    "export_compressed_tensors": "compressed",
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = list(_EXPORTS)

@@ -62,6 +62,7 @@ Before the file is moved into place it is run once by ONNX Runtime on the model'
 data and compared with the PyTorch quantized model; a mismatch raises and nothing is written.
 """
 
+from .causal import build_causal_onnx, export_causal_onnx
 from .export import agreement, agrees, build_onnx, export_float_onnx, export_info, export_onnx, validate_onnx
 from .info import DEFAULT_OPSET, ONNX_NAME, ExportFallbackWarning, ExportInfo, LayerExport
 from .session import Session, check_external_data
@@ -69,4 +70,4 @@ from .weights import pack_bits
 
 __all__ = ["export_onnx", "export_info", "export_float_onnx", "build_onnx", "validate_onnx", "agreement", "agrees",
            "ExportInfo", "LayerExport", "ExportFallbackWarning", "ONNX_NAME", "DEFAULT_OPSET", "pack_bits", "Session",
-           "check_external_data"]
+           "check_external_data", "export_causal_onnx", "build_causal_onnx"]
