@@ -273,3 +273,27 @@ def test_greedy_generation_is_the_argmax_of_the_quantized_model(artifacts, style
             logits = qm.handle.run(qm.module, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert tok.decode(ids[0, out["prompt_tokens"]:], skip_special_tokens=True) == out["text"]
+
+
+@pytest.mark.parametrize("style,preset", [("llama", "w4a16"), ("gpt2", "w8a8-dynamic"), ("qwen2", "w3a16-gptq")])
+def test_secquant_export_writes_the_decoder_and_eval_runs_it_on_onnx_runtime(artifacts, style, preset, tmp_path, cli):
+    """`secquant export` on a causal-lm artifact builds the decoder graph (input_ids, attention_mask -> logits;
+    integer kernels), and `eval --runtime onnx` scores perplexity with it, close to the PyTorch model's."""
+    import shutil
+
+    import onnx
+
+    art = shutil.copytree(artifacts(style, preset), tmp_path / "art")
+    r = cli("export", art)
+    assert r.exit_code == 0, r.stderr
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in m.graph.output] == ["logits"]
+    ops = {n.op_type for n in m.graph.node}
+    assert ("MatMulNBits" in ops) if preset != "w8a8-dynamic" else ("MatMulIntegerToFloat" in ops), ops
+    qm = secquant.load(art, allow_unsealed=True)
+    assert "model.onnx" in qm.manifest.files  # registered, so sealing carries and signs it
+    on_ort = secquant.evaluate(qm, against=str(tiny_causal_lm(style)), runtime="onnx")
+    on_torch = secquant.evaluate(qm, against=str(tiny_causal_lm(style)))
+    assert on_ort["metric"] == "perplexity" and on_ort["runtime"].startswith("onnxruntime")
+    assert abs(on_ort["value"] / on_torch["value"] - 1) < 0.01, (on_ort["value"], on_torch["value"])

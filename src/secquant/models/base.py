@@ -118,6 +118,8 @@ class Adapter:
         """A small batch to trace the model with (and to run integrity canaries on)."""
         raise ModelError(f"this {self.kind} has no sample input: pass sample_input=<a batch>")
 
+    graph_style: ClassVar[str] = "module"  # how the ONNX exporter builds the graph (runtime.onnx.export.GRAPH_BUILDERS)
+
     def graph_io(self, sample: Any) -> GraphIO:
         raise NotImplementedError
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -82,6 +82,8 @@ class CausalLMAdapter(EncoderAdapter):
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {n: enc[n] for n in LM_INPUTS if n in enc}
+
+    graph_style: ClassVar[str] = "causal-lm"  # a decoder graph: runtime.onnx.causal (logits, no KV cache)
 
     def run(self, module: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return module(**batch, use_cache=False).logits

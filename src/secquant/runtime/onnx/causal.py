@@ -31,7 +31,7 @@ from torch import nn
 
 from ...errors import SecquantError
 from ...models.base import GraphIO
-from .export import _run_torch, _save, _set_info, agrees, build_onnx, validate_onnx
+from .export import GRAPH_BUILDERS, _run_torch, _save, _set_info, agrees, build_onnx, validate_onnx
 from .info import DEFAULT_OPSET, require_onnx
 
 INPUTS = ["input_ids", "attention_mask"]
@@ -205,6 +205,14 @@ def build_causal_onnx(module: nn.Module, sample=None, *, opset: int = DEFAULT_OP
         rec.name = rec.name.removeprefix("lm.")
     _set_info(proto, info)
     return proto, info
+
+
+def _artifact_graph(module: nn.Module, adapter, sample, **options):
+    """What `secquant export` builds for a causal-lm artifact: the decoder without a KV cache."""
+    return build_causal_onnx(module, sample, **options)
+
+
+GRAPH_BUILDERS["causal-lm"] = _artifact_graph
 
 
 def export_causal_onnx(module: nn.Module, sample=None, path: str | os.PathLike = "model.onnx", *,

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,11 @@ from .trace import TRACE_LOCK, rewrite_layers, simplify, trace_model
 # ----------------------------------------------------------------------------------------------
 # Building, checking and writing
 # ----------------------------------------------------------------------------------------------
+
+# graph_style (models.Adapter.graph_style) -> (module, adapter, sample, **options) -> (ModelProto, ExportInfo) for the
+# model kinds whose graph is not the module traced as it is (runtime.onnx.causal registers the causal-LM decoder)
+GRAPH_BUILDERS: dict[str, Callable] = {}
+
 
 def build_onnx(module: nn.Module, adapter, sample, *, opset: int = DEFAULT_OPSET, strict: bool = False,
                accuracy_level: int = 0, quantized: bool = True):
@@ -219,7 +225,8 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
         adapter = _with_input(adapter, sample_shape, sample_dtype)
     sample = sample_input if sample_input is not None else adapter.sample_batch()
     module = la.module
-    proto, info = build_onnx(module, adapter, sample, opset=opset, strict=strict, accuracy_level=accuracy_level)
+    build = GRAPH_BUILDERS.get(getattr(adapter, "graph_style", "module"), build_onnx)
+    proto, info = build(module, adapter, sample, opset=opset, strict=strict, accuracy_level=accuracy_level)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(out, art_dir)
     try:
