@@ -31,7 +31,7 @@ from torch import nn
 
 from ...errors import SecquantError
 from ...models.base import GraphIO
-from .export import GRAPH_BUILDERS, _run_torch, _save, _set_info, agrees, build_onnx, validate_onnx
+from .export import GRAPH_BUILDERS, _run_torch, _set_info, build_onnx, commit_onnx, validate_onnx
 from .info import DEFAULT_OPSET, require_onnx
 
 INPUTS = ["input_ids", "attention_mask"]
@@ -236,23 +236,13 @@ def export_causal_onnx(module: nn.Module, sample=None, path: str | os.PathLike =
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        written = _save(proto, staging / out.name, external_data_threshold)
-        del proto
+        check = None
         if validate:
             ref = _run_torch(CausalLMLogits(module).eval(), CausalLMGraph(), sample)
             graph = CausalLMCacheGraph(_cache_shapes(module, sample)) if kv_cache else CausalLMGraph()
-            v = validate_onnx(written[0], ref, graph, sample)
-            if not agrees(v):
-                raise SecquantError(
-                    f"the exported ONNX decoder does not reproduce the PyTorch model (mean cosine "
-                    f"{v['mean_cosine']:.6f}, worst {v['min_cosine']:.6f}, max abs difference "
-                    f"{v['max_abs_diff']:.3g}); nothing was written")
-        data = out.with_name(out.name + ".data")
-        if len(written) == 2:
-            os.replace(written[1], data)
-        os.replace(written[0], out)
-        if len(written) == 1 and data.exists():
-            data.unlink()
+            check = (lambda path: validate_onnx(path, ref, graph, sample))
+        commit_onnx(proto, out, staging, external_data_threshold, check, "the PyTorch model")
+        del proto
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -230,22 +230,12 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(out, art_dir)
     try:
-        written = _save(proto, staging / out.name, external_data_threshold)
-        del proto
+        check = None
         if validate:
             batch = _validation_batch(la.handle, sample)
-            v = validate_onnx(written[0], _run_torch(module, adapter, batch), adapter, batch)
-            if not agrees(v):
-                raise SecquantError(
-                    f"the exported ONNX model does not reproduce the PyTorch quantized model (mean cosine "
-                    f"{v['mean_cosine']:.6f}, worst {v['min_cosine']:.6f}, max abs difference "
-                    f"{v['max_abs_diff']:.3g}); nothing was written")
-        data = out.with_name(out.name + ".data")
-        if len(written) == 2:
-            os.replace(written[1], data)
-        os.replace(written[0], out)
-        if len(written) == 1 and data.exists():
-            data.unlink()
+            check = (lambda path: validate_onnx(path, _run_torch(module, adapter, batch), adapter, batch))
+        commit_onnx(proto, out, staging, external_data_threshold, check, "the PyTorch quantized model")
+        del proto
         if register and art_dir is not None and _inside(out, art_dir):
             _register(art_dir, out)
     finally:
@@ -255,6 +245,25 @@ def export_onnx(artifact, out_path: str | os.PathLike | None = None, *, external
         warnings.warn(f"{len(fb)} layer(s) exported with dequantized float weights: "
                       + "; ".join(f"{x.name} ({x.fallback})" for x in fb), ExportFallbackWarning, stacklevel=2)
     return out
+
+
+def commit_onnx(proto, out: Path, staging: Path, external_data_threshold: int,
+                check: Callable[[Path], dict] | None, reference: str) -> None:
+    """Save `proto` under `staging`, run `check` (validate_onnx on the saved file) if given, then move the file (and
+    its external data) to `out`: a model that does not reproduce `reference` raises and nothing is written."""
+    written = _save(proto, staging / out.name, external_data_threshold)
+    if check is not None:
+        v = check(written[0])
+        if not agrees(v):
+            raise SecquantError(
+                f"the exported ONNX model does not reproduce {reference} (mean cosine {v['mean_cosine']:.6f}, "
+                f"worst {v['min_cosine']:.6f}, max abs difference {v['max_abs_diff']:.3g}); nothing was written")
+    data = out.with_name(out.name + ".data")
+    if len(written) == 2:
+        os.replace(written[1], data)
+    os.replace(written[0], out)
+    if len(written) == 1 and data.exists():
+        data.unlink()
 
 
 def export_info(path: str | os.PathLike) -> ExportInfo | None:
