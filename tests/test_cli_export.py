@@ -50,3 +50,21 @@ def test_export_bad_input(cli, assert_user_error, tmp_path, digits_artifact):
     assert_user_error(cli("export", d, "--format", "tflite"), contains=("onnx",))
     assert_user_error(cli("eval", d, "--runtime", "tensorrt"), contains=("torch or onnx",))
     assert not (d / "model.onnx").exists()
+
+
+def test_a_model_the_tracer_cannot_follow_is_a_user_error(digits):
+    """torch.onnx's own failure becomes a SecquantError (one line from the CLI), not a traceback."""
+    import pytest
+    import torch
+
+    from secquant.errors import SecquantError
+    from secquant.runtime.onnx import build_onnx
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            if torch.jit.is_tracing():
+                raise RuntimeError("Only tuples, lists and Variables are supported as JIT inputs/outputs")
+            return x
+
+    with pytest.raises(SecquantError, match="could not be traced to ONNX.*--runtime torch"):
+        build_onnx(Untraceable(), digits.adapter, digits.adapter.sample_batch())

@@ -44,7 +44,13 @@ def build_onnx(module: nn.Module, adapter, sample, *, opset: int = DEFAULT_OPSET
     with tempfile.TemporaryDirectory(prefix="secquant-onnx-") as td:
         raw = Path(td) / "traced.onnx"
         with TRACE_LOCK:
-            names, output, layers, ranks = trace_model(module, adapter, sample, opset, raw, quantized)
+            try:
+                names, output, layers, ranks = trace_model(module, adapter, sample, opset, raw, quantized)
+            except SecquantError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch.onnx's tracer fails in many ways on models it cannot follow
+                raise SecquantError(f"the model could not be traced to ONNX ({type(e).__name__}: {str(e)[:200]}); "
+                                    "evaluate and serve it with the PyTorch runtime (--runtime torch)") from e
         model = onnx.load(str(raw))
     if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < opset:
         model = onnx.version_converter.convert_version(model, opset)
