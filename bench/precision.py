@@ -468,8 +468,9 @@ def also_measured() -> list[str]:
     g4a = find("builtin:minilm", "GPTQ (", "W4 g128", SCOPE_TEXT["all"])
     if g4a is None or g4a["value"] is None:
         return []
-    return [f"Not an issue bar: the w4a16-gptq preset as shipped also quantizes the three embedding tables to "
-            f"4 bits by round-to-nearest (GPTQ needs a layer's input activations; a lookup table has none): "
+    return [f"Not an issue bar: the w4a16-gptq preset as shipped also quantizes the word-embedding table to "
+            f"4 bits by round-to-nearest, the small position and token-type tables at 8 bits (GPTQ needs a "
+            f"layer's input activations; a lookup table has none): "
             f"mean cosine {g4a['value']:.4f}, {'at or above' if g4a['value'] >= 0.99 else 'below'} 0.99."]
 
 
@@ -560,7 +561,8 @@ def markdown(total_s: float) -> str:
           "`secquant.evaluate(qm, against=handle.module)` (its `mean_cosine_to_float`); peer rows: the same "
           "sentences and batches through the peer-quantized module.",
           "- Scope: `all Linear + Embedding` is secquant's default: the three embedding tables are quantized too "
-          "(round-to-nearest at the same bits/format; GPTQ/AWQ apply to the Linear layers), which costs cosine "
+          "(round-to-nearest at the same bits/format, tables under 1% of the parameters at 8 bits in sub-8-bit "
+          "presets; GPTQ/AWQ apply to the Linear layers), which costs cosine "
           "but is where most of the size reduction comes from (the 30522x384 word embedding is ~47 MB of ~91 MB "
           "fp32). `Linear only` rows use `recipe.model_copy(update={'targets': ['Linear']})` and compare like for "
           "like with the peers, which quantize the nn.Linear layers of `.transformer` only.",

@@ -16,7 +16,7 @@ from .weight import QuantizedWeightMixin, qparam_shape
 
 QUANT_CLASSES = {"Linear": QuantLinear, "Conv1d": QuantConv1d, "Conv2d": QuantConv2d,
                  "Embedding": QuantEmbedding}
-# -- h16-layers: Conv3d, transposed convolutions, LSTM / GRU
+# -- Conv3d, transposed convolutions, LSTM / GRU
 QUANT_CLASSES.update({"Conv3d": QuantConv3d, **TRANSPOSED, **RECURRENT})
 _MORE_FLOAT_TYPES = {nn.Conv3d: "Conv3d", nn.ConvTranspose1d: "ConvTranspose1d", nn.ConvTranspose2d: "ConvTranspose2d",
                      nn.ConvTranspose3d: "ConvTranspose3d", nn.LSTM: "LSTM", nn.GRU: "GRU"}
@@ -34,7 +34,7 @@ def float_layer_type(mod: nn.Module) -> str | None:
         return "Embedding"
     if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers"):
         return "Conv1D"
-    for cls, name in _MORE_FLOAT_TYPES.items():  # h16-layers
+    for cls, name in _MORE_FLOAT_TYPES.items():
         if isinstance(mod, cls):
             return None if getattr(mod, "proj_size", 0) else name  # LSTM projections: no quantized form
     return None
@@ -63,7 +63,7 @@ def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, a
     cls = QuantLinear if source_type == "Conv1D" else QUANT_CLASSES[source_type]
     if cls is QuantEmbedding:
         return cls.from_float(mod, wargs)
-    if source_type in RECURRENT:  # h16-layers
+    if source_type in RECURRENT:
         return cls.from_float(mod, wargs, aargs)
     if cls is QuantLinear:
         return cls.from_float(mod, wargs, aargs, prep, rotation)
@@ -73,7 +73,7 @@ def quantize_module(mod: nn.Module, source_type: str, wargs: QuantArgs | None, a
 def build_empty(info: dict) -> nn.Module:
     """A quantized layer with zeroed buffers of the right shapes, from its manifest entry."""
     q = _build_empty(info)
-    if info["config"].get("folded_batchnorm"):  # h16-layers: the BatchNorm folded into it (quant.algorithms.fold)
+    if info["config"].get("folded_batchnorm"):  # the BatchNorm folded into it (quant.algorithms.fold)
         q.folded_batchnorm = str(info["config"]["folded_batchnorm"])
     return q
 
@@ -96,7 +96,7 @@ def _build_empty(info: dict) -> nn.Module:
         return cls(shape, info["bias"], wargs, aargs, cfg["stride"], pad, cfg["dilation"], cfg["groups"])
     if t == "Embedding":
         return QuantEmbedding(cfg["num_embeddings"], cfg["embedding_dim"], wargs, cfg["padding_idx"])
-    if t == "Conv3d" or t in TRANSPOSED:  # h16-layers
+    if t == "Conv3d" or t in TRANSPOSED:
         return build_conv(t, shape, info, wargs, aargs)
     if t in RECURRENT:
         if wargs is None:

@@ -100,7 +100,7 @@ class _RecurrentStub(nn.Module):
 def _quant_layers(root: nn.Module) -> dict[str, nn.Module]:
     from ...quant.modules import QuantGRU, QuantizedWeightMixin, QuantLSTM
 
-    recurrent = {n: m for n, m in root.named_modules() if isinstance(m, (QuantLSTM, QuantGRU))}  # h16-layers
+    recurrent = {n: m for n, m in root.named_modules() if isinstance(m, (QuantLSTM, QuantGRU))}
     inside = tuple(f"{n}." for n in recurrent)  # their QuantMatrix children are no layers of their own
     return {**recurrent, **{n: m for n, m in root.named_modules()
                             if n and isinstance(m, QuantizedWeightMixin) and not n.startswith(inside)}}
@@ -219,7 +219,7 @@ def rewrite_layers(model, layers: dict[str, nn.Module], ranks: dict[str, int], s
             rec = rewrite_linear(ctx, name, mod, x, y)
         elif isinstance(mod, (QuantConv2d, QuantConv1d, QuantConv3d)):
             rec = rewrite_conv(ctx, name, mod, x, y)
-        elif isinstance(mod, TRANSPOSED_TYPES):  # h16-layers
+        elif isinstance(mod, TRANSPOSED_TYPES):
             rec = rewrite_conv_transpose(ctx, name, mod, x, y)
         elif isinstance(mod, (QuantLSTM, QuantGRU)):
             rec = rewrite_recurrent(ctx, name, mod, x, list(node.output))
