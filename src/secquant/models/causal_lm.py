@@ -110,21 +110,6 @@ class CausalLMAdapter(EncoderAdapter):
         return GraphIO(names, (), {n: sample[n] for n in names}, "logits",
                        {**axes, "logits": {0: "batch", 1: "sequence"}})
 
-    def feeds(self, batch, input_names: list[str]) -> dict[str, np.ndarray]:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise SecquantError("a causal LM runs a dict of tensors (input_ids, attention_mask) as the tokenizer "
-                                "returns it; use encode(texts) for raw text")
-        ids = np.asarray(batch["input_ids"], dtype=np.int64)
-        feeds = {}
-        for n in input_names:
-            if n in batch:
-                feeds[n] = np.asarray(batch[n], dtype=np.int64)
-            elif n == "attention_mask":
-                feeds[n] = np.ones_like(ids)
-            else:
-                raise SecquantError(f"the batch lacks the model input {n!r}")
-        return feeds
-
     # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, module: nn.Module, prompt: str, max_new_tokens: int = 32, temperature: float | None = None,

@@ -216,8 +216,8 @@ class EncoderAdapter(Adapter):
         from ..errors import SecquantError
 
         if not isinstance(batch, Mapping):
-            raise SecquantError("an encoder runs a dict of tensors (input_ids, attention_mask, ...) as the tokenizer "
-                                "returns it; use encode(texts) for raw text")
+            raise SecquantError(f"a {self.kind} model runs a dict of tensors (input_ids, attention_mask, ...) as the "
+                                "tokenizer returns it; use encode(texts) for raw text")
         if "input_ids" not in batch:
             raise SecquantError("the batch has no input_ids")
         ids = np.asarray(batch["input_ids"], dtype=np.int64)

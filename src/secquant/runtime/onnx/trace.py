@@ -23,18 +23,23 @@ _OUT_RANK: dict[str, int] = {}
 TRACE_LOCK = threading.Lock()
 
 
+def _run_untraced(name: str, x: torch.Tensor):
+    """The quantized layer `name` run eagerly on x, with tracing suspended (its output is not traced)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.no_grad():
+            return _ACTIVE[name](x)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 class _Placeholder(torch.autograd.Function):
     """Runs the quantized layer eagerly (untraced); exports as one secquant::QuantLayer node."""
 
     @staticmethod
     def forward(ctx, x, name):
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            with torch.no_grad():
-                out = _ACTIVE[name](x)
-        finally:
-            torch._C._set_tracing_state(state)
+        out = _run_untraced(name, x)
         _OUT_RANK[name] = out.dim()
         return out
 
@@ -63,13 +68,7 @@ class _RecurrentPlaceholder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, name):
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            with torch.no_grad():
-                out, h = _ACTIVE[name](x)
-        finally:
-            torch._C._set_tracing_state(state)
+        out, h = _run_untraced(name, x)
         return (out, *h) if isinstance(h, tuple) else (out, h)
 
     @staticmethod

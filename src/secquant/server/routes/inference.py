@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from ...errors import SecquantError
 from ..gate import Authenticated, Gate, gate_of
 from ..schemas import EmbedRequest, GenerateRequest, PredictRequest
 
@@ -80,6 +81,11 @@ async def predict(body: PredictRequest, request: Request, p: Authenticated):
     return {"predictions": preds}
 
 
+def _check_lengths(texts: list[str], limit: int, what: str) -> None:
+    if any(len(t) > limit for t in texts):
+        raise HTTPException(422, f"{what} may have at most {limit} characters")
+
+
 @router.post("/v1/embed")
 async def embed(body: EmbedRequest, request: Request, p: Authenticated):
     gate = gate_of(request)
@@ -87,8 +93,7 @@ async def embed(body: EmbedRequest, request: Request, p: Authenticated):
     _serving_task(gate, request, "embed")
     if not body.texts:
         raise HTTPException(422, "texts must be a non-empty list of strings")
-    if any(len(t) > cfg.max_text_chars for t in body.texts):
-        raise HTTPException(422, f"each text may have at most {cfg.max_text_chars} characters")
+    _check_lengths(body.texts, cfg.max_text_chars, "each text")
     await gate.charge(request, p, len(body.texts))
     emb = await run_in_threadpool(gate.model.embed, body.texts)
     return {"embeddings": [gate.harden(r) for r in emb.float().tolist()], "dim": int(emb.shape[-1])}
@@ -97,15 +102,12 @@ async def embed(body: EmbedRequest, request: Request, p: Authenticated):
 @router.post("/v1/generate")
 async def generate(body: GenerateRequest, request: Request, p: Authenticated):
     """One prompt per request, charged as one query (the budget counts prompts, as /v1/embed counts texts)."""
-    from ...errors import SecquantError
-
     gate = gate_of(request)
     cfg = gate.config
     _serving_task(gate, request, "generate")
     if not body.prompt:
         raise HTTPException(422, "prompt must be a non-empty text")
-    if len(body.prompt) > cfg.max_text_chars:
-        raise HTTPException(422, f"the prompt may have at most {cfg.max_text_chars} characters")
+    _check_lengths([body.prompt], cfg.max_text_chars, "the prompt")
     if body.max_new_tokens > cfg.max_new_tokens:
         raise HTTPException(422, f"max_new_tokens may be at most {cfg.max_new_tokens}")
     await gate.charge(request, p, 1)
