@@ -46,16 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_counters, machine_line, other_load, source_fingerprint  # noqa: E402
 
 import secquant  # noqa: E402
+from secquant.audits.watermark_attacks import code_noise, finetune, gaussian_noise, prune  # noqa: E402
 from secquant.models import ModelHandle, load_model  # noqa: E402
 from secquant.models.digits import splits  # noqa: E402
 from secquant.models.encoder import builtin_sentences  # noqa: E402
 from secquant.security.watermark import (  # noqa: E402
-    _store_codes,
     as_key,
     collect_evidence,
     dequantized_float,
     embed_watermark,
-    int_layers,
     score,
     tail_bound,
 )
@@ -89,41 +88,6 @@ def key(i: int) -> bytes:
 # ------------------------------------------------------------------------------------------- attacks
 
 
-def pm1(module: torch.nn.Module, fraction: float, seed: int) -> torch.nn.Module:
-    """Move a random `fraction` of every integer code by +-1 (clamped to the code range)."""
-    m = copy.deepcopy(module)
-    g = torch.Generator().manual_seed(seed)
-    for layer in int_layers(m).values():
-        c = layer.weight_codes().to(torch.int64)
-        hit = torch.rand(c.shape, generator=g) < fraction
-        step = torch.where(torch.rand(c.shape, generator=g) < 0.5, -1, 1)
-        _store_codes(layer, torch.where(hit, (c + step).clamp(0, 2 ** layer.weight_args.bits - 1), c))
-    return m
-
-
-@torch.no_grad()
-def gauss(h: ModelHandle, module: torch.nn.Module, sigma: float, seed: int) -> torch.nn.Module:
-    """The dequantized float model plus N(0, (sigma x the layer's weight RMS)^2) on every quantized weight."""
-    f = dequantized_float(h.module, module)
-    g = torch.Generator().manual_seed(seed)
-    for name in int_layers(module):
-        w = f.get_submodule(name).weight
-        w.add_(sigma * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g))
-    return f
-
-
-@torch.no_grad()
-def prune(h: ModelHandle, module: torch.nn.Module, fraction: float) -> torch.nn.Module:
-    """The dequantized float model with the `fraction` smallest-magnitude weights of every quantized layer zeroed."""
-    f = dequantized_float(h.module, module)
-    for name in int_layers(module):
-        w = f.get_submodule(name).weight
-        k = max(1, int(fraction * w.numel()))
-        cut = w.abs().reshape(-1).kthvalue(k).values
-        w.masked_fill_(w.abs() <= cut, 0.0)
-    return f
-
-
 def requant(h: ModelHandle, float_like: torch.nn.Module, preset: str) -> torch.nn.Module:
     return secquant.quantize(ModelHandle(float_like, h.spec, h.rebuild, h.adapter, h.arch_files), preset).module
 
@@ -131,20 +95,7 @@ def requant(h: ModelHandle, float_like: torch.nn.Module, preset: str) -> torch.n
 def finetune_digits(f: torch.nn.Module, opt: str, lr: float) -> torch.nn.Module:
     """One epoch on the member split (batch 64, fixed order)."""
     d = splits()
-    f.train()
-    params = list(f.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    o = torch.optim.SGD(params, lr=lr, momentum=0.9) if opt == "sgd" else torch.optim.Adam(params, lr=lr)
-    g = torch.Generator().manual_seed(1)
-    x, y = d["train_x"], d["train_y"]
-    perm = torch.randperm(len(y), generator=g)
-    for i in range(0, len(y), 64):
-        b = perm[i:i + 64]
-        o.zero_grad()
-        torch.nn.functional.cross_entropy(f(x[b]), y[b]).backward()
-        o.step()
-    return f.eval()
+    return finetune(f, d["train_x"], d["train_y"], opt, lr, seed=1)
 
 
 def finetune_minilm(h: ModelHandle, f: torch.nn.Module, lr: float) -> torch.nn.Module:
@@ -331,12 +282,13 @@ def bench_digits(n_keys: int, null_keys: range) -> list[dict]:
         m, u = marked[preset], unmarked[preset]
         base = env.metric(m)
         for frac in FRACTIONS:
-            out.append(attack_row("digits", preset, f"pm1 {frac:.0%}", pm1(m, frac, 7), pm1(u, frac, 7), m, env, base))
+            out.append(attack_row("digits", preset, f"pm1 {frac:.0%}", code_noise(m, frac, 7), code_noise(u, frac, 7),
+                                  m, env, base))
         for sigma in SIGMAS["digits"]:
-            out.append(attack_row("digits", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), gauss(h, u, sigma, 7),
+            out.append(attack_row("digits", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7), gaussian_noise(h.module, u, sigma, 7),
                                   m, env, base))
         for frac in (0.2, 0.5):
-            out.append(attack_row("digits", preset, f"prune {frac:.0%}", prune(h, m, frac), prune(h, u, frac), m, env,
+            out.append(attack_row("digits", preset, f"prune {frac:.0%}", prune(h.module, m, frac), prune(h.module, u, frac), m, env,
                                   base))
         for target in DIGITS_REQUANT:
             out.append(attack_row("digits", preset, f"requant {target}",
@@ -390,11 +342,11 @@ def bench_minilm(null_keys: range) -> list[dict]:
         m = marked[preset]
         base = env.metric(m)
         for frac in FRACTIONS:
-            out.append(attack_row("minilm", preset, f"pm1 {frac:.0%}", pm1(m, frac, 7), None, m, env, base))
+            out.append(attack_row("minilm", preset, f"pm1 {frac:.0%}", code_noise(m, frac, 7), None, m, env, base))
         for sigma in SIGMAS["minilm"]:
-            out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gauss(h, m, sigma, 7), None, m, env, base))
+            out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7), None, m, env, base))
         for frac in (0.2, 0.5):
-            out.append(attack_row("minilm", preset, f"prune {frac:.0%}", prune(h, m, frac), None, m, env, base))
+            out.append(attack_row("minilm", preset, f"prune {frac:.0%}", prune(h.module, m, frac), None, m, env, base))
         for target in targets:
             out.append(attack_row("minilm", preset, f"requant {target}",
                                   requant(h, dequantized_float(h.module, m), target),

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import secquant
+from secquant.audits.watermark_attacks import code_noise, finetune, gaussian_noise
 from secquant.models import ModelHandle
 from secquant.models.digits import splits
 from secquant.security.watermark import (
-    _store_codes,
     dequantized_float,
     embed_watermark,
-    int_layers,
     verify_watermark,
 )
 
@@ -54,45 +53,22 @@ def check(suspect, unmarked_suspect, marked, h, **kw):
     return r
 
 
-def pm1(module: torch.nn.Module, fraction: float, seed: int) -> torch.nn.Module:
-    """Move a random `fraction` of every layer's integer codes by +-1 (clamped to the code range)."""
-    m = copy.deepcopy(module)
-    g = torch.Generator().manual_seed(seed)
-    for layer in int_layers(m).values():
-        c = layer.weight_codes().to(torch.int64)
-        hit = torch.rand(c.shape, generator=g) < fraction
-        step = torch.where(torch.rand(c.shape, generator=g) < 0.5, -1, 1)
-        _store_codes(layer, torch.where(hit, (c + step).clamp(0, 2 ** layer.weight_args.bits - 1), c))
-    return m
-
-
 def test_pm1_on_half_the_codes_keeps_the_mark(owner):
     """Issue 15's bar: +-1 on a random 50% of the codes (which removed the parity mark at a 0.11-point cost)."""
     h, d, models = owner
     for preset, (unmarked, marked) in models.items():
         for seed in range(3):
             for fraction in (0.5, 1.0):
-                r = check(pm1(marked, fraction, seed), pm1(unmarked, fraction, seed), marked, h)
+                r = check(code_noise(marked, fraction, seed), code_noise(unmarked, fraction, seed), marked, h)
                 assert r.detected and r.p_value <= THRESHOLD, (preset, seed, fraction, r.z)
                 if fraction == 0.5:
                     assert r.z > 10, (preset, seed, r.z)  # margin: detection needs z >= 4.98
         # undoing (absent) reparametrizations must not wreck a layer: w8a8's SmoothQuant scales make a code step
         # up to 1000x larger in float space on some input channels, so the fit runs where rounding noise is even
-        attacked = pm1(marked, 0.5, 0)
+        attacked = code_noise(marked, 0.5, 0)
         plain = verify_watermark(attacked, key(0), reference=marked, float_model=h.module, align=False)
         for name, v in verify_watermark(attacked, key(0), reference=marked, float_model=h.module).layers.items():
             assert v["noise_rms_steps"] < 1.5 * plain.layers[name]["noise_rms_steps"], (preset, name)
-
-
-def _gauss(h, module, sigma: float, seed: int) -> torch.nn.Module:
-    """The dequantized float model plus Gaussian noise of `sigma` times each quantized layer's weight RMS."""
-    f = dequantized_float(h.module, module)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in int_layers(module):
-            w = f.get_submodule(name).weight
-            w.add_(sigma * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g))
-    return f
 
 
 def test_gaussian_noise_on_the_dequantized_weights(owner):
@@ -101,8 +77,8 @@ def test_gaussian_noise_on_the_dequantized_weights(owner):
     base = acc(marked, d)
     # 3% of the weight RMS is about one int8 step: it costs accuracy, yet the mark stays far above threshold
     for sigma in (0.01, 0.03):
-        noisy = _gauss(h, marked, sigma, seed=1)
-        r = check(noisy, _gauss(h, unmarked, sigma, seed=1), marked, h)
+        noisy = gaussian_noise(h.module, marked, sigma, seed=1)
+        r = check(noisy, gaussian_noise(h.module, unmarked, sigma, seed=1), marked, h)
         assert r.detected and r.z > 8, (sigma, r.z, base - acc(noisy, d))
 
 
@@ -137,34 +113,16 @@ def test_requantization_to_4_bits_needs_enough_weights():
     assert not verify_watermark(clean, key(1), reference=qm.module, float_model=net).detected
 
 
-def _finetune(f: torch.nn.Module, d, opt: str, lr: float) -> torch.nn.Module:
-    """One epoch on the member split, batch 64, fixed order."""
-    f.train()
-    params = list(f.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    o = torch.optim.SGD(params, lr=lr, momentum=0.9) if opt == "sgd" else torch.optim.Adam(params, lr=lr)
-    g = torch.Generator().manual_seed(0)
-    x, y = d["train_x"], d["train_y"]
-    perm = torch.randperm(len(y), generator=g)
-    for i in range(0, len(y), 64):
-        b = perm[i:i + 64]
-        o.zero_grad()
-        torch.nn.functional.cross_entropy(f(x[b]), y[b]).backward()
-        o.step()
-    return f.eval()
-
-
 def test_one_epoch_of_finetuning_then_requantization(owner):
     h, d, models = owner
     unmarked, marked = models["w4a8-dynamic"]
     for opt, lr in (("sgd", 1e-2), ("adam", 1e-3)):
-        ft = _finetune(dequantized_float(h.module, marked), d, opt, lr)
+        ft = finetune(dequantized_float(h.module, marked), d["train_x"], d["train_y"], opt, lr, seed=0)
         moved = max(float((a.detach() - b.detach()).abs().max())
                     for a, b in zip(ft.parameters(), h.module.parameters()))
         assert moved > 1e-3  # it really trained
         again = _requant(h, ft, "w4a8-dynamic")
-        clean = _requant(h, _finetune(dequantized_float(h.module, unmarked), d, opt, lr), "w4a8-dynamic")
+        clean = _requant(h, finetune(dequantized_float(h.module, unmarked), d["train_x"], d["train_y"], opt, lr, seed=0), "w4a8-dynamic")
         for suspect, control in ((ft, clean), (again, clean)):
             r = check(suspect, control, marked, h)
             assert r.detected and r.z > 10, (opt, r.z)
