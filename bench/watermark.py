@@ -285,11 +285,11 @@ def bench_digits(n_keys: int, null_keys: range) -> list[dict]:
             out.append(attack_row("digits", preset, f"pm1 {frac:.0%}", code_noise(m, frac, 7), code_noise(u, frac, 7),
                                   m, env, base))
         for sigma in SIGMAS["digits"]:
-            out.append(attack_row("digits", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7), gaussian_noise(h.module, u, sigma, 7),
-                                  m, env, base))
+            out.append(attack_row("digits", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7),
+                                  gaussian_noise(h.module, u, sigma, 7), m, env, base))
         for frac in (0.2, 0.5):
-            out.append(attack_row("digits", preset, f"prune {frac:.0%}", prune(h.module, m, frac), prune(h.module, u, frac), m, env,
-                                  base))
+            out.append(attack_row("digits", preset, f"prune {frac:.0%}", prune(h.module, m, frac),
+                                  prune(h.module, u, frac), m, env, base))
         for target in DIGITS_REQUANT:
             out.append(attack_row("digits", preset, f"requant {target}",
                                   requant(h, dequantized_float(h.module, m), target),
@@ -344,7 +344,8 @@ def bench_minilm(null_keys: range) -> list[dict]:
         for frac in FRACTIONS:
             out.append(attack_row("minilm", preset, f"pm1 {frac:.0%}", code_noise(m, frac, 7), None, m, env, base))
         for sigma in SIGMAS["minilm"]:
-            out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7), None, m, env, base))
+            out.append(attack_row("minilm", preset, f"gauss {sigma:g}", gaussian_noise(h.module, m, sigma, 7), None, m,
+                                  env, base))
         for frac in (0.2, 0.5):
             out.append(attack_row("minilm", preset, f"prune {frac:.0%}", prune(h.module, m, frac), None, m, env, base))
         for target in targets:

@@ -1,6 +1,7 @@
 """Attacks on a watermarked quantized model, as someone holding only the quantized model could mount them: noise
 on the integer codes, Gaussian noise or pruning on the dequantized float weights, one epoch of fine-tuning
-(re-quantization is `secquant.quantize` on the attacked float model). The watermark tests and `bench/watermark.py` measure the mark against the same functions."""
+(re-quantization is `secquant.quantize` on the attacked float model). The watermark tests and `bench/watermark.py`
+measure the mark against the same functions."""
 
 from __future__ import annotations
 

@@ -113,16 +113,20 @@ def test_requantization_to_4_bits_needs_enough_weights():
     assert not verify_watermark(clean, key(1), reference=qm.module, float_model=net).detected
 
 
+def _finetune(f: torch.nn.Module, d, opt: str, lr: float) -> torch.nn.Module:
+    return finetune(f, d["train_x"], d["train_y"], opt, lr, seed=0)  # one epoch on the member split
+
+
 def test_one_epoch_of_finetuning_then_requantization(owner):
     h, d, models = owner
     unmarked, marked = models["w4a8-dynamic"]
     for opt, lr in (("sgd", 1e-2), ("adam", 1e-3)):
-        ft = finetune(dequantized_float(h.module, marked), d["train_x"], d["train_y"], opt, lr, seed=0)
+        ft = _finetune(dequantized_float(h.module, marked), d, opt, lr)
         moved = max(float((a.detach() - b.detach()).abs().max())
                     for a, b in zip(ft.parameters(), h.module.parameters()))
         assert moved > 1e-3  # it really trained
         again = _requant(h, ft, "w4a8-dynamic")
-        clean = _requant(h, finetune(dequantized_float(h.module, unmarked), d["train_x"], d["train_y"], opt, lr, seed=0), "w4a8-dynamic")
+        clean = _requant(h, _finetune(dequantized_float(h.module, unmarked), d, opt, lr), "w4a8-dynamic")
         for suspect, control in ((ft, clean), (again, clean)):
             r = check(suspect, control, marked, h)
             assert r.detected and r.z > 10, (opt, r.z)
